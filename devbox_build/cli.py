@@ -1,0 +1,290 @@
+"""The ``devbox-build`` command line: a thin layer over the package's modules.
+
+Data goes to stdout (a Dockerfile, a table, JSON); progress and errors go to stderr. A
+DevboxError is printed as one message and exits 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import __version__, locking
+from .build import BuildOptions, BuildResult, build, resolve_variants
+from .engine import Engine, Step
+from .errors import DevboxError
+from .manifest import read_manifest
+from .render import BuildContext, render
+from .spec import ImageSpec, load_spec
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+images_dir_option = click.option(
+    "--images-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("images"),
+    envvar="DEVBOX_IMAGES_DIR",
+    show_default=True,
+    help="Where image specs live (images/<name>/image.toml).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="devbox-build")
+def cli() -> None:
+    """Build reproducible, layered CPU and GPU images from locked dependency files.
+
+    \b
+    The flow is one way: spec → lock → render → build → inspect.
+      devbox-build lock datascience          resolve pip inputs into hashed locks
+      devbox-build lock datascience --check  exit 1 if any lock is stale (for CI)
+      devbox-build render datascience        print the Dockerfile a build will use
+      devbox-build build datascience         build the cpu and gpu variants
+      devbox-build inspect devbox/datascience:cpu   what is inside a built image
+
+    IMAGE is a spec name under --images-dir, a folder with an image.toml, or the file itself.
+    """
+
+
+def _load(image: str, images_dir: Path) -> ImageSpec:
+    return load_spec(image, images_dir)
+
+
+# -- lock ---------------------------------------------------------------------------------------
+
+
+@cli.command("lock")
+@click.argument("image")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each missing or stale lock.")
+@click.option(
+    "--platform", "platforms", multiple=True, type=click.Choice(["linux/amd64", "linux/arm64"]),
+    help="Lock for this platform (repeatable). Default: the spec's platforms.",
+)
+@click.option(
+    "--resolver", type=click.Choice(locking.RESOLVERS), default="uv", show_default=True,
+    help="uv locks for any platform; pip-compile only for the one it runs on.",
+)
+@click.option("--upgrade", is_flag=True, help="Re-resolve every lock to the newest allowed versions.")
+@images_dir_option
+@json_option
+def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json):
+    """Lock IMAGE's pip inputs into hashed requirements files, per variant and platform.
+
+    Locks live in images/<name>/locks/<platform>/. Only missing or stale locks are
+    re-resolved, and existing pins are kept unless an input moves them (or --upgrade).
+    """
+    spec = _load(image, images_dir)
+    selected = list(platforms) or None
+    if check:
+        problems = locking.check(spec, selected)
+        if as_json:
+            out.print_json(data={"ok": not problems,
+                                 "problems": [{"lock": str(p), "problem": m} for p, m in problems]})
+        for path, problem in problems:
+            err.print(f"[red]✗[/] {escape(str(path))}: {problem}")
+        if problems:
+            err.print(f"run: devbox-build lock {spec.name}")
+            sys.exit(1)
+        if not as_json:
+            err.print(f"[green]✓[/] all locks of {spec.name} are up to date")
+        return
+
+    def report(result: locking.LockResult) -> None:
+        if not as_json:
+            took = f" in {result.seconds:.1f} s" if result.status == "written" else ""
+            err.print(f"  {result.path}: {result.status} ({result.packages} packages){took}")
+
+    err.print(f"locking {spec.name} with {resolver}")
+    results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
+                           on_result=report)
+    if as_json:
+        out.print_json(data=[{**r.__dict__, "path": str(r.path)} for r in results])
+
+
+# -- render -------------------------------------------------------------------------------------
+
+
+@cli.command("render")
+@click.argument("image")
+@click.option("--variant", default=None, help="Variant to render (default: the first in the spec).")
+@click.option("--ca-cert", "ca_certs", multiple=True, envvar="DEVBOX_CA_CERTS",
+              help="Extra CA certificate (PEM) or glob, as for build.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the whole build context to this folder instead of printing the Dockerfile.")
+@images_dir_option
+def render_command(image, variant, ca_certs, output, images_dir):
+    """Print the Dockerfile that `build` uses for IMAGE (or write its whole context)."""
+    spec = _load(image, images_dir)
+    context = render(spec, variant or next(iter(spec.variants)), ca_certificates=list(ca_certs))
+    if output is None:
+        sys.stdout.write(context.dockerfile)
+        return
+    for relative, data in context.files.items():
+        target = output / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    err.print(f"wrote {len(context.files)} files to {output}")
+
+
+# -- build --------------------------------------------------------------------------------------
+
+
+class RichProgress:
+    """Build progress on stderr: one line per step (every output line with --verbose)."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.started = 0.0
+
+    def start(self, ref: str, context: BuildContext) -> None:
+        self.started = time.monotonic()
+        err.print(f"[bold]building[/] {ref} [dim](base {context.base})[/]")
+
+    def step(self, step: Step, layer: str) -> None:
+        elapsed = time.monotonic() - self.started
+        instruction = step.instruction if len(step.instruction) < 90 else step.instruction[:87] + "..."
+        err.print(f"  [dim]{elapsed:6.1f}s[/] [cyan]{layer:>8}[/] {step.number:>2}/{step.total} "
+                  f"{escape(instruction)}")
+
+    def output(self, line: str) -> None:
+        if self.verbose:
+            err.print(f"           [dim]│ {escape(line)}[/]")
+
+    def done(self, result: BuildResult) -> None:
+        if result.built:
+            err.print(f"[green]✓[/] built {result.content_tag} in {result.seconds:.1f} s "
+                      f"({result.steps} steps, {result.cached_steps} from cache)")
+        else:
+            err.print(f"[green]✓[/] up to date: {result.content_tag} (nothing to build)")
+        err.print(f"  also tagged: {', '.join(result.tags[1:])}")
+
+
+@cli.command("build")
+@click.argument("image")
+@click.option("--variant", default="all", show_default=True, help="cpu, gpu, ... or all.")
+@click.option("--tag", "tags", multiple=True, metavar="TAG",
+              help="Also tag as REPOSITORY:TAG-VARIANT (repeatable).")
+@click.option("--registry", help="Registry host[/namespace] to prefix the repository with.")
+@click.option("--push", is_flag=True, help="Push every tag to --registry after the build.")
+@click.option("--allow-stale", is_flag=True, help="Build even if a lock's inputs changed.")
+@click.option("--ca-cert", "ca_certs", multiple=True, envvar="DEVBOX_CA_CERTS", metavar="PATH",
+              help="Extra CA certificate (PEM) or glob to trust in the image and during the "
+              "build, e.g. '/usr/local/share/ca-certificates/*.crt' (repeatable; env "
+              "DEVBOX_CA_CERTS, space-separated).")
+@click.option("--network", "network_mode", help="Network for build steps (e.g. host).")
+@click.option("--no-cache", is_flag=True, help="Rebuild every layer, ignoring the engine's cache.")
+@click.option("-v", "--verbose", is_flag=True, help="Stream every line of build output.")
+@images_dir_option
+@json_option
+def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, network_mode,
+                  no_cache, verbose, images_dir, as_json):
+    """Build IMAGE's variants; a build whose content is unchanged is a no-op.
+
+    Every build is tagged REPOSITORY:VARIANT-<content hash> (the hash of spec, locks, template
+    and base image) and REPOSITORY:VARIANT. Proxy variables in the environment (HTTP_PROXY,
+    HTTPS_PROXY, NO_PROXY, ...) are passed as build args and never stored in the image.
+    """
+    spec = _load(image, images_dir)
+    variants = resolve_variants(spec, variant)
+    options = BuildOptions(
+        tags=list(tags), registry=registry, push=push, allow_stale=allow_stale,
+        ca_certificates=[p for value in ca_certs for p in value.split()],
+        network_mode=network_mode, no_cache=no_cache,
+    )
+    results = build(spec, variants, Engine.connect(), options, RichProgress(verbose))
+    if as_json:
+        out.print_json(data=[r.as_dict() for r in results])
+
+
+# -- inspect ------------------------------------------------------------------------------------
+
+
+@cli.command("inspect")
+@click.argument("ref")
+@click.option("--packages/--no-packages", default=True, help="List installed packages.")
+@json_option
+def inspect_command(ref, packages, as_json):
+    """Show what image REF was built from and what it contains (its manifest)."""
+    manifest = read_manifest(Engine.connect(), ref)
+    if as_json:
+        out.print_json(data=manifest)
+        return
+    labels = manifest["image"]["labels"]
+    summary = Table.grid(padding=(0, 2))
+    for key, value in [
+        ("image", f"{ref} ({manifest['image']['id'][:19]})"),
+        ("spec", f"{manifest['spec']} variant {manifest['variant']} ({manifest['platform']})"),
+        ("python", manifest["python_version"]),
+        ("size", f"{manifest['image']['size'] / 1e6:.0f} MB"),
+        ("built", f"{manifest['build_time']} by devbox-build {manifest['tool_version']}"),
+        ("content", manifest["content_hash"][:12]),
+        ("cuda", labels.get("devbox.cuda.version", "-")
+         + (f" (driver ≥ {labels['devbox.cuda.min-driver']})" if "devbox.cuda.min-driver" in labels else "")),
+        ("locks", ", ".join(f"{name} {digest[:12]}" for name, digest in manifest["locks"].items()) or "-"),
+        ("packages", f"{len(manifest['packages']['pip'])} pip, {len(manifest['packages']['apt'])} apt"),
+    ]:
+        summary.add_row(f"[bold]{key}[/]", value)
+    out.print(summary)
+    if packages:
+        table = Table("pip package", "version", "layer", box=None, pad_edge=False)
+        for package in manifest["packages"]["pip"]:
+            table.add_row(package["name"], package["version"], package["layer"])
+        out.print()
+        out.print(table)
+
+
+# -- bootstrap-base -----------------------------------------------------------------------------
+
+
+@cli.command("bootstrap-base")
+@click.option("--tag", default="debian:bookworm-slim", show_default=True,
+              help="Name for the imported image (what specs name as their base).")
+@click.option("--suite", default="bookworm", show_default=True, help="Debian suite.")
+@click.option("--mirror", help="Debian mirror URL. Default: the first one in this machine's apt sources.")
+@click.option("--if-missing", is_flag=True, help="Do nothing when TAG already exists.")
+def bootstrap_base_command(tag, suite, mirror, if_missing):
+    """Build a Debian base image from a mirror (debootstrap + import), for machines that
+    cannot pull from a registry. Needs root and debootstrap; takes about a minute."""
+    from .bootstrap import bootstrap_base
+
+    engine = Engine.connect()
+    if if_missing and (existing := engine.image_id(tag)):
+        err.print(f"[green]✓[/] {tag} exists ({existing[:19]})")
+        return
+    started = time.monotonic()
+    image_id = bootstrap_base(engine, tag, suite=suite, mirror=mirror, log=lambda line: err.print(f"  {line}"))
+    err.print(f"[green]✓[/] {tag} ({image_id[:19]}) in {time.monotonic() - started:.0f} s")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except DevboxError as exc:
+        err.print(f"[bold red]error:[/] {escape(exc.message)}")
+        if exc.hint:
+            err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("interrupted: nothing was tagged")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was tagged")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

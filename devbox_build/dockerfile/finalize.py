@@ -1,0 +1,110 @@
+"""Last build step, run inside the image by its own Python.
+
+Writes /opt/devbox/manifest.json (what was built from what, and every installed package) and
+fails the build when the image breaks a promise the tool makes: no GPU driver baked in, no
+package-manager caches left behind. Standard library only: it runs before any tool is known to
+be installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+DEVBOX = Path("/opt/devbox")
+# Leftovers that only cost space. apt's lists and caches, pip's and uv's download caches.
+CACHE_GLOBS = (
+    "/var/lib/apt/lists/*_*",
+    "/var/cache/apt/*.bin",
+    "/var/cache/apt/archives/*.deb",
+    "/root/.cache/pip",
+    "/root/.cache/uv",
+    "/home/*/.cache/pip",
+    "/tmp/pip-*",
+)
+SKIP_WALK = {"/proc", "/sys", "/dev"}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_layers(info: dict) -> dict[str, str]:
+    layers = {}
+    for layer in info["pip_layers"]:
+        for line in (DEVBOX / "requirements" / f"{layer['name']}.txt").read_text().splitlines():
+            if "==" in line and not line[0].isspace() and not line.startswith("#"):
+                layers[canonical(line.split("==")[0].split("[")[0])] = layer["layer"]
+    return layers
+
+
+def pip_packages(info: dict) -> list[dict]:
+    layers = requirement_layers(info)
+    packages = []
+    for dist in importlib.metadata.distributions():
+        name = canonical(dist.metadata["Name"])
+        # Anything not from a lock came with the virtual environment itself (pip, setuptools).
+        packages.append({"name": name, "version": dist.version, "layer": layers.get(name, "seed")})
+    return sorted(packages, key=lambda p: p["name"])
+
+
+def apt_packages() -> list[dict]:
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package}\t${Version}\n"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return [
+        {"name": name, "version": version}
+        for name, version in (line.split("\t") for line in out.splitlines() if line)
+    ]
+
+
+def driver_libraries() -> list[str]:
+    found = []
+    for root, dirs, files in os.walk("/"):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in SKIP_WALK]
+        if "stubs" in root.split(os.sep):
+            continue
+        found += [os.path.join(root, f) for f in files if f.startswith("libcuda.so")]
+    return found
+
+
+def main() -> int:
+    info = json.loads((DEVBOX / "build-info.json").read_text())
+    problems = []
+    leftovers = sorted(path for pattern in CACHE_GLOBS for path in glob.glob(pattern))
+    if leftovers:
+        problems.append("package caches left in the image: " + ", ".join(leftovers[:10]))
+    drivers = driver_libraries()
+    if drivers:
+        problems.append(
+            "a GPU driver library is baked into the image (the host's NVIDIA runtime must "
+            "provide it): " + ", ".join(drivers[:10])
+        )
+    if problems:
+        for problem in problems:
+            print(f"devbox-build: {problem}", file=sys.stderr)
+        return 1
+    manifest = {
+        **info,
+        "build_time": os.environ.get("DEVBOX_BUILD_TIME", "unknown"),
+        "content_hash": os.environ.get("DEVBOX_CONTENT_HASH", "unknown"),
+        "python_version": sys.version.split()[0],
+        "packages": {"pip": pip_packages(info), "apt": apt_packages()},
+    }
+    (DEVBOX / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    print(
+        f"devbox-build: manifest written: {len(manifest['packages']['pip'])} pip and "
+        f"{len(manifest['packages']['apt'])} apt packages"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""pip locks: requirements inputs → hashed, pip-tools-format lock files.
+
+A variant's pip packages are locked as a *stack* of lock files, one per image layer:
+
+* ``pip.txt``: the inputs every variant shares (``[pip] requirements``),
+* ``pip-<variant>.txt``: those plus the variant's own inputs (``[variants.<v>] pip``), resolved
+  with ``pip.txt`` as constraints,
+* ``dev.txt`` / ``dev-<variant>.txt``: all of the above plus ``[dev] requirements``, resolved with
+  the lock below as constraints.
+
+Each lock is the *full* closure of everything at or below it, so the top lock of a stack lists
+exactly what the image installs, and a layer installs only what its lock adds to the one below.
+Constraining every lock by the one below is what lets the GPU variant share the CPU variant's pip
+layer byte for byte: accelerator inputs cannot move a shared pin.
+
+Each lock starts with a header recording a digest of its inputs (input files, the lock below,
+Python version, platform); ``check`` recomputes it to find stale locks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform as host_platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+
+from .errors import LockError
+from .spec import PLATFORMS, ImageSpec
+
+LOCK_FORMAT = "devbox-lock/1"
+DIGEST_PREFIX = "# inputs-sha256: "
+RESOLVERS = ("uv", "pip-compile")
+
+
+@dataclass(frozen=True)
+class LockLayer:
+    """One lock file of a variant's stack, and the image layer it feeds."""
+
+    name: str  # file stem: "pip", "pip-gpu", "dev", "dev-gpu"
+    layer: str  # image layer: "pip", "variant" or "dev"
+    inputs: tuple[str, ...]  # input files relative to the spec folder, cumulative
+    platform: str
+    below: LockLayer | None = field(default=None, compare=False)
+
+    def path(self, spec: ImageSpec) -> Path:
+        return lock_dir(spec, self.platform) / f"{self.name}.txt"
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One locked requirement: ``name==version`` with its hash lines, as written in the lock."""
+
+    name: str  # canonical
+    version: str
+    text: str  # the requirement's lines, hashes included, without `# via` comments
+
+
+@dataclass
+class LockResult:
+    path: Path
+    status: str  # "written" or "up to date"
+    packages: int
+    seconds: float
+
+
+def lock_dir(spec: ImageSpec, platform: str) -> Path:
+    return spec.folder / "locks" / platform.replace("/", "-")
+
+
+def stack(spec: ImageSpec, variant: str, platform: str) -> list[LockLayer]:
+    """The lock files a variant installs, bottom to top."""
+    variant_spec = spec.variants[variant]
+    layers: list[LockLayer] = []
+    inputs: tuple[str, ...] = ()
+    below: LockLayer | None = None
+    if spec.pip.requirements:
+        inputs = tuple(spec.pip.requirements)
+        below = LockLayer("pip", "pip", inputs, platform)
+        layers.append(below)
+    if variant_spec.pip:
+        inputs = inputs + tuple(variant_spec.pip)
+        below = LockLayer(f"pip-{variant}", "variant", inputs, platform, below)
+        layers.append(below)
+    if spec.dev.requirements:
+        # Variants without inputs of their own share one dev lock.
+        name = f"dev-{variant}" if variant_spec.pip else "dev"
+        inputs = inputs + tuple(spec.dev.requirements)
+        layers.append(LockLayer(name, "dev", inputs, platform, below))
+    return layers
+
+
+def all_layers(spec: ImageSpec, platforms: list[str] | None = None) -> list[LockLayer]:
+    """Every lock of every variant, each once, in an order where a lock follows the one below it."""
+    seen: dict[str, LockLayer] = {}
+    for platform in platforms or spec.platforms:
+        for variant in spec.variants:
+            for layer in stack(spec, variant, platform):
+                seen.setdefault(f"{platform}/{layer.name}", layer)
+    return list(seen.values())
+
+
+def inputs_digest(spec: ImageSpec, layer: LockLayer) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{LOCK_FORMAT}\npython={spec.python}\nplatform={layer.platform}\n".encode())
+    for relative in layer.inputs:
+        digest.update(f"input {relative}\n".encode())
+        digest.update(spec.input_path(relative).read_bytes())
+    if layer.below is not None:
+        below = layer.below.path(spec)
+        digest.update(b"below\n")
+        digest.update(below.read_bytes() if below.is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+def recorded_digest(lock: Path) -> str | None:
+    try:
+        with lock.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(DIGEST_PREFIX):
+                    return line[len(DIGEST_PREFIX):].strip()
+                if not line.startswith("#"):
+                    break
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def check(spec: ImageSpec, platforms: list[str] | None = None) -> list[tuple[Path, str]]:
+    """Locks that are missing or whose inputs changed since they were written."""
+    problems = []
+    for layer in all_layers(spec, platforms):
+        path = layer.path(spec)
+        recorded = recorded_digest(path)
+        if not path.is_file():
+            problems.append((path, "missing"))
+        elif recorded != inputs_digest(spec, layer):
+            problems.append((path, "stale: its inputs changed since it was written"))
+    return problems
+
+
+def lock(
+    spec: ImageSpec,
+    *,
+    platforms: list[str] | None = None,
+    resolver: str = "uv",
+    upgrade: bool = False,
+    on_result=None,
+) -> list[LockResult]:
+    """Write every stale or missing lock of the spec (all when ``upgrade``)."""
+    if resolver not in RESOLVERS:
+        raise LockError(f"unknown resolver {resolver!r}; choose one of {', '.join(RESOLVERS)}")
+    results = []
+    for layer in all_layers(spec, platforms):
+        path = layer.path(spec)
+        digest = inputs_digest(spec, layer)
+        started = time.monotonic()
+        if not upgrade and recorded_digest(path) == digest:
+            result = LockResult(path, "up to date", len(read_pins(path)), 0.0)
+        else:
+            body = _resolve(spec, layer, resolver, upgrade)
+            write_atomic(path, _header(spec, layer, digest) + body)
+            result = LockResult(path, "written", len(parse_pins(body)), time.monotonic() - started)
+        results.append(result)
+        if on_result:
+            on_result(result)
+    return results
+
+
+def _header(spec: ImageSpec, layer: LockLayer, digest: str) -> str:
+    return (
+        f"# Locked by devbox-build for image '{spec.name}', layer '{layer.name}' "
+        f"({layer.platform}, Python {spec.python}). Do not edit.\n"
+        f"# Regenerate with: devbox-build lock {spec.name}\n"
+        f"{DIGEST_PREFIX}{digest}\n"
+    )
+
+
+def _resolve(spec: ImageSpec, layer: LockLayer, resolver: str, upgrade: bool) -> str:
+    existing = layer.path(spec)
+    with tempfile.TemporaryDirectory(prefix="devbox-lock-") as scratch:
+        output = Path(scratch) / "lock.txt"
+        # The resolvers read an existing output file as preferences: pins only move when
+        # an input asks them to (or with --upgrade).
+        if existing.is_file() and not upgrade:
+            shutil.copyfile(existing, output)
+        constraints = []
+        if layer.below is not None:
+            constraints = ["-c", os.path.relpath(layer.below.path(spec), spec.folder)]
+        if resolver == "uv":
+            command, env = _uv_command(spec, layer, constraints, output, upgrade)
+        else:
+            command, env = _pip_compile_command(spec, layer, constraints, output, upgrade)
+        process = subprocess.run(
+            command, cwd=spec.folder, env=env, capture_output=True, text=True, check=False
+        )
+        if process.returncode != 0:
+            detail = (process.stderr or process.stdout).strip()
+            raise LockError(
+                f"{spec.path}: could not lock layer '{layer.name}' ({layer.platform}) "
+                f"from {', '.join(layer.inputs)} with {resolver}:\n{detail}"
+            )
+        body = output.read_text(encoding="utf-8")
+    # Drop any header the resolver kept from the previous lock; ours goes on top.
+    lines = body.splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    body = "".join(lines)
+    for pin_line in body.splitlines():
+        if " @ " in pin_line and not pin_line.startswith(("#", " ")):
+            raise LockError(
+                f"{spec.path}: layer '{layer.name}': '{pin_line.split()[0]}' is a direct URL "
+                "requirement; hashed installs need index packages"
+            )
+    return body
+
+
+def _uv_command(spec, layer, constraints, output, upgrade):
+    from uv import find_uv_bin
+
+    command = [
+        find_uv_bin(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes",
+        "--python-version", spec.python, "--python-platform", PLATFORMS[layer.platform],
+        *constraints, *layer.inputs, "-o", str(output),
+    ]
+    if upgrade:
+        command.append("--upgrade")
+    return command, dict(os.environ)
+
+
+def _pip_compile_command(spec, layer, constraints, output, upgrade):
+    host = f"{sys.version_info.major}.{sys.version_info.minor}"
+    machine = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}.get(host_platform.machine())
+    if host != spec.python or machine != layer.platform or sys.platform != "linux":
+        raise LockError(
+            f"pip-compile resolves only for the Python and platform it runs on "
+            f"({host}, {machine or host_platform.machine()}); the image needs Python "
+            f"{spec.python} on {layer.platform}. Use --resolver uv."
+        )
+    executable = shutil.which("pip-compile", path=str(Path(sys.executable).parent)) or shutil.which(
+        "pip-compile"
+    )
+    if executable is None:
+        raise LockError("pip-compile is not installed; pip install 'devbox-build[pip-tools]'")
+    command = [
+        executable, "--quiet", "--no-header", "--generate-hashes", "--allow-unsafe",
+        "--strip-extras", "--no-emit-index-url", "--no-emit-find-links",
+        *constraints, *layer.inputs, "-o", str(output),
+    ]
+    if upgrade:
+        command.append("--upgrade")
+    # The host's pip configuration (extra indexes, find-links, constraints) must not leak
+    # into a lock that other machines install from.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    return command, env
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    )
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def parse_pins(text: str) -> dict[str, Pin]:
+    """Pins of a pip-tools-format file: ``name==version`` plus its ``--hash`` lines."""
+    pins: dict[str, Pin] = {}
+    current: list[str] = []
+
+    def flush() -> None:
+        if current:
+            requirement = current[0].split(";")[0].split("\\")[0].strip()
+            name, _, version = requirement.partition("==")
+            pin = Pin(canonicalize_name(name.split("[")[0]), version.strip(), "".join(current))
+            pins[pin.name] = pin
+            current.clear()
+
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0].isspace():
+            if current:
+                current.append(line)
+        else:
+            flush()
+            current.append(line)
+    flush()
+    return pins
+
+
+def read_pins(path: Path) -> dict[str, Pin]:
+    return parse_pins(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def added_pins(spec: ImageSpec, layer: LockLayer) -> list[Pin]:
+    """What a layer installs: the pins of its lock that the lock below does not have."""
+    pins = read_pins(layer.path(spec))
+    below = read_pins(layer.below.path(spec)) if layer.below else {}
+    for name, pin in pins.items():
+        if name in below and below[name].version != pin.version:
+            raise LockError(
+                f"{layer.path(spec)}: pins {name}=={pin.version} but the layer below pins "
+                f"{below[name].version}; relock with devbox-build lock {spec.name} --upgrade"
+            )
+    return [pin for name, pin in sorted(pins.items()) if name not in below]

@@ -1,0 +1,220 @@
+"""spec + locks → build context: the Dockerfile and the few files its layers copy.
+
+The context is data (path → bytes) so it can be hashed into the content tag, printed by
+``devbox-build render`` and streamed to the engine as a deterministic tar: the same inputs always
+give the same bytes, and so the same cache hits.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from . import __version__, locking
+from .errors import DevboxError, SpecError
+from .spec import ImageSpec
+
+VENV = "/opt/venv"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# Printed by the Python check in the os layer; the build turns it into an error naming the spec key.
+PYTHON_MISMATCH_MARKER = "devbox-build: the base image provides Python"
+APT_CLEANUP = (
+    "apt-get clean; rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* "
+    "/var/log/dpkg.log /var/cache/debconf/*-old /root/.cache"
+)
+_LAYER_MARKER = re.compile(r"^# ---- layer: (\w+)")
+
+
+@dataclass
+class BuildContext:
+    """What one variant's build sends to the engine."""
+
+    spec: ImageSpec
+    variant: str
+    platform: str
+    base: str
+    files: dict[str, bytes] = field(default_factory=dict)  # Dockerfile included
+
+    @property
+    def dockerfile(self) -> str:
+        return self.files["Dockerfile"].decode()
+
+    def step_layers(self) -> list[str]:
+        """The layer each Dockerfile instruction belongs to, in build-step order."""
+        layers, current, continued = [], "os", False
+        for line in self.dockerfile.splitlines():
+            stripped = line.strip()
+            if marker := _LAYER_MARKER.match(stripped):
+                current = marker.group(1)
+            if not stripped or stripped.startswith("#"):
+                continue
+            if not continued:
+                layers.append(current)
+            continued = stripped.endswith("\\")
+        return layers
+
+    def digest(self, base_image_id: str) -> str:
+        """Content hash: every context file (spec, locks and template are all in them) + base id."""
+        digest = hashlib.sha256(f"base {base_image_id}\n".encode())
+        for path in sorted(self.files):
+            digest.update(f"{path} {len(self.files[path])}\n".encode())
+            digest.update(self.files[path])
+        return digest.hexdigest()
+
+    def tar(self) -> io.BytesIO:
+        """The context as a tar with fixed metadata, so equal files give equal COPY cache keys."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for path in sorted(self.files):
+                info = tarfile.TarInfo(path)
+                info.size, info.mode, info.mtime = len(self.files[path]), 0o644, 0
+                archive.addfile(info, io.BytesIO(self.files[path]))
+        buffer.seek(0)
+        return buffer
+
+
+def ca_certificate_files(spec: ImageSpec, extra: list[str] = ()) -> list[Path]:
+    """CA files from the spec (relative to it) and the command line; globs may match nothing."""
+    files: list[Path] = []
+    for origin, pattern in [("spec", p) for p in spec.ca_certificates] + [("cli", p) for p in extra]:
+        expanded = pattern if Path(pattern).is_absolute() or origin == "cli" else str(
+            spec.folder / pattern
+        )
+        matches = sorted(glob.glob(expanded))
+        if not matches and not glob.has_magic(pattern):
+            where = f"{spec.path}: key 'ca_certificates'" if origin == "spec" else "--ca-cert"
+            raise SpecError(f"{where}: file not found: {pattern}")
+        files += [Path(m) for m in matches]
+    for path in files:
+        if b"-----BEGIN CERTIFICATE-----" not in path.read_bytes():
+            raise SpecError(f"CA certificate {path} is not a PEM certificate")
+    return files
+
+
+def render(
+    spec: ImageSpec,
+    variant: str,
+    *,
+    platform: str | None = None,
+    ca_certificates: list[str] = (),
+) -> BuildContext:
+    if variant not in spec.variants:
+        raise DevboxError(
+            f"{spec.path}: no variant {variant!r} (variants: {', '.join(spec.variants)})"
+        )
+    if spec.conda is not None:
+        raise SpecError(
+            f"{spec.path}: key 'conda': the conda layer is not available in this version of "
+            "devbox-build yet"
+        )
+    platform = platform or spec.platforms[0]
+    variant_spec = spec.variants[variant]
+    context = BuildContext(spec, variant, platform, variant_spec.base)
+
+    for index, path in enumerate(ca_certificate_files(spec, list(ca_certificates))):
+        # update-ca-certificates only picks up *.crt files.
+        context.files[f"ca-certificates/{index:02d}-{path.stem}.crt"] = path.read_bytes()
+
+    pip_layers, lock_digests = [], {}
+    for layer in locking.stack(spec, variant, platform):
+        lock_path = layer.path(spec)
+        if not lock_path.is_file():
+            raise DevboxError(
+                f"missing lock {lock_path}", hint=f"run: devbox-build lock {spec.name}"
+            )
+        pins = locking.added_pins(spec, layer)
+        context_path = f"requirements/{layer.name}.txt"
+        context.files[context_path] = "".join(pin.text for pin in pins).encode()
+        lock_digests[layer.name] = hashlib.sha256(lock_path.read_bytes()).hexdigest()
+        pip_layers.append(
+            {
+                "name": layer.name,
+                "layer": layer.layer,
+                "lock": str(lock_path.relative_to(spec.folder)),
+                "context_path": context_path,
+                "count": len(pins),
+            }
+        )
+
+    labels = {
+        "org.opencontainers.image.title": spec.name,
+        "org.opencontainers.image.description": spec.description,
+        "devbox.spec": spec.name,
+        "devbox.variant": variant,
+        "devbox.python": spec.python,
+        "devbox.tool-version": __version__,
+        **(
+            {
+                "devbox.cuda.version": variant_spec.cuda.version,
+                "devbox.cuda.min-driver": variant_spec.cuda.min_driver,
+            }
+            if variant_spec.cuda
+            else {}
+        ),
+        **spec.labels,
+    }
+    build_info = {
+        "spec": spec.name,
+        "repository": spec.repository,
+        "variant": variant,
+        "platform": platform,
+        "python": spec.python,
+        "tool_version": __version__,
+        "locks": lock_digests,
+        "pip_layers": [{"name": p["name"], "layer": p["layer"]} for p in pip_layers],
+        "cuda": variant_spec.cuda.model_dump() if variant_spec.cuda else None,
+    }
+    context.files["devbox/build-info.json"] = (
+        json.dumps(build_info, indent=2, sort_keys=True) + "\n"
+    ).encode()
+    context.files["devbox/finalize.py"] = _template_file("finalize.py")
+    context.files["Dockerfile"] = _environment().get_template("Dockerfile.j2").render(
+        version=__version__,
+        spec=spec,
+        # Relative to the spec's own folder: the content hash must not depend on the checkout path.
+        spec_path=f"{spec.folder.name}/{spec.path.name}",
+        variant=variant,
+        platform=platform,
+        base=variant_spec.base,
+        venv=VENV,
+        ca_bundle=CA_BUNDLE,
+        ca_files=[p for p in context.files if p.startswith("ca-certificates/")],
+        python_mismatch_marker=PYTHON_MISMATCH_MARKER,
+        apt_cleanup=APT_CLEANUP,
+        pip_layers=pip_layers,
+        has_variant_layer=any(p["layer"] == "variant" for p in pip_layers),
+        cuda=variant_spec.cuda,
+        labels=labels,
+    ).encode()
+    return context
+
+
+def _template_file(name: str) -> bytes:
+    return resources.files("devbox_build").joinpath("dockerfile", name).read_bytes()
+
+
+def _double_quoted(value: str) -> str:
+    """A Dockerfile ENV/LABEL value: double-quoted, with quotes, backslashes and $ escaped."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    return f'"{escaped}"'.replace("\n", "\\n")
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("devbox_build", "dockerfile"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["dq"] = _double_quoted
+    env.filters["json"] = json.dumps
+    return env
