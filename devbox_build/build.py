@@ -88,8 +88,8 @@ def resolve_variants(spec: ImageSpec, variant: str) -> list[str]:
     return [variant]
 
 
-def check_locks(spec: ImageSpec, platform: str, allow_stale: bool) -> None:
-    problems = locking.check(spec, [platform])
+def check_locks(spec: ImageSpec, platform: str, variants: list[str], allow_stale: bool) -> None:
+    problems = locking.check(spec, [platform], variants)
     missing = [path for path, problem in problems if problem == "missing"]
     if missing:
         raise LockError(
@@ -129,7 +129,7 @@ def build(
     options = options or BuildOptions()
     progress = progress or SilentProgress()
     platform = spec.platforms[0]
-    check_locks(spec, platform, options.allow_stale)
+    check_locks(spec, platform, variants, options.allow_stale)
     if options.push and not options.registry:
         raise DevboxError("--push needs a registry: pass --registry HOST[/NAMESPACE]")
     results = []

@@ -97,11 +97,13 @@ def stack(spec: ImageSpec, variant: str, platform: str) -> list[LockLayer]:
     return layers
 
 
-def all_layers(spec: ImageSpec, platforms: list[str] | None = None) -> list[LockLayer]:
-    """Every lock of every variant, each once, in an order where a lock follows the one below it."""
+def all_layers(
+    spec: ImageSpec, platforms: list[str] | None = None, variants: list[str] | None = None
+) -> list[LockLayer]:
+    """Every lock of the variants, each once, in an order where a lock follows the one below it."""
     seen: dict[str, LockLayer] = {}
     for platform in platforms or spec.platforms:
-        for variant in spec.variants:
+        for variant in variants or spec.variants:
             for layer in stack(spec, variant, platform):
                 seen.setdefault(f"{platform}/{layer.name}", layer)
     return list(seen.values())
@@ -133,10 +135,12 @@ def recorded_digest(lock: Path) -> str | None:
     return None
 
 
-def check(spec: ImageSpec, platforms: list[str] | None = None) -> list[tuple[Path, str]]:
+def check(
+    spec: ImageSpec, platforms: list[str] | None = None, variants: list[str] | None = None
+) -> list[tuple[Path, str]]:
     """Locks that are missing or whose inputs changed since they were written."""
     problems = []
-    for layer in all_layers(spec, platforms):
+    for layer in all_layers(spec, platforms, variants):
         path = layer.path(spec)
         recorded = recorded_digest(path)
         if not path.is_file():
@@ -202,7 +206,9 @@ def _resolve(spec: ImageSpec, layer: LockLayer, resolver: str, upgrade: bool) ->
             command, cwd=spec.folder, env=env, capture_output=True, text=True, check=False
         )
         if process.returncode != 0:
-            detail = (process.stderr or process.stdout).strip()
+            detail = "\n".join(
+                f"  {line}" for line in (process.stderr or process.stdout).strip().splitlines()
+            )
             raise LockError(
                 f"{spec.path}: could not lock layer '{layer.name}' ({layer.platform}) "
                 f"from {', '.join(layer.inputs)} with {resolver}:\n{detail}"
@@ -274,6 +280,9 @@ def write_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)  # temporary files are created 0600
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

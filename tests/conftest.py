@@ -1,0 +1,79 @@
+"""Fixtures shared by the tests.
+
+Engine tests run against a real Docker engine. Without one they skip on a developer's machine
+but FAIL when CI=true: CI must never pass by skipping the builds it exists to check.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devbox_build.engine import Engine
+from devbox_build.errors import EngineUnavailable
+from devbox_build.spec import ImageSpec, load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "stacks" / "tiny"
+BASE_IMAGE = "debian:bookworm-slim"
+# The host's extra CA certificates: builds here (and behind any TLS-intercepting proxy) need them.
+HOST_CA_CERTS = sorted(glob.glob("/usr/local/share/ca-certificates/*.crt"))
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)  # only outside CI, where a developer may lack an engine
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    try:
+        engine = Engine.connect()
+    except EngineUnavailable as exc:
+        _unavailable(str(exc))
+    if engine.image_id(BASE_IMAGE) is None:
+        _unavailable(f"base image {BASE_IMAGE} missing: run devbox-build bootstrap-base")
+    return engine
+
+
+@pytest.fixture
+def stack(tmp_path: Path, request) -> Path:
+    """A private copy of the tiny stack, with its own repository name."""
+    target = tmp_path / "tiny"
+    shutil.copytree(TINY, target)
+    name = request.node.name.split("[")[0].removeprefix("test_").replace("_", "-")[:40]
+    spec = target / "image.toml"
+    spec.write_text(spec.read_text().replace('"devbox-test/tiny"', f'"devbox-test/{name}"'))
+    return target
+
+
+def load(stack: Path) -> ImageSpec:
+    return load_spec(stack)
+
+
+def cli(*args: str, cwd: Path = ROOT, env: dict | None = None,
+        timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "devbox_build.cli", *args],
+        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """One clear error: non-zero exit, no traceback, and the words that name the problem."""
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, f"{needle!r} not in:\n{result.stderr}"

@@ -1,0 +1,276 @@
+"""Builds on the real engine: layering, sharing, no-op rebuilds, tags, hygiene and failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from devbox_build import locking
+from devbox_build.build import BuildOptions, build, repository
+from devbox_build.engine import Engine
+from devbox_build.render import render
+
+from .conftest import HOST_CA_CERTS, ROOT, assert_clean_error, cli, load
+from .support.proxy import LoopbackProxy
+
+pytestmark = pytest.mark.engine
+CA = {"DEVBOX_CA_CERTS": " ".join(HOST_CA_CERTS)}
+SEEDS = {"pip", "setuptools"}
+
+
+def options(**kwargs) -> BuildOptions:
+    return BuildOptions(ca_certificates=HOST_CA_CERTS, **kwargs)
+
+
+class CountingEngine(Engine):
+    """The real engine, counting the builds it is asked for."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine.client)
+        self.builds = 0
+
+    def build(self, *args, **kwargs):
+        self.builds += 1
+        return super().build(*args, **kwargs)
+
+
+def history_ids(engine: Engine, ref: str) -> list[tuple[str, str]]:
+    return [(entry["Id"], entry["CreatedBy"]) for entry in engine.history(ref)]
+
+
+def index_of(history: list[tuple[str, str]], needle: str) -> int:
+    return next(i for i, (_, created_by) in enumerate(history) if needle in created_by)
+
+
+def installed(engine: Engine, ref: str) -> dict[str, str]:
+    code, out = engine.run(ref, ["python", "-c", (
+        "import importlib.metadata as m, json, re;"
+        "print(json.dumps({re.sub(r'[-_.]+', '-', d.metadata['Name']).lower(): d.version"
+        " for d in m.distributions()}))")])
+    assert code == 0, out
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_images(engine, tmp_path_factory):
+    """The tiny stack built in both variants once for the module: {variant: BuildResult}."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("stack") / "tiny"
+    shutil.copytree(ROOT / "tests/stacks/tiny", folder)
+    spec = load(folder)
+    return spec, {r.variant: r for r in build(spec, ["cpu", "gpu"], engine, options())}
+
+
+def test_gpu_variant_shares_every_layer_below_its_accelerator_layer(engine, tiny_images):
+    _, results = tiny_images
+    cpu = history_ids(engine, results["cpu"].content_tag)
+    gpu = history_ids(engine, results["gpu"].content_tag)
+    boundary = index_of(gpu, "NVIDIA_VISIBLE_DEVICES")
+    assert boundary > index_of(gpu, "in /opt/devbox/requirements/pip.txt")  # pip layer is below it
+    assert gpu[:boundary] == cpu[:boundary]
+    assert gpu[boundary][0] != cpu[boundary][0]
+    # Byte for byte: the filesystem layers (diff ids) below the boundary are the same.
+    cpu_layers = engine.image(results["cpu"].content_tag)["RootFS"]["Layers"]
+    gpu_layers = engine.image(results["gpu"].content_tag)["RootFS"]["Layers"]
+    shared = sum(1 for a, b in zip(cpu_layers, gpu_layers) if a == b)
+    assert shared >= 4 and cpu_layers[:shared] == gpu_layers[:shared]
+
+
+def test_installed_packages_equal_the_lock_exactly(engine, tiny_images):
+    spec, results = tiny_images
+    for variant, result in results.items():
+        top = locking.stack(spec, variant, "linux/amd64")[-1]
+        locked = {name: pin.version for name, pin in locking.read_pins(top.path(spec)).items()}
+        found = installed(engine, result.content_tag)
+        assert {k: v for k, v in found.items() if k not in SEEDS} == locked, variant
+        manifest = json.loads(engine.read_file(result.content_tag, "/opt/devbox/manifest.json"))
+        from_locks = {p["name"]: p["version"] for p in manifest["packages"]["pip"]
+                      if p["layer"] != "seed"}
+        assert from_locks == locked
+
+
+def test_second_build_is_a_no_op_with_the_same_tag(engine, tiny_images):
+    spec, results = tiny_images
+    counting = CountingEngine(engine)
+    again = build(spec, ["cpu", "gpu"], counting, options())
+    assert counting.builds == 0
+    assert [r.content_tag for r in again] == [results["cpu"].content_tag,
+                                              results["gpu"].content_tag]
+    assert all(not r.built for r in again)
+    started = time.monotonic()
+    result = cli("build", str(spec.folder), "--json", env=CA)
+    assert result.returncode == 0, result.stderr
+    assert [r["built"] for r in json.loads(result.stdout)] == [False, False]
+    assert "up to date" in result.stderr
+    print(f"no-op CLI build: {time.monotonic() - started:.2f} s")
+
+
+def test_changing_one_pin_rebuilds_only_the_pip_layer_and_above(engine, stack):
+    # Both images are built here, one after the other, so both come from the engine's cache as
+    # it is now (an image left by an earlier run may sit on another cache chain).
+    engine.remove_image(content_tag(engine, stack, "cpu"))
+    [before] = build(load(stack), ["cpu"], engine, options())
+    (stack / "requirements.in").write_text("six==1.16.0\nmarkupsafe\nidna\n")
+    assert locking.lock(load(stack))
+    engine.remove_image(content_tag(engine, stack, "cpu"))  # from an earlier run of this test
+    counting = CountingEngine(engine)
+    [after] = build(load(stack), ["cpu"], counting, options())
+    assert counting.builds == 1 and after.content_tag != before.content_tag
+    old, new = history_ids(engine, before.content_tag), history_ids(engine, after.content_tag)
+    pip_copy = index_of(new, "in /opt/devbox/requirements/pip.txt")
+    assert new[:pip_copy] == old[:pip_copy]  # base, CA, os (apt, user, venv): untouched
+    assert all(a[0] != b[0] for a, b in zip(new[pip_copy:], old[pip_copy:]))
+    assert installed(engine, after.content_tag)["six"] == "1.16.0"
+
+
+def test_stale_lock_is_refused(engine, stack):
+    (stack / "dev.in").write_text("iniconfig\npluggy\n")
+    result = cli("build", str(stack), "--variant", "cpu", env=CA)
+    assert_clean_error(result, "stale lock", "dev.txt", "devbox-build lock tiny")
+    check = cli("lock", str(stack), "--check")
+    assert check.returncode == 1 and "dev.txt: stale" in check.stderr
+
+
+def test_proxies_are_used_but_never_stored(engine, stack, monkeypatch):
+    spec = load(stack)
+    with LoopbackProxy() as proxy:
+        for name in ("HTTPS_PROXY", "https_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+        # Host networking lets the build reach the proxy on loopback; no cache, so every
+        # download really happens during this build.
+        [result] = build(spec, ["cpu"], engine, options(network_mode="host", no_cache=True))
+    assert proxy.connects, "the build did not go through the proxy"
+    port = proxy.url.rsplit(":", 1)[1]
+    for _, created_by in history_ids(engine, result.content_tag):
+        assert port not in created_by and "proxy" not in created_by.lower()
+    config = engine.image(result.content_tag)["Config"]
+    assert not [e for e in config["Env"] if "proxy" in e.lower() or port in e]
+
+
+def test_no_package_caches_remain(engine, tiny_images):
+    _, results = tiny_images
+    script = (
+        "import glob; found = [p for pattern in ('/var/lib/apt/lists/*_*', '/var/cache/apt/*.bin',"
+        " '/var/cache/apt/archives/*.deb', '/root/.cache/*', '/home/*/.cache/*', '/tmp/*')"
+        " for p in glob.glob(pattern)]; print(found); raise SystemExit(1 if found else 0)"
+    )
+    for result in results.values():
+        code, out = engine.run(result.content_tag, ["python", "-c", script], user="root")
+        assert code == 0, out
+
+
+def test_gpu_image_declares_cuda_and_ships_no_driver(engine, tiny_images):
+    _, results = tiny_images
+    labels = engine.image(results["gpu"].content_tag)["Config"]["Labels"]
+    assert labels["devbox.cuda.version"] == "12.9"
+    assert labels["devbox.cuda.min-driver"] == "525.60.13"
+    env = dict(e.split("=", 1) for e in engine.image(results["gpu"].content_tag)["Config"]["Env"])
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    code, out = engine.run(results["gpu"].content_tag,
+                           ["sh", "-c", "find / -xdev -name 'libcuda.so*' | grep -v /stubs/ || true"],
+                           user="root")
+    assert code == 0 and out.strip() == ""
+    code, out = engine.run(results["gpu"].content_tag, ["python", "-c",
+                           "import nvidia.cuda_runtime, os; print(os.listdir(nvidia.cuda_runtime.__path__[0]))"])
+    assert code == 0 and "lib" in out
+
+
+def test_image_user_labels_and_inspect(engine, tiny_images):
+    spec, results = tiny_images
+    ref = results["cpu"].content_tag
+    code, out = engine.run(ref, ["sh", "-c", "id; echo $HOME; getent passwd sagemaker-user"])
+    assert code == 0
+    assert "uid=1000(sagemaker-user) gid=100(users)" in out
+    assert "/home/sagemaker-user:/bin/bash" in out
+    labels = engine.image(ref)["Config"]["Labels"]
+    assert labels["org.opencontainers.image.title"] == "tiny"
+    assert labels["devbox.content-hash"].startswith(ref.rsplit("-", 1)[1])
+    assert labels["org.opencontainers.image.created"].startswith("20")
+    shown = cli("inspect", ref, "--json")
+    assert shown.returncode == 0, shown.stderr
+    manifest = json.loads(shown.stdout)
+    assert (manifest["spec"], manifest["variant"]) == ("tiny", "cpu")
+    assert set(manifest["locks"]) == {"pip", "dev"}
+    assert any(p["name"] == "markupsafe" and p["layer"] == "pip" for p in manifest["packages"]["pip"])
+    assert any(p["name"] == "python3" for p in manifest["packages"]["apt"])
+    table = cli("inspect", ref)
+    assert table.returncode == 0 and "markupsafe" in table.stdout and "tiny variant cpu" in table.stdout
+
+
+def test_human_tags(engine, tiny_images):
+    spec, results = tiny_images
+    result = cli("build", str(spec.folder), "--variant", "cpu", "--tag", "2026.11", env=CA)
+    assert result.returncode == 0, result.stderr
+    image_id = results["cpu"].image_id
+    assert engine.image_id("devbox-test/tiny:2026.11-cpu") == image_id
+    assert engine.image_id("devbox-test/tiny:cpu") == image_id
+    assert_clean_error(cli("build", str(spec.folder), "--push", env=CA), "--push needs a registry")
+
+
+# -- failures: one clear error, nothing half-done ---------------------------------------------
+
+
+def test_failing_run_step_shows_its_output_and_tags_nothing(engine, stack):
+    spec_file = stack / "image.toml"
+    spec_file.write_text(spec_file.read_text() + '\n[system]\npackages = ["devbox-no-such-package"]\n')
+    expected = content_tag(engine, stack, "cpu")
+    result = cli("build", str(stack), "--variant", "cpu", env=CA)
+    assert_clean_error(result, "failed in layer 'system'", "Unable to locate package devbox-no-such-package",
+                       "no image was tagged")
+    assert engine.image_id(expected) is None
+    assert engine.image_id("devbox-test/failing-run-step-shows-its-output-and-ta:cpu") is None
+
+
+def test_unknown_base_image_points_at_bootstrap_base(engine, stack):
+    spec_file = stack / "image.toml"
+    spec_file.write_text(spec_file.read_text().replace(
+        'base = "debian:bookworm-slim"\npip', 'base = "devbox-test/no-such-base:1"\npip'))
+    result = cli("build", str(stack), "--variant", "gpu", env=CA)
+    assert_clean_error(result, "key 'variants.gpu.base'", "devbox-test/no-such-base:1",
+                       "devbox-build bootstrap-base")
+
+
+def test_python_the_base_cannot_provide_is_a_spec_error(engine, stack):
+    spec_file = stack / "image.toml"
+    spec_file.write_text(spec_file.read_text().replace('python = "3.11"', 'python = "3.12"'))
+    assert cli("lock", str(stack)).returncode == 0
+    result = cli("build", str(stack), "--variant", "cpu", env=CA)
+    assert_clean_error(result, "key 'python'", "provides Python 3.11")
+
+
+def test_no_engine_reachable(stack):
+    result = cli("build", str(stack), env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert_clean_error(result, "no Docker engine reachable", "DOCKER_HOST")
+
+
+def test_ctrl_c_leaves_no_tag(engine, stack):
+    expected = content_tag(engine, stack, "cpu")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "devbox_build.cli", "build", str(stack), "--variant", "cpu",
+         "--no-cache"], env={**os.environ, **CA}, stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stderr:
+        if "apt-get update" in line:  # the long os-layer step has started
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 130, rest
+    assert "interrupted: nothing was tagged" in rest and "Traceback" not in rest
+    assert engine.image_id(expected) is None
+
+
+def content_tag(engine: Engine, stack: Path, variant: str) -> str:
+    spec = load(stack)
+    context = render(spec, variant, ca_certificates=HOST_CA_CERTS)
+    base = engine.image_id(spec.variants[variant].base)
+    return f"{repository(spec, None)}:{variant}-{context.digest(base)[:12]}"

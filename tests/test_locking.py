@@ -1,0 +1,142 @@
+"""Locking pip inputs (real resolutions against the package index)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from devbox_build import locking
+from devbox_build.errors import LockError
+
+from .conftest import assert_clean_error, cli, load
+
+LOCKS = ("pip.txt", "dev.txt", "pip-gpu.txt", "dev-gpu.txt")
+
+
+def lock_files(stack: Path, platform: str = "linux-amd64") -> dict[str, Path]:
+    return {name: stack / "locks" / platform / name for name in LOCKS}
+
+
+def test_lock_writes_a_hashed_stack_per_variant(stack):
+    spec = load(stack)
+    results = locking.lock(spec, upgrade=True)
+    assert [r.path.name for r in results] == list(LOCKS)
+    files = lock_files(stack)
+    pins = {name: locking.read_pins(path) for name, path in files.items()}
+    assert set(pins["pip.txt"]) == {"six", "markupsafe", "idna"}
+    assert pins["pip.txt"]["six"].version == "1.17.0"
+    # Every pin carries hashes, so installs can use --require-hashes.
+    for lock in pins.values():
+        assert all("--hash=sha256:" in pin.text for pin in lock.values())
+    # A lock is the full closure of the one below, which it may not move.
+    for upper, lower in [("pip-gpu.txt", "pip.txt"), ("dev.txt", "pip.txt"),
+                         ("dev-gpu.txt", "pip-gpu.txt")]:
+        for name, pin in pins[lower].items():
+            assert pins[upper][name].version == pin.version
+    assert "nvidia-cuda-runtime-cu12" in pins["pip-gpu.txt"]
+    assert "nvidia-cuda-runtime-cu12" not in pins["dev.txt"]
+    assert set(pins["dev.txt"]) - set(pins["pip.txt"]) == {"iniconfig"}
+    assert locking.check(spec) == []
+    text = files["pip.txt"].read_text()
+    assert text.startswith("# Locked by devbox-build for image 'tiny', layer 'pip'")
+    assert locking.recorded_digest(files["pip.txt"]) == locking.inputs_digest(
+        spec, locking.stack(spec, "cpu", "linux/amd64")[0]
+    )
+    assert oct(files["pip.txt"].stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_lock_is_deterministic_and_keeps_fresh_locks(stack):
+    spec = load(stack)
+    before = {name: path.read_bytes() for name, path in lock_files(stack).items()}
+    results = locking.lock(spec)
+    assert {r.status for r in results} == {"up to date"}
+    locking.lock(spec, upgrade=True)  # a full re-resolve gives the same bytes
+    assert {name: path.read_bytes() for name, path in lock_files(stack).items()} == before
+
+
+def test_changed_input_makes_its_lock_and_every_lock_above_stale(stack):
+    (stack / "requirements.in").write_text("six==1.16.0\nmarkupsafe\nidna\n")
+    problems = locking.check(load(stack))
+    assert sorted(p.name for p, _ in problems) == sorted(LOCKS)
+    (stack / "requirements.in").write_text("six==1.17.0\nmarkupsafe\nidna\n")
+    (stack / "requirements-gpu.in").write_text("nvidia-cuda-runtime-cu12==12.9.79\n# note\n")
+    problems = locking.check(load(stack))
+    assert sorted(p.name for p, _ in problems) == ["dev-gpu.txt", "pip-gpu.txt"]
+
+    result = cli("lock", str(stack), "--check")
+    assert result.returncode == 1
+    assert "pip-gpu.txt: stale" in result.stderr and "dev-gpu.txt: stale" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    assert cli("lock", str(stack)).returncode == 0
+    assert cli("lock", str(stack), "--check").returncode == 0
+
+
+def test_unresolvable_requirement_is_one_error_and_leaves_the_lock_intact(stack):
+    before = lock_files(stack)["pip.txt"].read_bytes()
+    (stack / "requirements.in").write_text("six==1.17.0\ndevbox-no-such-package-zzz==1.0\n")
+    with pytest.raises(LockError, match="could not lock layer 'pip'.*requirements.in"):
+        locking.lock(load(stack))
+    assert lock_files(stack)["pip.txt"].read_bytes() == before
+    assert not list((stack / "locks" / "linux-amd64").glob(".*"))  # no temporary files left
+    assert_clean_error(cli("lock", str(stack)), "could not lock layer 'pip'",
+                       "devbox-no-such-package-zzz")
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "lock.txt"
+    target.write_text("old\n")
+
+    def crash(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        locking.write_atomic(target, "new\n" * 1000)
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["lock.txt"]
+
+
+def test_lock_for_arm64(stack):
+    result = cli("lock", str(stack), "--platform", "linux/arm64")
+    assert result.returncode == 0, result.stderr
+    arm = lock_files(stack, "linux-arm64")
+    assert all(path.is_file() for path in arm.values())
+    assert "(linux/arm64, Python 3.11)" in arm["pip.txt"].read_text()
+    # The arm64 locks are independent of the amd64 ones: checking one platform ignores the other.
+    assert locking.check(load(stack), ["linux/arm64"]) == []
+
+
+def test_pip_compile_writes_the_same_pins_and_hashes_as_uv(tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    (folder / "requirements.in").write_text("six\nidna\n")
+    (folder / "image.toml").write_text(
+        'name = "small"\nrepository = "t/small"\npython = "3.11"\n'
+        '[pip]\nrequirements = ["requirements.in"]\n[variants.cpu]\nbase = "x"\n'
+    )
+    spec = load(folder)
+    lock = folder / "locks" / "linux-amd64" / "pip.txt"
+    locking.lock(spec, resolver="pip-compile")
+    by_pip_compile = locking.read_pins(lock)
+    lock.unlink()
+    locking.lock(spec, resolver="uv")
+    assert locking.read_pins(lock) == by_pip_compile
+    assert set(by_pip_compile) == {"six", "idna"}
+
+
+def test_pip_compile_refuses_another_python(tmp_path):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "requirements.in").write_text("six\n")
+    (folder / "image.toml").write_text(
+        'name = "other"\nrepository = "t/other"\npython = "3.12"\n'
+        '[pip]\nrequirements = ["requirements.in"]\n[variants.cpu]\nbase = "x"\n'
+    )
+    with pytest.raises(LockError, match="Use --resolver uv"):
+        locking.lock(load(folder), resolver="pip-compile")
+    # uv locks for it from this 3.11 machine.
+    locking.lock(load(folder), resolver="uv")
+    assert "six==" in (folder / "locks/linux-amd64/pip.txt").read_text()

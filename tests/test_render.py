@@ -1,0 +1,116 @@
+"""The rendered Dockerfile: layer order, per-layer inputs, classic-builder syntax, hygiene."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from devbox_build.errors import DevboxError, SpecError
+from devbox_build.render import render
+
+from .conftest import HOST_CA_CERTS, TINY, cli, load
+
+LAYER_ORDER = ["os", "system", "conda", "pip", "variant", "dev", "final"]
+
+
+def layers_in(dockerfile: str) -> list[str]:
+    return re.findall(r"^# ---- layer: (\w+)", dockerfile, re.M)
+
+
+def test_layer_order_and_the_accelerator_boundary():
+    spec = load(TINY)
+    cpu, gpu = render(spec, "cpu"), render(spec, "gpu")
+    assert layers_in(cpu.dockerfile) == ["os", "pip", "dev", "final"]
+    assert layers_in(gpu.dockerfile) == ["os", "pip", "variant", "dev", "final"]
+    for context in (cpu, gpu):
+        order = [LAYER_ORDER.index(layer) for layer in layers_in(context.dockerfile)]
+        assert order == sorted(order)
+    # Everything before the accelerator layer is the same text in both variants.
+    boundary = gpu.dockerfile.index("# ---- layer: variant")
+    assert cpu.dockerfile.startswith(gpu.dockerfile[:boundary].replace("'gpu'", "'cpu'")
+                                     .replace("--variant gpu", "--variant cpu"))
+    assert "NVIDIA_VISIBLE_DEVICES=all" in gpu.dockerfile[boundary:]
+    assert "NVIDIA" not in cpu.dockerfile
+
+
+def test_each_layer_copies_only_its_own_inputs():
+    context = render(load(TINY), "gpu")
+    copies = re.findall(r"^COPY (\S+) ", context.dockerfile, re.M)
+    assert copies == ["requirements/pip.txt", "requirements/pip-gpu.txt",
+                      "requirements/dev-gpu.txt", "devbox/"]
+    # A layer's file holds only what its lock adds to the one below.
+    assert context.files["requirements/pip-gpu.txt"].decode().startswith(
+        "nvidia-cuda-runtime-cu12==12.9.79")
+    assert context.files["requirements/dev-gpu.txt"].decode().startswith("iniconfig==")
+    assert b"six==" in context.files["requirements/pip.txt"]
+
+
+def test_installs_from_hashes_without_solving_and_leaves_no_caches():
+    dockerfile = render(load(TINY), "cpu").dockerfile
+    installs = re.findall(r"pip install .*", dockerfile)
+    assert installs and all("--require-hashes" in i and "--no-deps" in i for i in installs)
+    assert all("--no-cache-dir" in i for i in installs)
+    assert dockerfile.count("rm -rf /var/lib/apt/lists/*") == dockerfile.count("apt-get update")
+
+
+def test_classic_builder_syntax_only():
+    for variant in ("cpu", "gpu"):
+        dockerfile = render(load(TINY), variant).dockerfile
+        assert "--mount" not in dockerfile and "--chmod" not in dockerfile
+        assert "<<" not in dockerfile and "# syntax=" not in dockerfile
+
+
+def test_proxies_are_never_declared():
+    dockerfile = render(load(TINY), "cpu").dockerfile
+    assert not re.search(r"^(ARG|ENV)\s+.*proxy", dockerfile, re.M | re.I)
+
+
+@pytest.mark.skipif(not HOST_CA_CERTS, reason="this machine has no extra CA certificates")
+def test_ca_certificates_are_installed_before_any_download():
+    context = render(load(TINY), "cpu", ca_certificates=HOST_CA_CERTS)
+    dockerfile = context.dockerfile
+    assert dockerfile.index("COPY ca-certificates/") < dockerfile.index("apt-get update")
+    assert len([p for p in context.files if p.startswith("ca-certificates/")]) == len(HOST_CA_CERTS)
+    for variable in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "NODE_EXTRA_CA_CERTS"):
+        assert f"{variable}=/etc/ssl/certs/ca-certificates.crt" in dockerfile
+
+
+def test_a_file_that_is_not_a_certificate_is_refused(tmp_path):
+    bogus = tmp_path / "corp.crt"
+    bogus.write_text("hello")
+    with pytest.raises(SpecError, match="is not a PEM certificate"):
+        render(load(TINY), "cpu", ca_certificates=[str(bogus)])
+
+
+def test_content_digest_is_stable_and_sensitive():
+    spec = load(TINY)
+    first, second = render(spec, "cpu"), render(spec, "cpu")
+    assert first.digest("sha256:base") == second.digest("sha256:base")
+    assert first.tar().getvalue() == second.tar().getvalue()
+    assert first.digest("sha256:base") != first.digest("sha256:other-base")
+    assert first.digest("sha256:base") != render(spec, "gpu").digest("sha256:base")
+
+
+def test_step_layers_follow_the_markers():
+    context = render(load(TINY), "gpu")
+    steps = context.step_layers()
+    assert steps[0] == "os" and steps[-1] == "final"
+    assert steps.count("variant") == 3  # ENV NVIDIA_*, COPY, RUN
+    assert len(steps) == len([l for l in context.dockerfile.splitlines()
+                              if re.match(r"^[A-Z]+ ", l)])
+
+
+def test_unknown_variant_and_missing_lock_are_clear(stack):
+    with pytest.raises(DevboxError, match="no variant 'tpu'"):
+        render(load(stack), "tpu")
+    (stack / "locks" / "linux-amd64" / "pip.txt").unlink()
+    with pytest.raises(DevboxError, match="missing lock .*pip.txt"):
+        render(load(stack), "cpu")
+
+
+def test_render_cli_prints_the_dockerfile():
+    result = cli("render", str(TINY), "--variant", "gpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# Rendered by devbox-build")
+    assert "FROM debian:bookworm-slim" in result.stdout
