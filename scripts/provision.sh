@@ -1,0 +1,70 @@
+# Sourced by scripts/main, scripts/test and .ci/run: make this machine able to build.
+# Idempotent: each step only does work when what it provides is missing.
+#   - .venv with devbox-build and its test tools
+#   - a Docker engine (installs docker.io and starts dockerd when none answers, Linux + root)
+#   - the base image the default specs name (pulled, or bootstrapped from a Debian mirror)
+#   - the host's extra CA certificates, passed to builds (TLS-intercepting networks need them)
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BASE_IMAGE="${DEVBOX_BASE_IMAGE:-debian:bookworm-slim}"
+STATE="$ROOT/.devbox"
+mkdir -p "$STATE"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+provision_python() {
+  if [ ! -x "$ROOT/.venv/bin/devbox-build" ] || [ "$ROOT/pyproject.toml" -nt "$ROOT/.venv/.provisioned" ]; then
+    log "python: creating .venv with devbox-build[test]"
+    python3 -m venv "$ROOT/.venv"
+    "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
+    touch "$ROOT/.venv/.provisioned"
+  fi
+  export PATH="$ROOT/.venv/bin:$PATH"
+}
+
+engine_answers() { docker info >/dev/null 2>&1 || "$ROOT/.venv/bin/python" -c 'import docker; docker.from_env().ping()' >/dev/null 2>&1; }
+
+provision_engine() {
+  engine_answers && return 0
+  if [ "$(id -u)" != 0 ] || [ "$(uname -s)" != Linux ]; then
+    log "engine: no Docker engine answers; start Docker and run again"; return 1
+  fi
+  if ! command -v dockerd >/dev/null; then
+    log "engine: installing docker.io"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+  fi
+  log "engine: starting dockerd (log: .devbox/dockerd.log)"
+  # Detached, output to a file: it must not hold the caller's pipes open.
+  setsid dockerd >"$STATE/dockerd.log" 2>&1 < /dev/null &
+  echo $! >"$STATE/dockerd.pid"
+  for _ in $(seq 60); do engine_answers && return 0; sleep 1; done
+  log "engine: dockerd did not answer in 60 s; see .devbox/dockerd.log"; return 1
+}
+
+stop_engine_if_started() {
+  if [ -f "$STATE/dockerd.pid" ]; then
+    log "engine: stopping the dockerd this run started"
+    kill "$(cat "$STATE/dockerd.pid")" 2>/dev/null || true
+    rm -f "$STATE/dockerd.pid"
+  fi
+}
+
+provision_base_image() {
+  docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 && return 0
+  docker pull -q "$BASE_IMAGE" >/dev/null 2>&1 && return 0
+  log "base: $BASE_IMAGE cannot be pulled here; bootstrapping it from a Debian mirror"
+  command -v debootstrap >/dev/null || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+  devbox-build bootstrap-base --tag "$BASE_IMAGE"
+}
+
+provision_ca_certificates() {
+  if [ -z "${DEVBOX_CA_CERTS:-}" ] && compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    export DEVBOX_CA_CERTS="/usr/local/share/ca-certificates/*.crt"
+    log "ca: builds trust this host's extra CA certificates ($DEVBOX_CA_CERTS)"
+  fi
+}
+
+provision() {
+  provision_python && provision_engine && provision_base_image && provision_ca_certificates
+}
