@@ -1,0 +1,178 @@
+"""Speed and size figures for the default image, printed side by side.
+
+    python benchmarks/run.py            # everything (~10 min on 2 cores; pip-compile is slow)
+    python benchmarks/run.py --quick    # skip the pip-compile lock timing
+
+Figures (goals from the build-spine issue):
+  no-op rebuild              `devbox-build build` with nothing changed           goal ≤ 1 s
+  one-pin / cold             rebuild after one pin change ÷ cold build            goal ≤ 0.15
+  size overhead              (image − base) ÷ installed payload                  goal ≤ 1.05
+  lock                       uv vs pip-compile on the default stack's pip inputs
+  hand-written baseline      the same lock as one `pip install -r` stage, cold and after the pin
+
+Builds run on copies of images/datascience under a throwaway repository name, so they never
+touch the team's tags. Needs a running engine and the base image (scripts/provision.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devbox_build import locking  # noqa: E402
+from devbox_build.build import BuildOptions, build  # noqa: E402
+from devbox_build.engine import Engine, Output  # noqa: E402
+from devbox_build.spec import load_spec  # noqa: E402
+
+CA_CERTS = sorted(glob.glob(os.environ.get("DEVBOX_CA_CERTS", "/usr/local/share/ca-certificates/*.crt")))
+PIN = ("six", "1.16.0")  # the one pin the benchmark moves (a small transitive package)
+
+HANDWRITTEN = """\
+FROM {base}
+COPY certs/ /usr/local/share/ca-certificates/
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv {apt} \\
+ && update-ca-certificates && rm -rf /var/lib/apt/lists/*
+ENV PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt
+"""
+
+PAYLOAD = (
+    "set -e; venv=$(du -sb /opt/venv /opt/devbox | awk '{s+=$1} END {print s}');"
+    "dpkg-query -W -f '${Package} ${Installed-Size}\\n' | sort > /tmp/now;"
+    "echo $venv"
+)
+
+
+def timed(action):
+    started = time.monotonic()
+    result = action()
+    return time.monotonic() - started, result
+
+
+def copy_spec(scratch: Path, name: str) -> Path:
+    folder = scratch / name
+    shutil.copytree(ROOT / "images" / "datascience", folder)
+    spec = folder / "image.toml"
+    spec.write_text(spec.read_text().replace('"devbox/datascience"', f'"devbox-bench/{name}"'))
+    return folder
+
+
+def move_one_pin(folder: Path) -> None:
+    name, version = PIN
+    with (folder / "requirements.in").open("a") as handle:
+        handle.write(f"{name}=={version}\n")
+    locking.lock(load_spec(folder))
+
+
+def build_ours(engine: Engine, folder: Path, *, no_cache=False) -> str:
+    [result] = build(load_spec(folder), ["cpu"], engine,
+                     BuildOptions(ca_certificates=CA_CERTS, no_cache=no_cache))
+    return result.content_tag
+
+
+def build_handwritten(engine: Engine, folder: Path, base: str, apt: list[str], no_cache=False):
+    files = {
+        "Dockerfile": HANDWRITTEN.format(base=base, apt=" ".join(apt)).encode(),
+        "requirements.txt": (folder / "locks/linux-amd64/dev.txt").read_bytes(),
+        **{f"certs/{Path(c).name}": Path(c).read_bytes() for c in CA_CERTS},
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for path, data in sorted(files.items()):
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    image_id = None
+    for event in engine.build(buffer, nocache=no_cache):
+        image_id = getattr(event, "image_id", image_id)
+        if isinstance(event, Output) and "error" in event.text.lower() and "ERROR" in event.text:
+            print(event.text, file=sys.stderr)
+    return image_id
+
+
+def payload_bytes(engine: Engine, ref: str, base: str) -> int:
+    """Bytes the installs put on disk: the venv and devbox files, plus apt packages over the base."""
+    code, venv = engine.run(ref, ["sh", "-c", "du -sb /opt/venv /opt/devbox | awk '{s+=$1} END {print s}'"])
+    sizes = {}
+    for image in (base, ref):
+        code, out = engine.run(image, ["dpkg-query", "-W", "-f", "${Package} ${Installed-Size}\\n"],
+                               entrypoint=[])
+        sizes[image] = dict(line.split() for line in out.splitlines() if line.strip())
+    added = sum(int(kb) * 1024 for name, kb in sizes[ref].items() if name not in sizes[base])
+    return int(venv.strip()) + added
+
+
+def lock_time(resolver: str) -> float:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "datascience"
+        shutil.copytree(ROOT / "images" / "datascience", folder)
+        shutil.rmtree(folder / "locks")
+        spec = load_spec(folder)
+        layer = locking.stack(spec, "cpu", "linux/amd64")[0]  # the pip layer: 100+ packages
+        started = time.monotonic()
+        body = locking._resolve(spec, layer, resolver, upgrade=True)
+        took = time.monotonic() - started
+        assert "numpy==" in body
+        return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip the pip-compile lock timing")
+    args = parser.parse_args()
+    engine = Engine.connect()
+    spec = load_spec(ROOT / "images" / "datascience")
+    base = spec.variants["cpu"].base
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="devbox-bench-") as scratch:
+        scratch = Path(scratch)
+        ours = copy_spec(scratch, "ours")
+        cold, ref = timed(lambda: build_ours(engine, ours, no_cache=True))
+        noop, _ = timed(lambda: subprocess.run(
+            [sys.executable, "-m", "devbox_build.cli", "build", str(ours), "--variant", "cpu"],
+            env={**os.environ, "DEVBOX_CA_CERTS": " ".join(CA_CERTS)}, check=True,
+            capture_output=True))
+        move_one_pin(ours)
+        pin, ref_pin = timed(lambda: build_ours(engine, ours))
+        size = engine.size(ref) - engine.size(base)
+        payload = payload_bytes(engine, ref, base)
+
+        hand = copy_spec(scratch, "hand")
+        hand_cold, hand_id = timed(lambda: build_handwritten(engine, hand, base, spec.system.packages, no_cache=True))
+        move_one_pin(hand)
+        hand_pin, _ = timed(lambda: build_handwritten(engine, hand, base, spec.system.packages))
+        hand_size = engine.size(hand_id) - engine.size(base)
+
+    rows += [
+        ("no-op rebuild (CLI, wall)", f"{noop:.2f} s", "-", "≤ 1 s"),
+        ("cold build", f"{cold:.0f} s", f"{hand_cold:.0f} s", ""),
+        (f"one-pin rebuild ({PIN[0]}=={PIN[1]})", f"{pin:.0f} s", f"{hand_pin:.0f} s", ""),
+        ("one-pin ÷ cold", f"{pin / cold:.2f}", f"{hand_pin / hand_cold:.2f}", "≤ 0.15"),
+        ("image size − base", f"{size / 1e6:.0f} MB", f"{hand_size / 1e6:.0f} MB", ""),
+        ("(image − base) ÷ installed payload", f"{size / payload:.3f}", "-", "≤ 1.05"),
+        ("lock, uv (pip layer, hashes)", f"{lock_time('uv'):.1f} s", "-", ""),
+    ]
+    if not args.quick:
+        rows.append(("lock, pip-compile (same input)", f"{lock_time('pip-compile'):.0f} s", "-", ""))
+    print("\n| figure | devbox-build | hand-written Dockerfile | goal |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
