@@ -109,14 +109,18 @@ def test_lock_for_arm64(stack):
     assert locking.check(load(stack), ["linux/arm64"]) == []
 
 
-def test_pip_compile_writes_the_same_pins_and_hashes_as_uv(tmp_path):
-    folder = tmp_path / "small"
+def small_stack(folder: Path, requirements: str, python: str = "3.11") -> Path:
     folder.mkdir()
-    (folder / "requirements.in").write_text("six\nidna\n")
+    (folder / "requirements.in").write_text(requirements)
     (folder / "image.toml").write_text(
-        'name = "small"\nrepository = "t/small"\npython = "3.11"\n'
+        f'name = "{folder.name}"\nrepository = "t/{folder.name}"\npython = "{python}"\n'
         '[pip]\nrequirements = ["requirements.in"]\n[variants.cpu]\nbase = "x"\n'
     )
+    return folder
+
+
+def test_pip_compile_writes_the_same_pins_and_hashes_as_uv(tmp_path):
+    folder = small_stack(tmp_path / "small", "six\nidna\n")
     spec = load(folder)
     lock = folder / "locks" / "linux-amd64" / "pip.txt"
     locking.lock(spec, resolver="pip-compile")
@@ -128,13 +132,7 @@ def test_pip_compile_writes_the_same_pins_and_hashes_as_uv(tmp_path):
 
 
 def test_pip_compile_refuses_another_python(tmp_path):
-    folder = tmp_path / "other"
-    folder.mkdir()
-    (folder / "requirements.in").write_text("six\n")
-    (folder / "image.toml").write_text(
-        'name = "other"\nrepository = "t/other"\npython = "3.12"\n'
-        '[pip]\nrequirements = ["requirements.in"]\n[variants.cpu]\nbase = "x"\n'
-    )
+    folder = small_stack(tmp_path / "other", "six\n", python="3.12")
     with pytest.raises(LockError, match="Use --resolver uv"):
         locking.lock(load(folder), resolver="pip-compile")
     # uv locks for it from this 3.11 machine.
