@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from devbox_build import locking  # noqa: E402
 from devbox_build.build import BuildOptions, build  # noqa: E402
-from devbox_build.engine import Engine, Output  # noqa: E402
+from devbox_build.engine import Built, Engine  # noqa: E402
 from devbox_build.spec import load_spec  # noqa: E402
 
 CA_CERTS = sorted(glob.glob(os.environ.get("DEVBOX_CA_CERTS", "/usr/local/share/ca-certificates/*.crt")))
@@ -49,13 +49,6 @@ RUN python3 -m venv /opt/venv
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt
 """
-
-PAYLOAD = (
-    "set -e; venv=$(du -sb /opt/venv /opt/devbox | awk '{s+=$1} END {print s}');"
-    "dpkg-query -W -f '${Package} ${Installed-Size}\\n' | sort > /tmp/now;"
-    "echo $venv"
-)
-
 
 def timed(action):
     started = time.monotonic()
@@ -97,12 +90,9 @@ def build_handwritten(engine: Engine, folder: Path, base: str, apt: list[str], n
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     buffer.seek(0)
-    image_id = None
-    for event in engine.build(buffer, nocache=no_cache):
-        image_id = getattr(event, "image_id", image_id)
-        if isinstance(event, Output) and "error" in event.text.lower() and "ERROR" in event.text:
-            print(event.text, file=sys.stderr)
-    return image_id
+    # engine.build raises with the failing step's output; only the final image id matters here.
+    built = [event for event in engine.build(buffer, nocache=no_cache) if isinstance(event, Built)]
+    return built[-1].image_id
 
 
 def payload_bytes(engine: Engine, ref: str, base: str) -> int:

@@ -183,7 +183,7 @@ def _run_build(
         ):
             if isinstance(event, Step):
                 result.steps += 1
-                progress.step(event, layers[event.number - 1] if event.number <= len(layers) else "?")
+                progress.step(event, _layer_of(layers, event))
             elif isinstance(event, Output):
                 if event.text.strip() == "---> Using cache":
                     result.cached_steps += 1
@@ -197,6 +197,10 @@ def _run_build(
     return result
 
 
+def _layer_of(layers: list[str], step: Step) -> str:
+    return layers[step.number - 1] if step.number <= len(layers) else "?"
+
+
 def _explain(context: BuildContext, layers: list[str], failure: StepFailed) -> DevboxError:
     spec = context.spec
     for line in failure.output:
@@ -208,7 +212,7 @@ def _explain(context: BuildContext, layers: list[str], failure: StepFailed) -> D
             )
     where = "before the first step"
     if failure.step:
-        layer = layers[failure.step.number - 1] if failure.step.number <= len(layers) else "?"
+        layer = _layer_of(layers, failure.step)
         instruction = failure.step.instruction
         if len(instruction) > 120:
             instruction = instruction[:117] + "..."

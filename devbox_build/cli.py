@@ -6,7 +6,6 @@ DevboxError is printed as one message and exits 1; Ctrl-C exits 130.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from .engine import Engine, Step
 from .errors import DevboxError
 from .manifest import read_manifest
 from .render import BuildContext, render
-from .spec import ImageSpec, load_spec
+from .spec import load_spec
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -55,10 +54,6 @@ def cli() -> None:
     """
 
 
-def _load(image: str, images_dir: Path) -> ImageSpec:
-    return load_spec(image, images_dir)
-
-
 # -- lock ---------------------------------------------------------------------------------------
 
 
@@ -82,7 +77,7 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
     Locks live in images/<name>/locks/<platform>/. Only missing or stale locks are
     re-resolved, and existing pins are kept unless an input moves them (or --upgrade).
     """
-    spec = _load(image, images_dir)
+    spec = load_spec(image, images_dir)
     selected = list(platforms) or None
     if check:
         problems = locking.check(spec, selected)
@@ -123,7 +118,7 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
 @images_dir_option
 def render_command(image, variant, ca_certs, output, images_dir):
     """Print the Dockerfile that `build` uses for IMAGE (or write its whole context)."""
-    spec = _load(image, images_dir)
+    spec = load_spec(image, images_dir)
     context = render(spec, variant or next(iter(spec.variants)), ca_certificates=list(ca_certs))
     if output is None:
         sys.stdout.write(context.dockerfile)
@@ -193,7 +188,7 @@ def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, n
     and base image) and REPOSITORY:VARIANT. Proxy variables in the environment (HTTP_PROXY,
     HTTPS_PROXY, NO_PROXY, ...) are passed as build args and never stored in the image.
     """
-    spec = _load(image, images_dir)
+    spec = load_spec(image, images_dir)
     variants = resolve_variants(spec, variant)
     options = BuildOptions(
         tags=list(tags), registry=registry, push=push, allow_stale=allow_stale,
