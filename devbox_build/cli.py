@@ -43,12 +43,14 @@ def cli() -> None:
     """Build reproducible, layered CPU and GPU images from locked dependency files.
 
     \b
-    The flow is one way: spec → lock → render → build → inspect.
+    The flow is one way: spec → lock → render → build → check.
       devbox-build lock datascience          resolve pip inputs into hashed locks
       devbox-build lock datascience --check  exit 1 if any lock is stale (for CI)
       devbox-build render datascience        print the Dockerfile a build will use
       devbox-build build datascience         build the cpu and gpu variants
       devbox-build inspect devbox/datascience:cpu   what is inside a built image
+      devbox-build check devbox/datascience:cpu     prove it meets the platform contracts
+      devbox-build sagemaker config devbox/datascience:cpu   SageMaker registration inputs
 
     IMAGE is a spec name under --images-dir, a folder with an image.toml, or the file itself.
     """
@@ -235,6 +237,76 @@ def inspect_command(ref, packages, as_json):
             table.add_row(package["name"], package["version"], package["layer"])
         out.print()
         out.print(table)
+
+
+# -- check --------------------------------------------------------------------------------------
+
+_MARKS = {"passed": "[green]✓[/]", "failed": "[bold red]✗[/]", "skipped": "[yellow]-[/]"}
+
+
+@cli.command("check")
+@click.argument("ref")
+@click.option("--profile", "profiles", multiple=True, metavar="NAME",
+              help="A check profile (repeatable; default: every profile that applies to REF). "
+                   "See `devbox-build check --list`.")
+@click.option("--tests", "extra_tests", multiple=True, type=click.Path(path_type=Path),
+              help="Your own testinfra checks (a file or folder), run with the same fixtures.")
+@click.option("--junit", "junit_xml", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a JUnit XML report here (for CI).")
+@click.option("--list", "list_profiles", is_flag=True, help="List the profiles and exit.")
+@json_option
+def check_command(ref, profiles, extra_tests, junit_xml, list_profiles, as_json):
+    """Prove that image REF keeps the laptop, EC2 and SageMaker contracts.
+
+    Runs pytest-testinfra checks against containers of REF (each removed afterwards) and prints
+    one line per check; exits 1 when any fails. Profiles that apply to REF are chosen from what it
+    is (a devbox-built image, JupyterLab installed, a CUDA variant) unless --profile is given.
+
+    \b
+      devbox-build check devbox/datascience:cpu
+      devbox-build check devbox/datascience:gpu --profile base --profile gpu
+      devbox-build check my/image:1.2 --tests tests/image --junit checks.xml
+
+    Your own checks are ordinary testinfra tests using the fixtures `image`, `image_host`,
+    `image_root_host` and `start_container`; plain `pytest --devbox-image REF` runs them too.
+    """
+    from .checks import PROFILES, profile_path, run_checks
+
+    if list_profiles:
+        for name, text in PROFILES.items():
+            out.print(f"[bold]{name:<20}[/] {text}")
+        return
+    for name in profiles:
+        profile_path(name)  # an unknown name is an error before any container starts
+
+    def show(outcome):
+        if as_json:
+            return
+        line = f"{_MARKS[outcome.outcome]} {outcome.profile:<18} {escape(outcome.description)}"
+        err.print(f"{line} [dim]{outcome.seconds:.1f}s[/]")
+        if outcome.message and outcome.outcome != "passed":
+            for text in outcome.message.splitlines()[:12]:
+                err.print(f"      {escape(text)}")
+
+    chosen, outcomes, seconds = run_checks(
+        ref, list(profiles) or None, extra_tests=list(extra_tests), junit_xml=junit_xml,
+        on_outcome=show,
+    )
+    counts = {kind: sum(o.outcome == kind for o in outcomes) for kind in _MARKS}
+    if as_json:
+        out.print_json(data={
+            "image": ref, "profiles": chosen, "seconds": round(seconds, 2), **counts,
+            "checks": [o.__dict__ for o in outcomes],
+        })
+    else:
+        colour = "red" if counts["failed"] else "green"
+        err.print(f"[bold {colour}]{counts['passed']} passed, {counts['failed']} failed, "
+                  f"{counts['skipped']} skipped[/] in {seconds:.1f} s "
+                  f"({ref}; profiles: {', '.join(chosen)})")
+        if junit_xml:
+            err.print(f"  JUnit report: {junit_xml}")
+    if counts["failed"] or not outcomes:
+        sys.exit(1)
 
 
 # -- bootstrap-base -----------------------------------------------------------------------------

@@ -227,6 +227,139 @@ class Engine:
             self.api.remove_container(container["Id"], force=True)
 
 
+    def start(
+        self,
+        ref: str,
+        command: list[str] | None = None,
+        *,
+        entrypoint: list[str] | None = None,
+        user: str | None = None,
+        environment: dict[str, str] | None = None,
+        publish: list[int] = (),
+        tmpfs: dict[str, str] | None = None,
+        volumes: dict[str, str] | None = None,
+        health_interval_s: float | None = None,
+        gpus: bool = False,
+    ) -> str:
+        """Start a detached container; returns its id. The caller removes it (:meth:`remove`).
+
+        ``publish`` ports go to free ports on 127.0.0.1 (see :meth:`published_port`), ``volumes``
+        maps volume names to mount paths, ``health_interval_s`` keeps the image's HEALTHCHECK
+        command but probes more often.
+        """
+        host_config = self.api.create_host_config(
+            port_bindings={port: ("127.0.0.1", None) for port in publish},
+            tmpfs=tmpfs or None,
+            binds={name: {"bind": path, "mode": "rw"} for name, path in (volumes or {}).items()},
+            device_requests=(
+                [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else None
+            ),
+        )
+        healthcheck = (
+            {"interval": int(health_interval_s * 1e9), "start_period": int(60e9)}
+            if health_interval_s else None
+        )
+        try:
+            container = self.api.create_container(
+                ref, command=command, entrypoint=entrypoint, user=user or "",
+                environment=environment, ports=list(publish), host_config=host_config,
+                healthcheck=healthcheck, detach=True,
+            )
+        except docker.errors.ImageNotFound:
+            raise DevboxError(f"no image {ref!r} in the engine") from None
+        try:
+            self.api.start(container["Id"])
+        except docker.errors.APIError as exc:
+            self.remove(container["Id"])
+            raise DevboxError(f"cannot start a container of {ref}: {_reason(exc)}") from None
+        return container["Id"]
+
+    def create(self, ref: str, command: list[str], *, user: str | None = None,
+               environment: dict[str, str] | None = None,
+               volumes: dict[str, str] | None = None) -> str:
+        """Create (not start) a container, e.g. to copy files in first; see :meth:`start_created`."""
+        host_config = self.api.create_host_config(
+            binds={name: {"bind": path, "mode": "rw"} for name, path in (volumes or {}).items()},
+        )
+        return self.api.create_container(
+            ref, command=command, user=user or "", environment=environment,
+            host_config=host_config,
+        )["Id"]
+
+    def start_created(self, container_id: str) -> None:
+        self.api.start(container_id)
+
+    def wait(self, container_id: str, timeout: float) -> int:
+        """Wait for a container to exit; its status code."""
+        try:
+            return self.api.wait(container_id, timeout=timeout)["StatusCode"]
+        except requests.exceptions.RequestException:
+            raise DevboxError(
+                f"container {container_id[:12]} still running after {timeout} s"
+            ) from None
+
+    def stop(self, container_id: str, timeout: int = 10) -> int:
+        """``docker stop``: SIGTERM, SIGKILL after ``timeout`` s; the exit status."""
+        self.api.stop(container_id, timeout=timeout)
+        return self.api.inspect_container(container_id)["State"]["ExitCode"]
+
+    def remove(self, container_id: str) -> None:
+        """Remove a container (and its anonymous volumes), running or not."""
+        try:
+            self.api.remove_container(container_id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+
+    def state(self, container_id: str) -> dict:
+        """The container's State (Status, Running, ExitCode, Health, ...)."""
+        return self.api.inspect_container(container_id)["State"]
+
+    def logs(self, container_id: str) -> str:
+        return self.api.logs(container_id, stdout=True, stderr=True).decode(errors="replace")
+
+    def published_port(self, container_id: str, port: int) -> int:
+        bindings = self.api.inspect_container(container_id)["NetworkSettings"]["Ports"]
+        return int(bindings[f"{port}/tcp"][0]["HostPort"])
+
+    def copy_into(self, container_id: str, path: str, files: dict[str, bytes],
+                  uid: int = 0, gid: int = 0) -> None:
+        """Write ``files`` (relative path → bytes) under ``path`` in a container."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for name, data in sorted(files.items()):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.uid, info.gid = len(data), 0o644, uid, gid
+                archive.addfile(info, io.BytesIO(data))
+        self.api.put_archive(container_id, path, buffer.getvalue())
+
+    def copy_out(self, container_id: str, path: str) -> dict[str, bytes]:
+        """Regular files under ``path`` in a container (relative path → bytes); {} if absent."""
+        try:
+            chunks, _ = self.api.get_archive(container_id, path)
+        except docker.errors.NotFound:
+            return {}
+        files = {}
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
+            for member in archive.getmembers():
+                if member.isfile():
+                    name = member.name.split("/", 1)[1] if "/" in member.name else member.name
+                    files[name] = archive.extractfile(member).read()
+        return files
+
+    def create_volume(self, name: str) -> str:
+        return self.api.create_volume(name)["Name"]
+
+    def remove_volume(self, name: str) -> None:
+        try:
+            self.api.remove_volume(name, force=True)
+        except docker.errors.NotFound:
+            pass
+
+    def has_gpu(self) -> bool:
+        """Whether containers here can be given GPUs (the NVIDIA runtime is configured)."""
+        return "nvidia" in (self.api.info().get("Runtimes") or {})
+
+
 def _reason(exc: Exception) -> str:
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
         return str(exc.explanation)

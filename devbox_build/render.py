@@ -23,7 +23,11 @@ from . import __version__, locking
 from .errors import DevboxError, SpecError
 from .spec import ImageSpec
 
-VENV = "/opt/venv"
+VENV = "/opt/venv"  # also named in dockerfile/profile.sh and dockerfile/bin/devbox-train
+# The image's runtime (entrypoint, training runner, healthcheck): context path devbox/bin, in the
+# image /opt/devbox/bin, on PATH.
+RUNTIME_BIN = "devbox/bin"
+RUNTIME_COMMANDS = ("devbox-entrypoint", "devbox-train", "devbox-healthcheck")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Printed by the Python check in the os layer; the build turns it into an error naming the spec key.
 PYTHON_MISMATCH_MARKER = "devbox-build: the base image provides Python"
@@ -76,7 +80,9 @@ class BuildContext:
         with tarfile.open(fileobj=buffer, mode="w") as archive:
             for path in sorted(self.files):
                 info = tarfile.TarInfo(path)
-                info.size, info.mode, info.mtime = len(self.files[path]), 0o644, 0
+                # COPY keeps the mode: the runtime's commands must arrive executable.
+                mode = 0o755 if path.startswith(f"{RUNTIME_BIN}/") else 0o644
+                info.size, info.mode, info.mtime = len(self.files[path]), mode, 0
                 archive.addfile(info, io.BytesIO(self.files[path]))
         buffer.seek(0)
         return buffer
@@ -177,6 +183,9 @@ def render(
         json.dumps(build_info, indent=2, sort_keys=True) + "\n"
     ).encode()
     context.files["devbox/finalize.py"] = _template_file("finalize.py")
+    context.files["devbox/profile.sh"] = _template_file("profile.sh")
+    for command in RUNTIME_COMMANDS:
+        context.files[f"{RUNTIME_BIN}/{command}"] = _template_file(f"bin/{command}")
     context.files["Dockerfile"] = _environment().get_template("Dockerfile.j2").render(
         version=__version__,
         spec=spec,
@@ -199,7 +208,7 @@ def render(
 
 
 def _template_file(name: str) -> bytes:
-    return resources.files("devbox_build").joinpath("dockerfile", name).read_bytes()
+    return resources.files("devbox_build").joinpath("dockerfile", *name.split("/")).read_bytes()
 
 
 def _double_quoted(value: str) -> str:

@@ -110,6 +110,8 @@ class ImageSpec(_Model):
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = []
+    # Default arguments to the image's entrypoint (CMD). Empty: the IDE server when the image has
+    # one (JupyterLab), else a shell.
     command: list[str] = []
     variants: dict[str, Variant]
 

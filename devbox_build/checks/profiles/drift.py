@@ -1,0 +1,69 @@
+"""drift: what is installed is exactly what the image's locks say, and nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devbox_build.checks.image import REQUIREMENTS, canonical
+from devbox_build.render import VENV
+
+INSTALLED = (
+    f"{VENV}/bin/python -c 'import importlib.metadata as m, json; "
+    "print(json.dumps({d.metadata[\"Name\"]: d.version for d in m.distributions()}))'"
+)
+
+
+@pytest.fixture(scope="module")
+def manifest(image):
+    if image.manifest is None:
+        pytest.fail(f"{image.ref} has no /opt/devbox/manifest.json: it was not built by "
+                    "devbox-build, so there is no lock to compare with", pytrace=False)
+    return image.manifest
+
+
+def locked_pins(host) -> dict[str, str]:
+    """name → version from the lock files the build installed (/opt/devbox/requirements)."""
+    pins = {}
+    for name in host.run(f"ls {REQUIREMENTS}").stdout.split():
+        for line in host.file(f"{REQUIREMENTS}/{name}").content_string.splitlines():
+            if "==" in line and not line[:1].isspace() and not line.startswith("#"):
+                package, _, version = line.partition("==")
+                pins[canonical(package.split("[")[0])] = version.split()[0].rstrip("\\ ;")
+    return pins
+
+
+def differences(expected: dict[str, str], found: dict[str, str]) -> list[str]:
+    problems = [f"{name} {found[name]} is installed but not in the lock"
+                for name in sorted(found.keys() - expected.keys())]
+    problems += [f"{name} {expected[name]} is locked but not installed"
+                 for name in sorted(expected.keys() - found.keys())]
+    problems += [f"{name} is {found[name]}, the lock says {expected[name]}"
+                 for name in sorted(found.keys() & expected.keys())
+                 if found[name] != expected[name]]
+    return problems
+
+
+def test_python_packages_match_the_lock(image_host, manifest):
+    """Python packages in the environment are the lock's, names and versions"""
+    result = image_host.run(INSTALLED)
+    assert result.rc == 0, result.stderr
+    found = {canonical(name): version for name, version in json.loads(result.stdout).items()}
+    # The environment's own pip and setuptools come with the venv, not from a lock; the build
+    # recorded them as "seed".
+    expected = {
+        **{p["name"]: p["version"] for p in manifest["packages"]["pip"] if p["layer"] == "seed"},
+        **locked_pins(image_host),
+    }
+    problems = differences(expected, found)
+    assert not problems, "the environment drifted from its lock:\n" + "\n".join(problems)
+
+
+def test_system_packages_match_the_build(image_host, manifest):
+    """Debian packages are those the build recorded"""
+    result = image_host.run("dpkg-query -W -f '${Package}\\t${Version}\\n'")
+    found = dict(line.split("\t") for line in result.stdout.splitlines() if line)
+    expected = {p["name"]: p["version"] for p in manifest["packages"]["apt"]}
+    problems = differences(expected, found)
+    assert not problems, "system packages drifted from the build:\n" + "\n".join(problems)
