@@ -6,6 +6,7 @@ DevboxError is printed as one message and exits 1; Ctrl-C exits 130.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -307,6 +308,88 @@ def check_command(ref, profiles, extra_tests, junit_xml, list_profiles, as_json)
             err.print(f"  JUnit report: {junit_xml}")
     if counts["failed"] or not outcomes:
         sys.exit(1)
+
+
+# -- sagemaker ----------------------------------------------------------------------------------
+
+
+@cli.group("sagemaker")
+def sagemaker_group() -> None:
+    """Register images with Amazon SageMaker."""
+
+
+def _key_value(ctx, param, values):
+    pairs = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {value!r}", ctx, param)
+        pairs[key] = text
+    return pairs
+
+
+@sagemaker_group.command("config")
+@click.argument("ref")
+@click.option("--role-arn", required=True,
+              help="IAM role SageMaker uses to read the image from ECR.")
+@click.option("--image-uri", help="Where the image is pushed in ECR (default: REF, which must "
+                                  "then be an ECR URI).")
+@click.option("--image-name", help="SageMaker image name (default: from the image's spec and "
+                                   "variant, e.g. datascience-cpu).")
+@click.option("--entrypoint", help="ContainerEntrypoint (default: the image's ENTRYPOINT).")
+@click.option("--arg", "arguments", multiple=True, help="A ContainerArguments item (repeatable).")
+@click.option("--env", "environment", multiple=True, callback=_key_value, metavar="KEY=VALUE",
+              help="A ContainerEnvironmentVariables entry (repeatable).")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write the JSON files to (default: sagemaker/IMAGE-NAME).")
+@json_option
+def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, arguments,
+                             environment, output, as_json):
+    """Write the inputs of create-image, create-image-version and create-app-image-config for
+    image REF (JupyterLab; KernelGateway and Code Editor when the image has them).
+
+    Every request is validated offline against the SageMaker API model in botocore, limits
+    included (one entrypoint item, at most 50 arguments of 64 characters, 25 variables), so a
+    registration does not fail half-way. Prints the aws commands to run, in order.
+
+    \b
+      devbox-build sagemaker config devbox/datascience:cpu \\
+          --image-uri 123456789012.dkr.ecr.eu-west-1.amazonaws.com/datascience:cpu-3f2a9c1d4e5b \\
+          --role-arn arn:aws:iam::123456789012:role/SageMakerImages
+    """
+    from .checks.image import ImageUnderTest
+    from .sagemaker import config_name, requests_for
+
+    image = ImageUnderTest.load(Engine.connect(), ref)
+    if image_uri is None:
+        if ".dkr.ecr." not in ref:
+            raise DevboxError(f"{ref} is not an ECR image URI",
+                              hint="push it to ECR and pass --image-uri with its URI")
+        image_uri = ref
+    if image_name is None:
+        labels = image.labels
+        image_name = config_name(
+            f"{labels.get('devbox.spec', ref.rsplit('/', 1)[-1])}-{labels.get('devbox.variant', '')}"
+        )
+    requests = requests_for(
+        image, image_name=image_name, role_arn=role_arn, image_uri=image_uri,
+        entrypoint=[entrypoint] if entrypoint else None, arguments=list(arguments),
+        environment=environment,
+    )
+    if as_json:
+        out.print_json(data={r.filename: {"operation": r.operation, "input": r.params}
+                             for r in requests})
+        return
+    folder = output or Path("sagemaker") / image_name
+    folder.mkdir(parents=True, exist_ok=True)
+    for request in requests:
+        locking.write_atomic(folder / request.filename,
+                             json.dumps(request.params, indent=2, sort_keys=True) + "\n")
+    err.print(f"[green]✓[/] {len(requests)} requests for {image_name} in {folder}/, valid for the "
+              "SageMaker API. Register with:")
+    out.print(f"cd {folder}")
+    for request in requests:
+        out.print(request.cli)
 
 
 # -- bootstrap-base -----------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""SageMaker registration inputs for a built image, validated offline against botocore's model.
+
+Registering a custom image for Studio takes three API calls (after pushing to ECR):
+``create-image``, ``create-image-version`` and ``create-app-image-config``. This module writes
+their inputs as JSON (``aws sagemaker <call> --cli-input-json file://...``) from what the image
+says about itself, and checks every request against the SageMaker API model that botocore
+ships: required members and types with botocore's own validator, then each member's length,
+count and pattern limits, which botocore leaves to the server. So a too-long container argument
+fails here, not half-way through a registration.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+import botocore.session
+from botocore.exceptions import ParamValidationError
+from botocore.model import ListShape, MapShape, Shape, StructureShape
+from botocore.validate import ParamValidator
+
+from .checks.image import STUDIO_GID, STUDIO_HOME, STUDIO_UID, ImageUnderTest
+from .errors import DevboxError
+
+@dataclass(frozen=True)
+class Request:
+    operation: str  # botocore's operation name, e.g. CreateAppImageConfig
+    filename: str
+    params: dict
+
+    @property
+    def cli(self) -> str:
+        command = re.sub(r"(?<!^)(?=[A-Z])", "-", self.operation).lower()
+        return f"aws sagemaker {command} --cli-input-json file://{self.filename}"
+
+
+def _model():
+    return botocore.session.get_session().get_service_model("sagemaker")
+
+
+def validate(operation: str, params: dict) -> list[str]:
+    """Every way ``params`` breaks the SageMaker API model for ``operation``; [] when none."""
+    shape = _model().operation_model(operation).input_shape
+    # Idempotency tokens are filled in by the AWS CLI and SDKs when left out.
+    filled = dict(params)
+    for name, member in shape.members.items():
+        if member.metadata.get("idempotencyToken") and name not in filled:
+            filled[name] = str(uuid.uuid4())
+    try:
+        ParamValidator().validate(filled, shape)
+        problems = []
+    except ParamValidationError as exc:
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    return problems + list(_limits(filled, shape, operation))
+
+
+def _limits(value, shape: Shape, path: str):
+    """Length, count and pattern limits from the model (botocore itself checks only minimums)."""
+    meta = shape.metadata
+    if isinstance(shape, StructureShape) and isinstance(value, dict):
+        for name, member_value in value.items():
+            if name in shape.members:
+                yield from _limits(member_value, shape.members[name], f"{path}.{name}")
+        return
+    if isinstance(shape, ListShape) and isinstance(value, list):
+        if "max" in meta and len(value) > meta["max"]:
+            yield f"{path}: {len(value)} items, the most SageMaker accepts is {meta['max']}"
+        for index, item in enumerate(value):
+            yield from _limits(item, shape.member, f"{path}[{index}]")
+        return
+    if isinstance(shape, MapShape) and isinstance(value, dict):
+        if "max" in meta and len(value) > meta["max"]:
+            yield f"{path}: {len(value)} entries, the most SageMaker accepts is {meta['max']}"
+        for key, item in value.items():
+            yield from _limits(key, shape.key, f"{path} key {key!r}")
+            yield from _limits(item, shape.value, f"{path}[{key!r}]")
+        return
+    if shape.type_name == "string" and isinstance(value, str):
+        if "max" in meta and len(value) > meta["max"]:
+            yield (f"{path}: {value[:40]!r}... is {len(value)} characters, the most SageMaker "
+                   f"accepts is {meta['max']}")
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+            yield f"{path}: {value!r} does not match SageMaker's pattern {meta['pattern']}"
+
+
+def config_name(text: str) -> str:
+    """A SageMaker resource name ([a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}) made from ``text``."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-zA-Z0-9]", "-", text)).strip("-")[:63]
+
+
+def requests_for(
+    image: ImageUnderTest,
+    *,
+    image_name: str,
+    role_arn: str,
+    image_uri: str,
+    entrypoint: list[str] | None = None,
+    arguments: list[str] = (),
+    environment: dict[str, str] | None = None,
+) -> list[Request]:
+    """The registration requests for ``image``, validated; a DevboxError lists every problem."""
+    if image.attrs.get("Architecture") != "amd64":
+        raise DevboxError(
+            f"{image.ref} is {image.attrs.get('Architecture')}: SageMaker runs linux/amd64 only",
+            hint="build the image for linux/amd64",
+        )
+    entrypoint = list(entrypoint if entrypoint is not None else image.config.get("Entrypoint")
+                      or [])
+    container_config = {
+        "ContainerEntrypoint": entrypoint,
+        "ContainerArguments": list(arguments),
+        "ContainerEnvironmentVariables": dict(environment or {}),
+    }
+    container_config = {key: value for key, value in container_config.items() if value}
+    requests = [
+        Request("CreateImage", "create-image.json", {
+            "ImageName": image_name,
+            "RoleArn": role_arn,
+            "DisplayName": image_name,
+            "Description": (image.labels.get("org.opencontainers.image.description")
+                            or image.ref)[:512],
+        }),
+        Request("CreateImageVersion", "create-image-version.json", {
+            "ImageName": image_name,
+            "BaseImage": image_uri,
+        }),
+    ]
+    if image.has_jupyterlab:
+        # Studio starts the image's entrypoint with SAGEMAKER_APP_TYPE=JupyterLab, which serves
+        # /jupyterlab/default on 8888 without a token: nothing else has to be passed.
+        requests.append(Request("CreateAppImageConfig", "app-image-config-jupyterlab.json", {
+            "AppImageConfigName": config_name(f"{image_name}-jupyterlab"),
+            "JupyterLabAppImageConfig": {"ContainerConfig": container_config}
+            if container_config else {},
+        }))
+    if "sagemaker-code-editor" in image.pip_packages:
+        requests.append(Request("CreateAppImageConfig", "app-image-config-codeeditor.json", {
+            "AppImageConfigName": config_name(f"{image_name}-codeeditor"),
+            "CodeEditorAppImageConfig": {"ContainerConfig": container_config}
+            if container_config else {},
+        }))
+    if "ipykernel" in image.pip_packages:
+        # Studio Classic starts its own kernel gateway and only needs the kernels and the user.
+        requests.append(Request("CreateAppImageConfig", "app-image-config-kernelgateway.json", {
+            "AppImageConfigName": config_name(f"{image_name}-kernelgateway"),
+            "KernelGatewayImageConfig": {
+                "KernelSpecs": [{"Name": "python3", "DisplayName": f"Python 3 ({image_name})"}],
+                "FileSystemConfig": {"MountPath": STUDIO_HOME, "DefaultUid": STUDIO_UID,
+                                     "DefaultGid": STUDIO_GID},
+            },
+        }))
+    problems = [f"{request.filename}: {problem}"
+                for request in requests for problem in validate(request.operation, request.params)]
+    if problems:
+        raise DevboxError("the SageMaker request would be refused:\n  " + "\n  ".join(problems))
+    return requests
