@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # everything (~10 min on 2 cores; pip-compile is slow)
     python benchmarks/run.py --quick    # skip the pip-compile lock timing
+    python benchmarks/run.py --checks   # only the contract-check figures (~1 min)
 
 Figures (goals from the build-spine issue):
   no-op rebuild              `devbox-build build` with nothing changed           goal ≤ 1 s
@@ -9,6 +10,8 @@ Figures (goals from the build-spine issue):
   size overhead              (image − base) ÷ installed payload                  goal ≤ 1.05
   lock                       uv vs pip-compile on the default stack's pip inputs
   hand-written baseline      the same lock as one `pip install -r` stage, cold and after the pin
+  check suite                `devbox-build check` on the default images           goal ≤ 20 s
+  start → /api/status 200    container start to JupyterLab answering, per mode    goal ≤ 3 s
 
 Builds run on copies of images/datascience under a throwaway repository name, so they never
 touch the team's tags. Needs a running engine and the base image (scripts/provision.sh).
@@ -33,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from devbox_build import locking  # noqa: E402
 from devbox_build.build import BuildOptions, build  # noqa: E402
+from devbox_build.checks import run_checks  # noqa: E402
+from devbox_build.checks.image import IDE_PORT, http_get  # noqa: E402
 from devbox_build.engine import Built, Engine  # noqa: E402
 from devbox_build.spec import load_spec  # noqa: E402
 
@@ -121,11 +126,52 @@ def lock_time(resolver: str) -> float:
         return took
 
 
+def start_to_status(engine: Engine, ref: str, studio: bool) -> float:
+    """Seconds from `docker run` (create + start) to /api/status answering 200."""
+    environment = {"SAGEMAKER_APP_TYPE": "JupyterLab"} if studio else {"JUPYTER_TOKEN": "bench"}
+    path = "/jupyterlab/default/api/status" if studio else "/api/status"
+    headers = {} if studio else {"Authorization": "token bench"}
+    started = time.monotonic()
+    container_id = engine.start(ref, environment=environment, publish=[IDE_PORT])
+    try:
+        url = f"http://127.0.0.1:{engine.published_port(container_id, IDE_PORT)}{path}"
+        status, _ = http_get(url, headers=headers, timeout=60)
+        assert status == 200, status
+        return time.monotonic() - started
+    finally:
+        engine.remove(container_id)
+
+
+def check_rows(engine: Engine, spec) -> list[tuple[str, str, str, str]]:
+    rows = []
+    variants = ["cpu"] + (["gpu"] if engine.image_id(f"{spec.repository}:gpu") else [])
+    for result in build(spec, variants, engine, BuildOptions(ca_certificates=CA_CERTS)):
+        _, outcomes, seconds = run_checks(result.content_tag)
+        failed = sum(o.outcome == "failed" for o in outcomes)
+        rows.append((f"check suite, {result.variant} ({len(outcomes)} checks, {failed} failed)",
+                     f"{seconds:.1f} s", "-", "≤ 20 s"))
+    for studio in (False, True):
+        times = sorted(start_to_status(engine, f"{spec.repository}:cpu", studio) for _ in range(3))
+        rows.append((f"start → /api/status 200, {'Studio' if studio else 'laptop'} mode (median of 3)",
+                     f"{times[1]:.2f} s", "-", "≤ 3 s"))
+    return rows
+
+
+def print_rows(rows) -> None:
+    print("\n| figure | devbox-build | hand-written Dockerfile | goal |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the pip-compile lock timing")
+    parser.add_argument("--checks", action="store_true", help="only the contract-check figures")
     args = parser.parse_args()
     engine = Engine.connect()
+    if args.checks:
+        print_rows(check_rows(engine, load_spec(ROOT / "images" / "datascience")))
+        return
     spec = load_spec(ROOT / "images" / "datascience")
     base = spec.variants["cpu"].base
     rows: list[tuple[str, str, str, str]] = []
@@ -159,9 +205,8 @@ def main() -> None:
     ]
     if not args.quick:
         rows.append(("lock, pip-compile (same input)", f"{lock_time('pip-compile'):.0f} s", "-", ""))
-    print("\n| figure | devbox-build | hand-written Dockerfile | goal |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    rows += check_rows(engine, spec)
+    print_rows(rows)
 
 
 if __name__ == "__main__":

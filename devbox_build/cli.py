@@ -332,8 +332,8 @@ def _key_value(ctx, param, values):
 @click.argument("ref")
 @click.option("--role-arn", required=True,
               help="IAM role SageMaker uses to read the image from ECR.")
-@click.option("--image-uri", help="Where the image is pushed in ECR (default: REF, which must "
-                                  "then be an ECR URI).")
+@click.option("--image-uri", help="Where the image is pushed in ECR (default: REF, when it "
+                                  "names a registry).")
 @click.option("--image-name", help="SageMaker image name (default: from the image's spec and "
                                    "variant, e.g. datascience-cpu).")
 @click.option("--entrypoint", help="ContainerEntrypoint (default: the image's ENTRYPOINT).")
@@ -354,7 +354,7 @@ def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, a
 
     \b
       devbox-build sagemaker config devbox/datascience:cpu \\
-          --image-uri 123456789012.dkr.ecr.eu-west-1.amazonaws.com/datascience:cpu-3f2a9c1d4e5b \\
+          --image-uri "$ECR_REPOSITORY:cpu-3f2a9c1d4e5b" \\
           --role-arn arn:aws:iam::123456789012:role/SageMakerImages
     """
     from .checks.image import ImageUnderTest
@@ -362,8 +362,10 @@ def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, a
 
     image = ImageUnderTest.load(Engine.connect(), ref)
     if image_uri is None:
-        if ".dkr.ecr." not in ref:
-            raise DevboxError(f"{ref} is not an ECR image URI",
+        # Docker's rule: a first path component with a dot or a colon is a registry host.
+        first = ref.split("/", 1)[0]
+        if "/" not in ref or not ("." in first or ":" in first):
+            raise DevboxError(f"{ref} is a local image name, not a registry URI",
                               hint="push it to ECR and pass --image-uri with its URI")
         image_uri = ref
     if image_name is None:

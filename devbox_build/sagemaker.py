@@ -16,12 +16,12 @@ import uuid
 from dataclasses import dataclass
 
 import botocore.session
-from botocore.exceptions import ParamValidationError
 from botocore.model import ListShape, MapShape, Shape, StructureShape
 from botocore.validate import ParamValidator
 
 from .checks.image import STUDIO_GID, STUDIO_HOME, STUDIO_UID, ImageUnderTest
 from .errors import DevboxError
+
 
 @dataclass(frozen=True)
 class Request:
@@ -47,12 +47,9 @@ def validate(operation: str, params: dict) -> list[str]:
     for name, member in shape.members.items():
         if member.metadata.get("idempotencyToken") and name not in filled:
             filled[name] = str(uuid.uuid4())
-    try:
-        ParamValidator().validate(filled, shape)
-        problems = []
-    except ParamValidationError as exc:
-        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-    return problems + list(_limits(filled, shape, operation))
+    report = ParamValidator().validate(filled, shape)
+    problems = report.generate_report().splitlines() if report.has_errors() else []
+    return [p.strip() for p in problems if p.strip()] + list(_limits(filled, shape, operation))
 
 
 def _limits(value, shape: Shape, path: str):

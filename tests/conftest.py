@@ -21,6 +21,7 @@ from devbox_build.spec import ImageSpec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "stacks" / "tiny"
+DEFAULT_SPEC = ROOT / "images" / "datascience"
 BASE_IMAGE = "debian:bookworm-slim"
 # The host's extra CA certificates: builds here (and behind any TLS-intercepting proxy) need them.
 HOST_CA_CERTS = sorted(glob.glob("/usr/local/share/ca-certificates/*.crt"))
@@ -42,6 +43,31 @@ def engine() -> Engine:
     if engine.image_id(BASE_IMAGE) is None:
         _unavailable(f"base image {BASE_IMAGE} missing: run devbox-build bootstrap-base")
     return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_images(engine, tmp_path_factory):
+    """The tiny stack built in both variants once per run: (spec, {variant: BuildResult})."""
+    from devbox_build.build import BuildOptions, build
+
+    folder = tmp_path_factory.mktemp("stack") / "tiny"
+    shutil.copytree(TINY, folder)
+    spec = load(folder)
+    results = build(spec, ["cpu", "gpu"], engine, BuildOptions(ca_certificates=HOST_CA_CERTS))
+    return spec, {r.variant: r for r in results}
+
+
+@pytest.fixture(scope="session")
+def default_images(engine):
+    """The team's default image (images/datascience), both variants: {variant: BuildResult}.
+
+    A rebuild of unchanged inputs is a no-op, so this costs time only when the image changed.
+    """
+    from devbox_build.build import BuildOptions, build
+
+    spec = load_spec(DEFAULT_SPEC)
+    results = build(spec, ["cpu", "gpu"], engine, BuildOptions(ca_certificates=HOST_CA_CERTS))
+    return {r.variant: r for r in results}
 
 
 @pytest.fixture

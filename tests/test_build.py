@@ -17,7 +17,7 @@ from devbox_build.build import BuildOptions, build, repository
 from devbox_build.engine import Engine
 from devbox_build.render import render
 
-from .conftest import HOST_CA_CERTS, ROOT, assert_clean_error, cli, load
+from .conftest import HOST_CA_CERTS, assert_clean_error, cli, load
 from .support.proxy import LoopbackProxy
 
 pytestmark = pytest.mark.engine
@@ -56,17 +56,6 @@ def installed(engine: Engine, ref: str) -> dict[str, str]:
         " for d in m.distributions()}))")])
     assert code == 0, out
     return json.loads(out)
-
-
-@pytest.fixture(scope="module")
-def tiny_images(engine, tmp_path_factory):
-    """The tiny stack built in both variants once for the module: {variant: BuildResult}."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("stack") / "tiny"
-    shutil.copytree(ROOT / "tests/stacks/tiny", folder)
-    spec = load(folder)
-    return spec, {r.variant: r for r in build(spec, ["cpu", "gpu"], engine, options())}
 
 
 def test_gpu_variant_shares_every_layer_below_its_accelerator_layer(engine, tiny_images):

@@ -6,7 +6,11 @@ import json
 import re
 
 from devbox_build.checks.image import (
-    STUDIO_GID, STUDIO_HOME, STUDIO_SHELL, STUDIO_UID, STUDIO_USER,
+    STUDIO_GID,
+    STUDIO_HOME,
+    STUDIO_SHELL,
+    STUDIO_UID,
+    STUDIO_USER,
 )
 
 # Values that must never be baked into an image: proxy settings (they belong to the network the

@@ -6,7 +6,11 @@ import pytest
 from packaging.version import Version
 
 from devbox_build.checks.image import (
-    IDE_PORT, STUDIO_GID, STUDIO_HOME, STUDIO_UID, Container,
+    IDE_PORT,
+    STUDIO_GID,
+    STUDIO_HOME,
+    STUDIO_UID,
+    Container,
 )
 
 STUDIO_ENV = {"SAGEMAKER_APP_TYPE": "JupyterLab"}

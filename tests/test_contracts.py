@@ -1,0 +1,181 @@
+"""The laptop, EC2 and SageMaker contracts, proven on real images by `devbox-build check`.
+
+The check suite is what users run too, so these tests run it through the command line, then show
+that each check fails, naming the problem, on an image that breaks what it checks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from xml.etree import ElementTree
+
+import pytest
+
+from devbox_build.engine import Built, Engine
+
+from .conftest import cli
+
+pytestmark = pytest.mark.engine
+
+# Checks each default image must pass by name, so a profile that silently stopped being selected
+# (or a check that stopped being collected) fails here.
+MUST_PASS = {
+    ("base", "test_user_matches_the_studio_contract"),
+    ("base", "test_no_file_has_an_id_above_65535"),
+    ("base", "test_no_secrets_or_proxies_in_history_or_config"),
+    ("drift", "test_python_packages_match_the_lock"),
+    ("jupyter", "test_api_refuses_requests_without_the_token"),
+    ("jupyter", "test_api_answers_with_the_token"),
+    ("jupyter", "test_healthcheck_reports_healthy"),
+    ("jupyter", "test_docker_stop_ends_the_server_quickly"),
+    ("sagemaker-studio", "test_studio_health_check_answers_without_a_token"),
+    ("sagemaker-studio", "test_nothing_needed_lives_in_home"),
+    ("sagemaker-studio", "test_idle_shutdown_extension_is_enabled"),
+    ("sagemaker-training", "test_training_job_writes_the_model[image-user]"),
+    ("sagemaker-training", "test_training_job_writes_the_model[root]"),
+    ("sagemaker-training", "test_failing_job_leaves_its_reason[image-user]"),
+    ("sagemaker-training", "test_failing_job_leaves_its_reason[root]"),
+    ("sagemaker-training", "test_stop_reaches_the_training_program"),
+}
+GPU_MUST_PASS = {
+    ("gpu", "test_labels_name_cuda_and_minimum_driver"),
+    ("gpu", "test_no_driver_library_is_baked_in"),
+    ("gpu", "test_starts_without_a_gpu"),
+}
+# Need a GPU on the engine's host; this machine and CI have none.
+GPU_RUN_CHECKS = {("gpu", "test_nvidia_smi_sees_the_gpu"), ("gpu", "test_framework_sees_the_gpu")}
+
+
+def check(ref: str, *args: str) -> tuple[int, dict]:
+    result = cli("check", ref, "--json", *args)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def outcomes(report: dict) -> dict[tuple[str, str], dict]:
+    return {(c["profile"], c["name"]): c for c in report["checks"]}
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_check_suite_passes_on_the_default_image(engine, default_images, variant, tmp_path):
+    junit = tmp_path / "checks.xml"
+    code, report = check(default_images[variant].content_tag, "--junit", str(junit))
+    found = outcomes(report)
+    failed = {key: c["message"] for key, c in found.items() if c["outcome"] == "failed"}
+    assert code == 0 and not failed, failed
+    expected = MUST_PASS | (GPU_MUST_PASS if variant == "gpu" else set())
+    assert {key for key in expected if found.get(key, {}).get("outcome") == "passed"} == expected
+    skipped = {key for key, c in found.items() if c["outcome"] == "skipped"}
+    assert skipped == (GPU_RUN_CHECKS if variant == "gpu" and not engine.has_gpu() else set())
+    suite = ElementTree.parse(junit).getroot().find("testsuite")
+    assert int(suite.get("tests")) == len(found) and int(suite.get("failures")) == 0
+
+
+# -- the checks fail, naming the problem, on images that break them ----------------------------
+
+
+@pytest.fixture(scope="module")
+def derive(engine: Engine, default_images):
+    """Build images FROM an image (default: the default CPU image) with extra Dockerfile lines."""
+    made: list[str] = []
+
+    def build(name: str, *lines: str, base: str | None = None) -> str:
+        base = base or default_images["cpu"].content_tag
+        dockerfile = "\n".join([f"FROM {base}", *lines]) + "\n"
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            info = tarfile.TarInfo("Dockerfile")
+            info.size = len(dockerfile)
+            archive.addfile(info, io.BytesIO(dockerfile.encode()))
+        buffer.seek(0)
+        [built] = [event for event in engine.build(buffer) if isinstance(event, Built)]
+        ref = f"devbox-test/derived:{name}"
+        engine.tag(built.image_id, ref)
+        made.append(ref)
+        return ref
+
+    yield build
+    for ref in made:
+        engine.remove_image(ref)
+
+
+def failed_check(ref: str, profile: str, name: str) -> str:
+    code, report = check(ref, "--profile", profile)
+    assert code == 1, report
+    outcome = outcomes(report)[(profile, name)]
+    assert outcome["outcome"] == "failed", outcome
+    return outcome["message"]
+
+
+def test_wrong_uid_fails_the_user_check(derive):
+    ref = derive("wrong-uid", "USER root", "RUN usermod --uid 1234 sagemaker-user",
+                 "USER sagemaker-user")
+    message = failed_check(ref, "base", "test_user_matches_the_studio_contract")
+    assert "sagemaker-user is 1234:100" in message and "1000:100" in message, message
+
+
+def test_package_outside_the_lock_fails_the_drift_check(derive):
+    # What `pip install rogue-package` leaves behind, without needing an index.
+    dist_info = "/opt/venv/lib/python3.11/site-packages/rogue_package-6.6.6.dist-info"
+    ref = derive("outside-the-lock", "USER root",
+                 f"RUN mkdir {dist_info} && printf 'Metadata-Version: 2.1\\nName: rogue-package"
+                 f"\\nVersion: 6.6.6\\n' > {dist_info}/METADATA")
+    message = failed_check(ref, "drift", "test_python_packages_match_the_lock")
+    assert "rogue-package 6.6.6 is installed but not in the lock" in message, message
+
+
+def test_file_owned_by_a_large_uid_fails_the_id_check(derive):
+    ref = derive("uid-70000", "USER root",
+                 "RUN touch /opt/owned-by-70000 && chown 70000:70000 /opt/owned-by-70000",
+                 "USER sagemaker-user")
+    message = failed_check(ref, "base", "test_no_file_has_an_id_above_65535")
+    assert "/opt/owned-by-70000 70000:70000" in message, message
+
+
+def test_proxy_baked_into_the_environment_fails_the_secrets_check(derive):
+    ref = derive("baked-proxy", "ENV HTTPS_PROXY=http://proxy.corp.example:3128")
+    message = failed_check(ref, "base", "test_no_secrets_or_proxies_in_history_or_config")
+    assert "a proxy setting in environment" in message, message
+
+
+# -- the runtime on an image without JupyterLab, and user checks -------------------------------
+
+
+def test_image_without_an_ide_starts_a_shell(engine, tiny_images):
+    _, results = tiny_images
+    code, logs = engine.run(results["cpu"].content_tag, [])
+    assert code == 0, logs
+    assert "no IDE server (jupyterlab is not installed); starting a shell" in logs
+
+
+def test_entrypoint_warns_when_the_gpu_driver_is_too_old(engine, tiny_images, derive):
+    """A fake nvidia-smi reporting an old driver stands in for an old GPU host."""
+    _, results = tiny_images
+    ref = derive("old-driver", "USER root",
+                 "RUN printf '#!/bin/sh\\necho 470.57.02\\n' > /usr/local/bin/nvidia-smi"
+                 " && chmod 0755 /usr/local/bin/nvidia-smi",
+                 "USER sagemaker-user", base=results["gpu"].content_tag)
+    code, logs = engine.run(ref, ["true"])
+    assert code == 0, logs
+    assert "the GPU driver is 470.57.02, but CUDA 12.9 needs 525.60.13 or newer" in logs, logs
+
+
+def test_users_add_their_own_checks_with_the_same_fixtures(tiny_images, tmp_path):
+    _, results = tiny_images
+    own = tmp_path / "image_checks"
+    own.mkdir()
+    (own / "test_our_image.py").write_text(
+        "def test_has_python(image_host):\n"
+        "    assert image_host.run('python -V').rc == 0\n\n"
+        "def test_has_terraform(image_host):\n"
+        "    assert image_host.exists('terraform'), 'terraform is not installed'\n"
+    )
+    code, report = check(results["cpu"].content_tag, "--profile", "base", "--tests", str(own))
+    found = {c["name"]: c for c in report["checks"]}
+    assert code == 1
+    assert found["test_has_python"]["outcome"] == "passed"
+    assert found["test_has_terraform"]["outcome"] == "failed"
+    assert found["test_has_terraform"]["message"] == "terraform is not installed"
+    assert found["test_user_matches_the_studio_contract"]["outcome"] == "passed"
