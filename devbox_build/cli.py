@@ -75,9 +75,11 @@ def cli() -> None:
 @images_dir_option
 @json_option
 def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json):
-    """Lock IMAGE's pip inputs into hashed requirements files, per variant and platform.
+    """Lock IMAGE's inputs: pip into hashed requirements files per variant and platform, conda
+    (an environment.yml) into conda-lock.yml for every conda platform.
 
-    Locks live in images/<name>/locks/<platform>/. Only missing or stale locks are
+    pip locks live in images/<name>/locks/<platform>/, conda locks in images/<name>/locks/
+    (solved with py-rattler: no conda binary needed). Only missing or stale locks are
     re-resolved, and existing pins are kept unless an input moves them (or --upgrade).
     """
     spec = load_spec(image, images_dir)
@@ -228,7 +230,9 @@ def inspect_command(ref, packages, as_json):
         ("cuda", labels.get("devbox.cuda.version", "-")
          + (f" (driver ≥ {labels['devbox.cuda.min-driver']})" if "devbox.cuda.min-driver" in labels else "")),
         ("locks", ", ".join(f"{name} {digest[:12]}" for name, digest in manifest["locks"].items()) or "-"),
-        ("packages", f"{len(manifest['packages']['pip'])} pip, {len(manifest['packages']['apt'])} apt"),
+        ("packages", f"{len(manifest['packages']['pip'])} pip, "
+         f"{len(manifest['packages'].get('conda', []))} conda, "
+         f"{len(manifest['packages']['apt'])} apt"),
     ]:
         summary.add_row(f"[bold]{key}[/]", value)
     out.print(summary)
@@ -238,6 +242,14 @@ def inspect_command(ref, packages, as_json):
             table.add_row(package["name"], package["version"], package["layer"])
         out.print()
         out.print(table)
+        if manifest["packages"].get("conda"):
+            table = Table("conda package", "version", "build", "channel", box=None,
+                          pad_edge=False)
+            for package in manifest["packages"]["conda"]:
+                table.add_row(package["name"], package["version"], package["build"],
+                              package["channel"])
+            out.print()
+            out.print(table)
 
 
 # -- check --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""pip locks: requirements inputs → hashed, pip-tools-format lock files.
+"""pip locks: requirements inputs → hashed, pip-tools-format lock files (conda: conda.py).
 
 A variant's pip packages are locked as a *stack* of lock files, one per image layer:
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from . import conda
 from .errors import LockError
 from .spec import PLATFORMS, ImageSpec
 
@@ -81,8 +82,12 @@ def stack(spec: ImageSpec, variant: str, platform: str) -> list[LockLayer]:
     layers: list[LockLayer] = []
     inputs: tuple[str, ...] = ()
     below: LockLayer | None = None
-    if spec.pip.requirements:
-        inputs = tuple(spec.pip.requirements)
+    shared = tuple(spec.pip.requirements)
+    if conda.pip_requirements(spec):
+        # The environment.yml's pip: section is a pip input of the shared layer.
+        shared += (spec.conda.environment + conda.PIP_SECTION,)
+    if shared:
+        inputs = shared
         below = LockLayer("pip", "pip", inputs, platform)
         layers.append(below)
     if variant_spec.pip:
@@ -114,7 +119,7 @@ def inputs_digest(spec: ImageSpec, layer: LockLayer) -> str:
     digest.update(f"{LOCK_FORMAT}\npython={spec.python}\nplatform={layer.platform}\n".encode())
     for relative in layer.inputs:
         digest.update(f"input {relative}\n".encode())
-        digest.update(spec.input_path(relative).read_bytes())
+        digest.update(_input_bytes(spec, relative))
     if layer.below is not None:
         below = layer.below.path(spec)
         digest.update(b"below\n")
@@ -139,7 +144,7 @@ def check(
     spec: ImageSpec, platforms: list[str] | None = None, variants: list[str] | None = None
 ) -> list[tuple[Path, str]]:
     """Locks that are missing or whose inputs changed since they were written."""
-    problems = []
+    problems = conda.check(spec, variants)
     for layer in all_layers(spec, platforms, variants):
         path = layer.path(spec)
         recorded = recorded_digest(path)
@@ -161,7 +166,8 @@ def lock(
     """Write every stale or missing lock of the spec (all when ``upgrade``)."""
     if resolver not in RESOLVERS:
         raise LockError(f"unknown resolver {resolver!r}; choose one of {', '.join(RESOLVERS)}")
-    results = []
+    # conda first: its locks cover every conda subdir and do not depend on the pip locks.
+    results = conda.lock(spec, upgrade=upgrade, on_result=on_result)
     for layer in all_layers(spec, platforms):
         path = layer.path(spec)
         digest = inputs_digest(spec, layer)
@@ -187,10 +193,31 @@ def _header(spec: ImageSpec, layer: LockLayer, digest: str) -> str:
     )
 
 
+def _input_bytes(spec: ImageSpec, relative: str) -> bytes:
+    """An input file's bytes; for an environment.yml's pip: section, its requirements."""
+    if relative.endswith(conda.PIP_SECTION):
+        return "".join(f"{line}\n" for line in conda.pip_requirements(spec)).encode()
+    return spec.input_path(relative).read_bytes()
+
+
+def _input_files(spec: ImageSpec, layer: LockLayer, scratch: Path) -> list[str]:
+    """The layer's inputs as files a resolver reads (pip: sections written out to scratch)."""
+    files = []
+    for relative in layer.inputs:
+        if relative.endswith(conda.PIP_SECTION):
+            written = scratch / "environment-pip.in"
+            written.write_bytes(_input_bytes(spec, relative))
+            files.append(str(written))
+        else:
+            files.append(relative)
+    return files
+
+
 def _resolve(spec: ImageSpec, layer: LockLayer, resolver: str, upgrade: bool) -> str:
     existing = layer.path(spec)
     with tempfile.TemporaryDirectory(prefix="devbox-lock-") as scratch:
         output = Path(scratch) / "lock.txt"
+        inputs = _input_files(spec, layer, Path(scratch))
         # The resolvers read an existing output file as preferences: pins only move when
         # an input asks them to (or with --upgrade).
         if existing.is_file() and not upgrade:
@@ -199,9 +226,10 @@ def _resolve(spec: ImageSpec, layer: LockLayer, resolver: str, upgrade: bool) ->
         if layer.below is not None:
             constraints = ["-c", os.path.relpath(layer.below.path(spec), spec.folder)]
         if resolver == "uv":
-            command, env = _uv_command(spec, layer, constraints, output, upgrade)
+            command, env = _uv_command(spec, layer, inputs, constraints, output, upgrade)
         else:
-            command, env = _pip_compile_command(spec, layer, constraints, output, upgrade)
+            command, env = _pip_compile_command(spec, layer, inputs, constraints, output,
+                                                upgrade)
         process = subprocess.run(
             command, cwd=spec.folder, env=env, capture_output=True, text=True, check=False
         )
@@ -228,20 +256,20 @@ def _resolve(spec: ImageSpec, layer: LockLayer, resolver: str, upgrade: bool) ->
     return body
 
 
-def _uv_command(spec, layer, constraints, output, upgrade):
+def _uv_command(spec, layer, inputs, constraints, output, upgrade):
     from uv import find_uv_bin
 
     command = [
         find_uv_bin(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes",
         "--python-version", spec.python, "--python-platform", PLATFORMS[layer.platform],
-        *constraints, *layer.inputs, "-o", str(output),
+        *constraints, *inputs, "-o", str(output),
     ]
     if upgrade:
         command.append("--upgrade")
     return command, dict(os.environ)
 
 
-def _pip_compile_command(spec, layer, constraints, output, upgrade):
+def _pip_compile_command(spec, layer, inputs, constraints, output, upgrade):
     host = f"{sys.version_info.major}.{sys.version_info.minor}"
     machine = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}.get(host_platform.machine())
     if host != spec.python or machine != layer.platform or sys.platform != "linux":
@@ -258,7 +286,7 @@ def _pip_compile_command(spec, layer, constraints, output, upgrade):
     command = [
         executable, "--quiet", "--no-header", "--generate-hashes", "--allow-unsafe",
         "--strip-extras", "--no-emit-index-url", "--no-emit-find-links",
-        *constraints, *layer.inputs, "-o", str(output),
+        *constraints, *inputs, "-o", str(output),
     ]
     if upgrade:
         command.append("--upgrade")

@@ -19,15 +19,18 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__, locking
+from . import __version__, conda, locking
 from .errors import DevboxError, SpecError
-from .spec import ImageSpec
+from .spec import CONDA_SUBDIRS, ImageSpec
 
 VENV = "/opt/venv"  # also named in dockerfile/profile.sh and dockerfile/bin/devbox-train
 # The image's runtime (entrypoint, training runner, healthcheck): context path devbox/bin, in the
 # image /opt/devbox/bin, on PATH.
 RUNTIME_BIN = "devbox/bin"
 RUNTIME_COMMANDS = ("devbox-entrypoint", "devbox-train", "devbox-healthcheck")
+# The conda layer's installer (py-rattler and its script): context path, in the image
+# /opt/devbox/conda.
+CONDA_INSTALLER = "conda-installer"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Printed by the Python check in the os layer; the build turns it into an error naming the spec key.
 PYTHON_MISMATCH_MARKER = "devbox-build: the base image provides Python"
@@ -117,11 +120,6 @@ def render(
         raise DevboxError(
             f"{spec.path}: no variant {variant!r} (variants: {', '.join(spec.variants)})"
         )
-    if spec.conda is not None:
-        raise SpecError(
-            f"{spec.path}: key 'conda': the conda layer is not available in this version of "
-            "devbox-build yet"
-        )
     platform = platform or spec.platforms[0]
     variant_spec = spec.variants[variant]
     context = BuildContext(spec, variant, platform, variant_spec.base)
@@ -130,6 +128,7 @@ def render(
         # update-ca-certificates only picks up *.crt files.
         context.files[f"ca-certificates/{index:02d}-{path.stem}.crt"] = path.read_bytes()
 
+    conda_layers = _conda_layers(spec, variant, platform, context)
     pip_layers, lock_digests = [], {}
     for layer in locking.stack(spec, variant, platform):
         lock_path = layer.path(spec)
@@ -177,13 +176,14 @@ def render(
         "tool_version": __version__,
         "locks": lock_digests,
         "pip_layers": [{"name": p["name"], "layer": p["layer"]} for p in pip_layers],
+        "conda": {"prefix": spec.conda.prefix, "locks": [c["name"] for c in conda_layers]}
+        if spec.conda else None,
         "cuda": variant_spec.cuda.model_dump() if variant_spec.cuda else None,
     }
     context.files["devbox/build-info.json"] = (
         json.dumps(build_info, indent=2, sort_keys=True) + "\n"
     ).encode()
     context.files["devbox/finalize.py"] = _template_file("finalize.py")
-    context.files["devbox/profile.sh"] = _template_file("profile.sh")
     for command in RUNTIME_COMMANDS:
         context.files[f"{RUNTIME_BIN}/{command}"] = _template_file(f"bin/{command}")
     context.files["Dockerfile"] = _environment().get_template("Dockerfile.j2").render(
@@ -199,12 +199,58 @@ def render(
         ca_files=[p for p in context.files if p.startswith("ca-certificates/")],
         python_mismatch_marker=PYTHON_MISMATCH_MARKER,
         apt_cleanup=APT_CLEANUP,
-        pip_layers=pip_layers,
-        has_variant_layer=any(p["layer"] == "variant" for p in pip_layers),
+        install_layers=_install_order(conda_layers, pip_layers),
+        conda=spec.conda,
+        has_variant_layer=any(p["layer"] == "variant" for p in pip_layers + conda_layers),
         cuda=variant_spec.cuda,
         labels=labels,
     ).encode()
     return context
+
+
+def _conda_layers(spec: ImageSpec, variant: str, platform: str,
+                  context: BuildContext) -> list[dict]:
+    """The conda locks this variant installs; adds them and the installer to the context."""
+    locks = conda.stack(spec, variant)
+    if not locks:
+        return []
+    subdir = CONDA_SUBDIRS[platform]
+    if subdir not in spec.conda.platforms:
+        raise SpecError(f"{spec.path}: key 'conda.platforms': building for {platform} needs "
+                        f"{subdir} in the conda lock")
+    for name in ("installer.txt", "install.py"):
+        context.files[f"{CONDA_INSTALLER}/{name}"] = _template_file(f"conda/{name}")
+    layers = []
+    for item in locks:
+        path = item.path(spec)
+        if not path.is_file():
+            raise DevboxError(f"missing lock {path}", hint=f"run: devbox-build lock {spec.name}")
+        context_path = f"conda/{path.name}"
+        context.files[context_path] = _without_credentials(path.read_bytes())
+        layers.append({
+            "kind": "conda", "name": item.name, "layer": item.layer,
+            "lock": str(path.relative_to(spec.folder)), "context_path": context_path,
+            "count": len(conda.locked_packages(spec, item, subdir)), "subdir": subdir,
+        })
+    return layers
+
+
+def _install_order(conda_layers: list[dict], pip_layers: list[dict]) -> list[dict]:
+    """conda before pip within a layer; the first variant-only step opens the variant layer."""
+    rank = {"conda": 0, "pip": 1, "variant": 2, "dev": 3}
+    ordered = sorted([*conda_layers, *({"kind": "pip", **p} for p in pip_layers)],
+                     key=lambda item: (rank[item["layer"]], item["kind"] != "conda"))
+    opened = False
+    for item in ordered:
+        item["opens_variant"] = item["layer"] == "variant" and not opened
+        opened = opened or item["opens_variant"]
+    return ordered
+
+
+def _without_credentials(lock: bytes) -> bytes:
+    """A conda lock with user:password@ and /t/<token>/ taken out of its URLs."""
+    text = re.sub(r"(?<=://)[^/@\s]+@", "", lock.decode())
+    return re.sub(r"/t/[^/\s]+(?=/)", "", text).encode()
 
 
 def _template_file(name: str) -> bytes:

@@ -58,11 +58,19 @@ class System(_Model):
         return packages
 
 
+# Docker's platform names → conda's subdirs.
+CONDA_SUBDIRS: dict[str, str] = {"linux/amd64": "linux-64", "linux/arm64": "linux-aarch64"}
+
+
 class Conda(_Model):
-    """A conda environment.yml, installed in the conda layer."""
+    """A conda environment.yml, locked as conda-lock.yml and installed in the conda layer."""
 
     environment: str
     prefix: str = "/opt/conda"
+    # Subdirs the lock covers; each of the spec's platforms must be among them to build.
+    platforms: list[Literal["linux-64", "linux-aarch64"]] = ["linux-64", "linux-aarch64"]
+    # Virtual packages the solve assumes for the target machines (the glibc of the base).
+    glibc: str = "2.36"
 
 
 class PipInputs(_Model):
@@ -90,6 +98,9 @@ class Variant(_Model):
 
     base: str
     pip: list[str] = []
+    # Extra environment.yml-style files for this variant; with `cuda`, the solve assumes a
+    # __cuda virtual package of that version, so a CPU-only machine can lock the GPU environment.
+    conda: list[str] = []
     cuda: Cuda | None = None
 
 
@@ -225,6 +236,11 @@ def _check_files(spec: ImageSpec) -> None:
         named.append(("conda.environment", spec.conda.environment))
     for variant_name, variant in spec.variants.items():
         named += [(f"variants.{variant_name}.pip[{i}]", f) for i, f in enumerate(variant.pip)]
+        named += [(f"variants.{variant_name}.conda[{i}]", f)
+                  for i, f in enumerate(variant.conda)]
+        if variant.conda and not spec.conda:
+            raise SpecError(f"{spec.path}: key 'variants.{variant_name}.conda': needs a [conda] "
+                            "environment to extend")
     for key, relative in named:
         if not spec.input_path(relative).is_file():
             raise SpecError(

@@ -1,6 +1,7 @@
 """Last build step, run inside the image by its own Python.
 
-Writes /opt/devbox/manifest.json (what was built from what, and every installed package) and
+Writes /opt/devbox/manifest.json (what was built from what, and every installed package), gives
+login shells the image's PATH, and
 fails the build when the image breaks a promise the tool makes: no GPU driver baked in, no
 package-manager caches left behind. Standard library only: it runs before any tool is known to
 be installed.
@@ -54,6 +55,26 @@ def pip_packages(info: dict) -> list[dict]:
     return sorted(packages, key=lambda p: p["name"])
 
 
+def conda_packages(info: dict) -> list[dict]:
+    """What the conda layer installed, from the prefix's own records."""
+    if not info.get("conda"):
+        return []
+    packages = []
+    for path in sorted(Path(info["conda"]["prefix"], "conda-meta").glob("*.json")):
+        record = json.loads(path.read_text())
+        packages.append({key: record.get(key) for key in ("name", "version", "build", "channel")})
+    return packages
+
+
+def restore_path_for_login_shells() -> None:
+    """Debian's /etc/profile resets PATH for login shells (bash -l, Studio and VS Code terminals,
+    ssh); give them the image's PATH back."""
+    Path("/etc/profile.d/devbox.sh").write_text(
+        "# Written by devbox-build: the image's PATH, which /etc/profile would reset.\n"
+        f"PATH=\"{os.environ['PATH']}\"\nexport PATH\n"
+    )
+
+
 def apt_packages() -> list[dict]:
     out = subprocess.run(
         ["dpkg-query", "-W", "-f", "${Package}\t${Version}\n"],
@@ -96,12 +117,15 @@ def main() -> int:
         "build_time": os.environ.get("DEVBOX_BUILD_TIME", "unknown"),
         "content_hash": os.environ.get("DEVBOX_CONTENT_HASH", "unknown"),
         "python_version": sys.version.split()[0],
-        "packages": {"pip": pip_packages(info), "apt": apt_packages()},
+        "packages": {"pip": pip_packages(info), "conda": conda_packages(info),
+                     "apt": apt_packages()},
     }
+    restore_path_for_login_shells()
     (DEVBOX / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(
-        f"devbox-build: manifest written: {len(manifest['packages']['pip'])} pip and "
-        f"{len(manifest['packages']['apt'])} apt packages"
+        f"devbox-build: manifest written: {len(manifest['packages']['pip'])} pip, "
+        f"{len(manifest['packages']['conda'])} conda and {len(manifest['packages']['apt'])} "
+        "apt packages"
     )
     return 0
 

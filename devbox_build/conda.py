@@ -1,0 +1,283 @@
+"""conda locks: environment.yml → conda-lock.yml, solved with py-rattler (no conda binary).
+
+The conda layer is solved once, on the developer's machine, for every target subdir
+(linux-64, linux-aarch64 by default) and written in conda-lock's own format with conda-lock's
+own models, so ``conda-lock install`` and micromamba read it too. A build installs it exactly,
+with no solve and every package's sha256 checked (dockerfile/conda/install.py).
+
+Like the pip locks, conda locks stack per variant:
+
+* ``locks/conda-lock.yml``: ``[conda] environment``, shared by every variant (the conda layer);
+* ``locks/conda-lock-<variant>.yml``: that plus ``[variants.<v>] conda``, solved with the shared
+  lock's packages pinned (installed in the variant layer, so variants still share the conda
+  layer). A CUDA variant's solve assumes a ``__cuda`` virtual package of its version.
+
+Each lock's ``metadata.content_hash`` is a digest of its inputs per subdir; a changed input makes
+it stale for ``lock --check`` and ``build``. The environment's ``pip:`` section is not conda's: it
+is locked with hashes in the pip layer like any other pip input (see locking.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import LockError, SpecError
+from .spec import ImageSpec
+
+LOCK_FORMAT = "devbox-conda-lock/1"
+PIP_SECTION = "#pip"  # marks an environment file's pip: section as a pip-layer input
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What an environment.yml asks for."""
+
+    channels: list[str]
+    specs: list[str]
+    pip: list[str]
+
+
+@dataclass(frozen=True)
+class CondaLock:
+    """One conda lock file of the spec and the layer that installs it."""
+
+    name: str  # "conda-lock" or "conda-lock-<variant>"
+    layer: str  # "conda" or "variant"
+    inputs: tuple[str, ...]  # environment files relative to the spec folder, cumulative
+    cuda: str | None = None
+    below: CondaLock | None = None
+
+    def path(self, spec: ImageSpec) -> Path:
+        return spec.folder / "locks" / f"{self.name}.yml"
+
+
+@dataclass
+class CondaLockResult:
+    path: Path
+    status: str  # "written" or "up to date"
+    packages: int  # per subdir, summed
+    seconds: float
+
+
+def read_environment(spec: ImageSpec, relative: str) -> Environment:
+    path = spec.input_path(relative)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: malformed YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping with 'channels' and 'dependencies'")
+    unknown = set(data) - {"name", "channels", "dependencies", "variables", "prefix"}
+    if unknown:
+        raise SpecError(f"{path}: unknown key '{sorted(unknown)[0]}'")
+    channels = data.get("channels") or []
+    if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+        raise SpecError(f"{path}: key 'channels': expected a list of channel names or URLs")
+    specs, pip = [], []
+    for index, item in enumerate(data.get("dependencies") or []):
+        if isinstance(item, str):
+            specs.append(item)
+        elif isinstance(item, dict) and set(item) == {"pip"} and isinstance(item["pip"], list):
+            pip += [str(requirement) for requirement in item["pip"]]
+        else:
+            raise SpecError(f"{path}: key 'dependencies[{index}]': expected a match spec "
+                            f"string or a 'pip:' list, got {item!r}")
+    if specs and not channels:
+        raise SpecError(f"{path}: key 'channels': name at least one channel")
+    return Environment(channels, specs, pip)
+
+
+def pip_requirements(spec: ImageSpec) -> list[str]:
+    """The shared environment's pip: section (locked in the pip layer)."""
+    if spec.conda is None:
+        return []
+    return read_environment(spec, spec.conda.environment).pip
+
+
+def stack(spec: ImageSpec, variant: str) -> list[CondaLock]:
+    """The conda locks a variant installs, bottom to top ([] without a [conda] section)."""
+    if spec.conda is None:
+        return []
+    variant_spec = spec.variants[variant]
+    shared = CondaLock("conda-lock", "conda", (spec.conda.environment,))
+    if not variant_spec.conda:
+        return [shared]
+    cuda = variant_spec.cuda.version if variant_spec.cuda else None
+    return [shared, CondaLock(f"conda-lock-{variant}", "variant",
+                              shared.inputs + tuple(variant_spec.conda), cuda, shared)]
+
+
+def all_locks(spec: ImageSpec, variants: list[str] | None = None) -> list[CondaLock]:
+    seen: dict[str, CondaLock] = {}
+    for variant in variants or spec.variants:
+        for item in stack(spec, variant):
+            seen.setdefault(item.name, item)
+    return list(seen.values())
+
+
+def virtual_packages(spec: ImageSpec, item: CondaLock, subdir: str) -> dict[str, str]:
+    """What the solve assumes about the machines the image runs on."""
+    packages = {"__unix": "0", "__linux": "5.10", "__glibc": spec.conda.glibc,
+                "__archspec": "x86_64" if subdir == "linux-64" else "aarch64"}
+    if item.cuda:
+        packages["__cuda"] = item.cuda
+    return packages
+
+
+def content_hash(spec: ImageSpec, item: CondaLock, subdir: str) -> str:
+    digest = hashlib.sha256(f"{LOCK_FORMAT}\nsubdir={subdir}\n".encode())
+    for name, version in sorted(virtual_packages(spec, item, subdir).items()):
+        digest.update(f"virtual {name}={version}\n".encode())
+    for relative in item.inputs:
+        digest.update(f"input {relative}\n".encode())
+        digest.update(spec.input_path(relative).read_bytes())
+    if item.below is not None:
+        below = item.below.path(spec)
+        digest.update(b"below\n" + (below.read_bytes() if below.is_file() else b"<missing>"))
+    return digest.hexdigest()
+
+
+def read_lock(path: Path):
+    """A conda-lock.yml as conda-lock's Lockfile model."""
+    from conda_lock.lockfile import parse_conda_lock_file
+
+    try:
+        return parse_conda_lock_file(path)
+    except Exception as exc:  # conda-lock raises plain and pydantic errors alike
+        raise LockError(f"{path}: not a readable conda-lock file: {exc}") from None
+
+
+def check(spec: ImageSpec, variants: list[str] | None = None) -> list[tuple[Path, str]]:
+    """conda locks that are missing, stale, or lack a subdir the spec asks for."""
+    problems = []
+    for item in all_locks(spec, variants):
+        path = item.path(spec)
+        if not path.is_file():
+            problems.append((path, "missing"))
+            continue
+        recorded = read_lock(path).metadata.content_hash
+        for subdir in spec.conda.platforms:
+            if recorded.get(subdir) != content_hash(spec, item, subdir):
+                problems.append((path, f"stale for {subdir}: its inputs changed since it "
+                                       "was written"))
+                break
+    return problems
+
+
+def lock(spec: ImageSpec, *, upgrade: bool = False, on_result=None) -> list[CondaLockResult]:
+    """Write every missing or stale conda lock of the spec (all when ``upgrade``)."""
+    results = []
+    stale = {path for path, _ in check(spec)}
+    for item in all_locks(spec):
+        path = item.path(spec)
+        started = time.monotonic()
+        if upgrade or path in stale:
+            lockfile = asyncio.run(_solve(spec, item))
+            _write(lockfile, path)
+            result = CondaLockResult(path, "written", len(lockfile.package),
+                                     time.monotonic() - started)
+        else:
+            result = CondaLockResult(path, "up to date", len(read_lock(path).package), 0.0)
+        results.append(result)
+        if on_result:
+            on_result(result)
+    return results
+
+
+async def _solve(spec: ImageSpec, item: CondaLock):
+    import rattler
+    from conda_lock.lockfile.v1.models import HashModel
+    from conda_lock.lockfile.v2prelim.models import LockedDependency, Lockfile, LockMeta
+    from conda_lock.models.channel import Channel
+
+    environments = [read_environment(spec, relative) for relative in item.inputs]
+    channels = list(dict.fromkeys(c for env in environments for c in env.channels))
+    specs = [s for env in environments for s in env.specs]
+    pinned = {}
+    if item.below is not None:
+        below = read_lock(item.below.path(spec))
+        pinned = {(p.platform, p.name): p for p in below.package}
+    # A private cache: a channel's repodata is fetched fresh for every lock.
+    with tempfile.TemporaryDirectory(prefix="devbox-conda-") as cache:
+        gateway = rattler.Gateway(cache_dir=cache)
+        packages = []
+        for subdir in spec.conda.platforms:
+            virtual = [
+                rattler.GenericVirtualPackage(rattler.PackageName(name),
+                                              rattler.Version(version),
+                                              rattler.BuildString("0"))
+                for name, version in virtual_packages(spec, item, subdir).items()
+            ]
+            # The lock below stays as it is: its pins are constraints of this solve.
+            constraints = [f"{name} =={p.version} {p.build}"
+                           for (platform, name), p in pinned.items() if platform == subdir]
+            try:
+                records = await rattler.solve(
+                    [rattler.Channel(c) for c in channels], specs, gateway=gateway,
+                    platforms=[subdir, "noarch"], virtual_packages=virtual,
+                    constraints=constraints or None,
+                )
+            except Exception as exc:  # rattler's errors: GatewayError, SolverError, ...
+                raise LockError(
+                    f"{spec.path}: could not lock {item.name} ({subdir}) from "
+                    f"{', '.join(item.inputs)}: {type(exc).__name__}: {_first_lines(exc)}"
+                ) from None
+            for record in records:
+                packages.append(LockedDependency(
+                    name=record.name.normalized,
+                    version=str(record.version),
+                    manager="conda",
+                    platform=subdir,
+                    dependencies=dict(_dependency(d) for d in record.depends),
+                    url=record.url,
+                    hash=HashModel(md5=record.md5.hex() if record.md5 else None,
+                                   sha256=record.sha256.hex()),
+                    categories={"main"},
+                    build=str(record.build),
+                ))
+    return Lockfile(
+        package=sorted(packages, key=lambda p: (p.platform, p.name)),
+        metadata=LockMeta(
+            content_hash={s: content_hash(spec, item, s) for s in spec.conda.platforms},
+            channels=[Channel.from_string(c) for c in channels],
+            platforms=list(spec.conda.platforms),
+            sources=list(item.inputs),
+        ),
+    )
+
+
+def _dependency(depends: str) -> tuple[str, str]:
+    name, _, constraint = depends.partition(" ")
+    return name, constraint.strip() or "*"
+
+
+def _first_lines(exc: Exception, count: int = 4) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:count])
+
+
+def _write(lockfile, path: Path) -> None:
+    """conda-lock's own writer, into a temporary file renamed over the lock: never truncated."""
+    from conda_lock.lockfile import write_conda_lock_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same name in a scratch folder beside it: the writer's help text names the file.
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
+        temporary = Path(scratch) / path.name
+        write_conda_lock_file(lockfile, temporary, metadata_choices=set(),
+                              include_help_text=True)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+
+
+def locked_packages(spec: ImageSpec, item: CondaLock, subdir: str) -> list:
+    """The LockedDependency entries of one subdir."""
+    return [p for p in read_lock(item.path(spec)).package if p.platform == subdir]
