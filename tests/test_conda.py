@@ -1,0 +1,211 @@
+"""The conda layer: environment.yml → conda-lock.yml (py-rattler) → installed exactly, hashes checked.
+
+No public channel is reachable here, so the tests serve their own (tests/support/conda_channel.py)
+on loopback over http; builds use `--network host` to reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import rattler
+
+from devbox_build import conda
+from devbox_build.build import BuildOptions, build
+from devbox_build.errors import DevboxError
+
+from .conftest import HOST_CA_CERTS, assert_clean_error, cli, load
+from .support.conda_channel import ServedChannel, build_channel
+from .test_build import history_ids, index_of
+
+SUBDIRS = {"linux-64", "linux-aarch64"}
+
+
+@pytest.fixture(scope="session")
+def channel(tmp_path_factory):
+    with ServedChannel(build_channel(tmp_path_factory.mktemp("conda-channel"))) as served:
+        yield served
+
+
+def environment(url: str, *specs: str, pip: list[str] = ()) -> str:
+    lines = ["channels:", f"  - {url}", "dependencies:", *[f"  - {s}" for s in specs]]
+    if pip:
+        lines += ["  - pip:", *[f"    - {p}" for p in pip]]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def conda_stack(stack: Path, channel) -> Path:
+    """The tiny stack with a conda environment (greeter, ca-certificates; pip: packaging), an apt
+    package, and a GPU variant adding a conda package of its own."""
+    (stack / "environment.yml").write_text(
+        environment(channel.url, "greeter >=2", "ca-certificates", pip=["packaging"]))
+    (stack / "environment-gpu.yml").write_text(environment(channel.url, "farewell"))
+    spec = (stack / "image.toml").read_text()
+    spec = spec.replace("[variants.gpu]", '[system]\npackages = ["less"]\n\n[conda]\n'
+                        'environment = "environment.yml"\n\n[variants.gpu]\n'
+                        'conda = ["environment-gpu.yml"]')
+    (stack / "image.toml").write_text(spec)
+    return stack
+
+
+def lock(stack: Path) -> None:
+    result = cli("lock", str(stack))
+    assert result.returncode == 0, result.stderr
+
+
+def conda_build(engine, stack: Path, variants=("cpu", "gpu")):
+    options = BuildOptions(ca_certificates=HOST_CA_CERTS, network_mode="host")
+    return {r.variant: r for r in build(load(stack), list(variants), engine, options)}
+
+
+def test_lock_covers_both_platforms_and_is_deterministic(conda_stack):
+    lock(conda_stack)
+    path = conda_stack / "locks" / "conda-lock.yml"
+    first = path.read_bytes()
+    lockfile = conda.read_lock(path)  # conda-lock's own model reads it
+    assert set(lockfile.metadata.platforms) == SUBDIRS
+    for subdir in SUBDIRS:
+        names = {p.name for p in lockfile.package if p.platform == subdir}
+        assert names == {"greeter", "greeting-data", "ca-certificates"}, (subdir, names)
+        assert all(p.hash.sha256 for p in lockfile.package)
+    # py-rattler reads the same file (it is what the image's installer uses).
+    assert {str(p.name) for p in rattler.LockFile.from_path(path).default_environment()
+            .platforms()} == SUBDIRS
+    result = cli("lock", str(conda_stack), "--upgrade")  # re-solve everything
+    assert result.returncode == 0, result.stderr
+    assert path.read_bytes() == first
+    # The GPU lock adds its package and keeps every shared pin.
+    gpu = conda.read_lock(conda_stack / "locks" / "conda-lock-gpu.yml")
+    assert {p.name for p in gpu.package} == {"greeter", "greeting-data", "ca-certificates",
+                                               "farewell"}
+    # The environment's pip: section went to the pip layer's lock.
+    assert "packaging==" in (conda_stack / "locks/linux-amd64/pip.txt").read_text()
+
+
+def test_changed_environment_makes_the_lock_stale(conda_stack, channel):
+    lock(conda_stack)
+    assert cli("lock", str(conda_stack), "--check").returncode == 0
+    (conda_stack / "environment.yml").write_text(
+        environment(channel.url, "greeter >=2", "farewell", "ca-certificates", pip=["packaging"]))
+    result = cli("lock", str(conda_stack), "--check")
+    assert result.returncode == 1 and "conda-lock.yml: stale" in result.stderr, result.stderr
+
+
+def test_unknown_channel_is_one_clear_error(conda_stack, channel):
+    missing = channel.url + "no-such-channel/"
+    (conda_stack / "environment.yml").write_text(environment(missing, "greeter"))
+    assert_clean_error(cli("lock", str(conda_stack)), "could not lock conda-lock",
+                       "environment.yml", "no-such-channel")
+    assert not (conda_stack / "locks" / "conda-lock.yml").exists()
+
+
+def test_unsatisfiable_spec_is_one_clear_error(conda_stack, channel):
+    (conda_stack / "environment.yml").write_text(environment(channel.url, "greeter >=9"))
+    assert_clean_error(cli("lock", str(conda_stack)), "could not lock conda-lock",
+                       "greeter >=9")
+
+
+@pytest.mark.engine
+def test_build_installs_exactly_the_lock(engine, conda_stack):
+    lock(conda_stack)
+    results = conda_build(engine, conda_stack)
+    spec = load(conda_stack)
+    for variant, result in results.items():
+        item = conda.stack(spec, variant)[-1]
+        locked = {(p.name, p.version, p.build)
+                  for p in conda.locked_packages(spec, item, "linux-64")}
+        manifest = json.loads(engine.read_file(result.content_tag, "/opt/devbox/manifest.json"))
+        installed = {(p["name"], p["version"], p["build"]) for p in manifest["packages"]["conda"]}
+        assert installed == locked, variant
+        assert all(p["channel"] for p in manifest["packages"]["conda"])
+    cpu, gpu = results["cpu"].content_tag, results["gpu"].content_tag
+    code, out = engine.run(cpu, ["greet"])  # a script from a conda package, on PATH
+    assert (code, out.strip()) == (0, "hello from conda"), out
+    code, out = engine.run(gpu, ["bash", "-lc", "farewell && greet"])  # login shells too
+    assert code == 0 and "goodbye from conda" in out and "hello from conda" in out, out
+    code, out = engine.run(cpu, ["python", "-c", "import packaging; print('pip section ok')"])
+    assert code == 0 and "pip section ok" in out, out
+    # GPU shares every layer below its accelerator layer, the conda layer included.
+    cpu_history, gpu_history = history_ids(engine, cpu), history_ids(engine, gpu)
+    boundary = index_of(gpu_history, "NVIDIA_VISIBLE_DEVICES")
+    assert boundary > index_of(gpu_history, "install.py --lock /opt/devbox/conda/locks/conda-lock.yml")
+    assert gpu_history[:boundary] == cpu_history[:boundary]
+
+
+@pytest.mark.engine
+def test_conda_env_trusts_the_image_ca_and_is_shared_with_the_group(engine, conda_stack):
+    lock(conda_stack)
+    ref = conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag
+    code, out = engine.run(ref, ["sh", "-c", (
+        "readlink -f /opt/conda/ssl/cacert.pem; cat /opt/conda/ssl/cacert.pem;"
+        "stat -c '%g %A' /opt/conda /opt/conda/bin/greet; cat /opt/conda/.condarc")])
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "/etc/ssl/certs/ca-certificates.crt"
+    # The image's bundle, with the host's extra CA the build was given.
+    host_ca = Path(HOST_CA_CERTS[0]).read_text().split("-----BEGIN CERTIFICATE-----")[1][:64]
+    assert host_ca in out and "the channel's own CA bundle" not in out
+    assert "100 drwxrwsr-x" in out and "100 -rwxrwxr-x" in out, out
+    assert "  - ~/.conda/envs" in out and "ssl_verify: /etc/ssl/certs/ca-certificates.crt" in out
+    # The image's user (remapped uids keep gid 100) can install into the prefix.
+    code, out = engine.run(ref, ["sh", "-c", "touch /opt/conda/bin/mine && echo writable"],
+                           user="4321:100")
+    assert code == 0 and "writable" in out, out
+    result = cli("inspect", ref, "--json")
+    packages = json.loads(result.stdout)["packages"]["conda"]
+    assert any(p["name"] == "greeter" and p["build"] == "0"
+               and p["channel"].startswith("http://127.0.0.1:") for p in packages), packages
+
+
+@pytest.mark.engine
+def test_hash_mismatch_fails_the_build(engine, conda_stack):
+    lock(conda_stack)
+    path = conda_stack / "locks" / "conda-lock.yml"
+    text = path.read_text()
+    # The greeter entries' sha256, replaced: the lock no longer matches the served package.
+    good = re.search(r"greeter-2\.1-0\.tar\.bz2\n  hash:\n    md5: \w+\n    sha256: (\w+)",
+                     text)[1]
+    path.write_text(text.replace(good, "ab" * 32))
+    spec = load(conda_stack)
+    result = cli("build", str(conda_stack), "--variant", "cpu", "--network", "host",
+                 env={"DEVBOX_CA_CERTS": " ".join(HOST_CA_CERTS)})
+    assert_clean_error(result, "hash mismatch", "greeter-2.1-0.tar.bz2")
+    assert engine.image_id(f"{spec.repository}:cpu") is None
+
+
+@pytest.mark.engine
+def test_layers_rebuild_only_from_what_changed(engine, conda_stack, channel):
+    lock(conda_stack)
+    before = history_ids(engine, conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
+    conda_step = index_of(before, "install.py --lock /opt/devbox/conda/locks/conda-lock.yml")
+    apt_step = index_of(before, "apt-get install -y --no-install-recommends less")
+
+    # A pip pin moves: the conda layer (and all below it) is reused.
+    requirements = conda_stack / "requirements.in"
+    requirements.write_text(requirements.read_text().replace("six==1.17.0", "six==1.16.0"))
+    lock(conda_stack)
+    after_pip = history_ids(engine, conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
+    assert after_pip[:conda_step + 1] == before[:conda_step + 1]
+    assert after_pip[-1] != before[-1]
+
+    # The conda lock changes: the apt layer is reused, the conda layer is not.
+    (conda_stack / "environment.yml").write_text(
+        environment(channel.url, "greeter >=2", "farewell", "ca-certificates", pip=["packaging"]))
+    lock(conda_stack)
+    after_conda = history_ids(engine,
+                              conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
+    assert after_conda[:apt_step + 1] == after_pip[:apt_step + 1]
+    assert after_conda[conda_step][0] != after_pip[conda_step][0]
+
+
+def test_variant_conda_without_a_conda_section_is_a_spec_error(stack):
+    (stack / "environment-gpu.yml").write_text("channels: [x]\ndependencies: [farewell]\n")
+    spec = (stack / "image.toml").read_text()
+    (stack / "image.toml").write_text(
+        spec.replace("[variants.gpu]", '[variants.gpu]\nconda = ["environment-gpu.yml"]'))
+    with pytest.raises(DevboxError, match="variants.gpu.conda"):
+        load(stack)
