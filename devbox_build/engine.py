@@ -212,11 +212,12 @@ class Engine:
         user: str | None = None,
         environment: dict[str, str] | None = None,
         entrypoint: list[str] | None = None,
+        gpus: bool = False,
     ) -> tuple[int, str]:
         """Run a command to completion in a fresh container, removed afterwards by id."""
         container = self.api.create_container(
             ref, command=command, user=user or "", environment=environment,
-            entrypoint=entrypoint,
+            entrypoint=entrypoint, host_config=self._host_config(gpus=gpus),
         )
         try:
             self.api.start(container["Id"])
@@ -226,6 +227,15 @@ class Engine:
         finally:
             self.api.remove_container(container["Id"], force=True)
 
+    def _host_config(self, *, publish=(), tmpfs=None, volumes=None, gpus=False) -> dict:
+        return self.api.create_host_config(
+            port_bindings={port: ("127.0.0.1", None) for port in publish},
+            tmpfs=tmpfs or None,
+            binds={name: {"bind": path, "mode": "rw"} for name, path in (volumes or {}).items()},
+            device_requests=(
+                [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else None
+            ),
+        )
 
     def start(
         self,
@@ -247,14 +257,8 @@ class Engine:
         maps volume names to mount paths, ``health_interval_s`` keeps the image's HEALTHCHECK
         command but probes more often.
         """
-        host_config = self.api.create_host_config(
-            port_bindings={port: ("127.0.0.1", None) for port in publish},
-            tmpfs=tmpfs or None,
-            binds={name: {"bind": path, "mode": "rw"} for name, path in (volumes or {}).items()},
-            device_requests=(
-                [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else None
-            ),
-        )
+        host_config = self._host_config(publish=publish, tmpfs=tmpfs, volumes=volumes,
+                                        gpus=gpus)
         healthcheck = (
             {"interval": int(health_interval_s * 1e9), "start_period": int(60e9)}
             if health_interval_s else None
@@ -278,12 +282,9 @@ class Engine:
                environment: dict[str, str] | None = None,
                volumes: dict[str, str] | None = None) -> str:
         """Create (not start) a container, e.g. to copy files in first; see :meth:`start_created`."""
-        host_config = self.api.create_host_config(
-            binds={name: {"bind": path, "mode": "rw"} for name, path in (volumes or {}).items()},
-        )
         return self.api.create_container(
             ref, command=command, user=user or "", environment=environment,
-            host_config=host_config,
+            host_config=self._host_config(volumes=volumes),
         )["Id"]
 
     def start_created(self, container_id: str) -> None:

@@ -7,14 +7,16 @@ inside a container they use pytest-testinfra's docker backend (``Container.host`
 from __future__ import annotations
 
 import json
-import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import testinfra
+from packaging.utils import canonicalize_name as canonical
 
 from ..engine import Engine
 from ..errors import DevboxError
@@ -30,11 +32,6 @@ STUDIO_GID = 100
 STUDIO_HOME = "/home/sagemaker-user"
 STUDIO_SHELL = "/bin/bash"
 IDE_PORT = 8888
-
-
-def canonical(name: str) -> str:
-    """A Python package name as pip compares them."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @dataclass
@@ -127,6 +124,17 @@ class Container:
             if health != "starting" or time.monotonic() > deadline:
                 return health
             time.sleep(0.3)
+
+
+@contextmanager
+def running(image: ImageUnderTest, command: list[str] | None = None,
+            **options) -> Iterator[Container]:
+    """A container of the image (Engine.start's options) for the block; removed by id after."""
+    container_id = image.engine.start(image.ref, command, **options)
+    try:
+        yield Container(container_id, image.engine, user=options.get("user"))
+    finally:
+        image.engine.remove(container_id)
 
 
 def http_get(url: str, *, headers=None, timeout: float = 60, still_running=lambda: True,

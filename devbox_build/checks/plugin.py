@@ -24,7 +24,7 @@ import pytest
 
 from ..engine import Engine
 from ..errors import DevboxError
-from .image import Container, ImageUnderTest
+from .image import Container, ImageUnderTest, running
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -74,11 +74,8 @@ def start_container(image: ImageUnderTest) -> Iterator[Callable[..., Container]]
 @pytest.fixture(scope="session")
 def idle_container(image: ImageUnderTest) -> Iterator[Container]:
     """One container of the image doing nothing, shared by the checks that only look inside."""
-    container_id = image.engine.start(image.ref, entrypoint=["sleep", "infinity"])
-    try:
-        yield Container(container_id, image.engine)
-    finally:
-        image.engine.remove(container_id)
+    with running(image, entrypoint=["sleep", "infinity"]) as container:
+        yield container
 
 
 @pytest.fixture(scope="session")

@@ -84,23 +84,11 @@ def gpu_engine(image):
 
 def test_nvidia_smi_sees_the_gpu(image, gpu_engine, cuda):
     """with --gpus all, nvidia-smi lists a GPU"""
-    container_id = gpu_engine.start(image.ref, ["nvidia-smi", "-L"], gpus=True)
-    try:
-        code = gpu_engine.wait(container_id, timeout=60)
-        logs = gpu_engine.logs(container_id)
-    finally:
-        gpu_engine.remove(container_id)
+    code, logs = gpu_engine.run(image.ref, ["nvidia-smi", "-L"], gpus=True)
     assert code == 0 and "GPU 0" in logs, f"nvidia-smi failed ({code}):\n{logs[-1500:]}"
 
 
 def test_framework_sees_the_gpu(image, gpu_engine, cuda):
     """with --gpus all, the CUDA framework sees a device"""
-    container_id = gpu_engine.start(image.ref, ["python", "-c", PROBE], gpus=True)
-    try:
-        code = gpu_engine.wait(container_id, timeout=120)
-        logs = gpu_engine.logs(container_id)
-    finally:
-        gpu_engine.remove(container_id)
-    assert code == 0, f"the CUDA probe crashed ({code}):\n{logs[-1500:]}"
-    result = json.loads(logs.strip().splitlines()[-1])
+    result = probe(image, gpus=True)
     assert result["devices"] >= 1, f"{result['framework']} sees no GPU: {result}"

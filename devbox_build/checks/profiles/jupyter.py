@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from devbox_build.checks.image import IDE_PORT, Container
+from devbox_build.checks.image import IDE_PORT, running
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +17,9 @@ def laptop(image):
     if not image.has_jupyterlab:
         pytest.fail(f"{image.ref} has no jupyter-lab to serve", pytrace=False)
     token = secrets.token_hex(16)
-    container_id = image.engine.start(
-        image.ref, environment={"JUPYTER_TOKEN": token}, publish=[IDE_PORT],
-        health_interval_s=1,
-    )
-    try:
-        yield Container(container_id, image.engine), token
-    finally:
-        image.engine.remove(container_id)
+    with running(image, environment={"JUPYTER_TOKEN": token}, publish=[IDE_PORT],
+                 health_interval_s=1) as container:
+        yield container, token
 
 
 def test_api_refuses_requests_without_the_token(laptop):

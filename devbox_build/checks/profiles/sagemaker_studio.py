@@ -10,7 +10,7 @@ from devbox_build.checks.image import (
     STUDIO_GID,
     STUDIO_HOME,
     STUDIO_UID,
-    Container,
+    running,
 )
 
 STUDIO_ENV = {"SAGEMAKER_APP_TYPE": "JupyterLab"}
@@ -23,14 +23,9 @@ BASE_URL = "/jupyterlab/default"
 def studio(image):
     if not image.has_jupyterlab:
         pytest.fail(f"{image.ref} has no jupyter-lab to serve", pytrace=False)
-    container_id = image.engine.start(
-        image.ref, environment=STUDIO_ENV, tmpfs=EMPTY_HOME, publish=[IDE_PORT],
-        health_interval_s=1,
-    )
-    try:
-        yield Container(container_id, image.engine)
-    finally:
-        image.engine.remove(container_id)
+    with running(image, environment=STUDIO_ENV, tmpfs=EMPTY_HOME, publish=[IDE_PORT],
+                 health_interval_s=1) as container:
+        yield container
 
 
 def test_image_is_amd64(image):

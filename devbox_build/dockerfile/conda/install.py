@@ -11,32 +11,22 @@ After installing it makes the prefix fit the image:
     bundle, where the build put any corporate CA);
   * <prefix>/.condarc puts user environments and caches under ~/.conda (the persisted home);
   * the prefix is group-owned, group-writable and setgid for the user's group, so a dev
-    container user whose uid was remapped can still install;
-  * no credentials from channel URLs remain in conda-meta.
+    container user whose uid was remapped can still install.
+The lock arrives with credentials already taken out of its URLs (render.py), so none reach
+conda-meta or .condarc.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import rattler
-
-# user:password@ in a URL, and anaconda.org-style /t/<token>/ path segments.
-CREDENTIALS = (re.compile(r"(?<=://)[^/@\s]+@"), re.compile(r"/t/[^/]+(?=/)"))
-
-
-def strip_credentials(url: str) -> str:
-    for pattern in CREDENTIALS:
-        url = pattern.sub("", url)
-    return url
 
 
 def records_for(lock_path: Path, subdir: str) -> list:
@@ -66,23 +56,11 @@ def trust_image_ca(prefix: Path, bundle: str) -> None:
 def write_condarc(prefix: Path, channels: list[str], bundle: str) -> None:
     lines = ["# Written by devbox-build. Environments you create go to ~/.conda/envs (your home",
              "# persists); the image's own environment is this prefix.",
-             "channels:", *[f"  - {strip_credentials(c)}" for c in channels],
+             "channels:", *[f"  - {c}" for c in channels],
              "envs_dirs:", "  - ~/.conda/envs", f"  - {prefix}/envs",
              "pkgs_dirs:", "  - ~/.conda/pkgs",
              f"ssl_verify: {bundle}", ""]
     (prefix / ".condarc").write_text("\n".join(lines))
-
-
-def scrub_metadata(prefix: Path) -> None:
-    for path in (prefix / "conda-meta").glob("*.json"):
-        record = json.loads(path.read_text())
-        changed = False
-        for key in ("url", "channel"):
-            if isinstance(record.get(key), str) and strip_credentials(record[key]) != record[key]:
-                record[key] = strip_credentials(record[key])
-                changed = True
-        if changed:
-            path.write_text(json.dumps(record, indent=2))
 
 
 def share_with_group(prefix: Path, gid: int) -> None:
@@ -127,7 +105,6 @@ def main() -> int:
         shutil.rmtree(cache, ignore_errors=True)
     trust_image_ca(args.prefix, args.ca_bundle)
     write_condarc(args.prefix, channels_of(args.lock), args.ca_bundle)
-    scrub_metadata(args.prefix)
     share_with_group(args.prefix, args.group)
     added = len(records) - len(present)
     print(f"devbox-build: {args.lock.name}: {len(records)} conda packages in {args.prefix} "
