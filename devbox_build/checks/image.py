@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import testinfra
-from packaging.utils import canonicalize_name as canonical
 
 from ..engine import Engine
 from ..errors import DevboxError

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from packaging.utils import canonicalize_name as canonical
 
-from devbox_build.checks.image import REQUIREMENTS, canonical
+from devbox_build.checks.image import REQUIREMENTS
 from devbox_build.render import VENV
 
 INSTALLED = (
