@@ -3,12 +3,15 @@
     python benchmarks/run.py            # everything (~10 min on 2 cores; pip-compile is slow)
     python benchmarks/run.py --quick    # skip the pip-compile lock timing
     python benchmarks/run.py --checks   # only the contract-check figures (~1 min)
+    python benchmarks/run.py --conda    # only the conda lock figures (seconds; no engine)
 
 Figures (goals from the build-spine issue):
   no-op rebuild              `devbox-build build` with nothing changed           goal ≤ 1 s
   one-pin / cold             rebuild after one pin change ÷ cold build            goal ≤ 0.15
   size overhead              (image − base) ÷ installed payload                  goal ≤ 1.05
   lock                       uv vs pip-compile on the default stack's pip inputs
+  conda lock                 the conda tests' environment, linux-64 + linux-aarch64: py-rattler,
+                             and conda-lock where a conda/mamba/micromamba executable exists
   hand-written baseline      the same lock as one `pip install -r` stage, cold and after the pin
   check suite                `devbox-build check` on the default images           goal ≤ 20 s
   start → /api/status 200    container start to JupyterLab answering, per mode    goal ≤ 3 s
@@ -34,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devbox_build import locking  # noqa: E402
+from devbox_build import conda, locking  # noqa: E402
 from devbox_build.build import BuildOptions, build  # noqa: E402
 from devbox_build.checks import run_checks  # noqa: E402
 from devbox_build.checks.image import IDE_PORT, http_get  # noqa: E402
@@ -126,6 +129,40 @@ def lock_time(resolver: str) -> float:
         return took
 
 
+def conda_lock_rows() -> list[tuple[str, str, str, str]]:
+    """Lock the conda tests' environment (their loopback channel) for two platforms."""
+    from tests.support.conda_channel import ServedChannel, build_channel
+
+    with tempfile.TemporaryDirectory(prefix="devbox-bench-conda-") as scratch:
+        scratch = Path(scratch)
+        folder = scratch / "tiny"
+        shutil.copytree(ROOT / "tests" / "stacks" / "tiny", folder)
+        with ServedChannel(build_channel(scratch / "channel")) as channel:
+            (folder / "environment.yml").write_text(
+                f"channels:\n  - {channel.url}\ndependencies:\n  - greeter >=2\n"
+                "  - ca-certificates\n  - farewell\n")
+            with (folder / "image.toml").open("a") as spec_file:
+                spec_file.write('\n[conda]\nenvironment = "environment.yml"\n')
+            spec = load_spec(folder)
+            times = sorted(timed(lambda: conda.lock(spec, upgrade=True))[0] for _ in range(5))
+            rows = [("conda lock, py-rattler (2 platforms, median of 5)", f"{times[2]:.2f} s",
+                     "-", "")]
+            executable = next((shutil.which(n) for n in ("micromamba", "mamba", "conda")
+                               if shutil.which(n)), None)
+            if executable:
+                took, _ = timed(lambda: subprocess.run(
+                    ["conda-lock", "lock", "--conda", executable, "-f",
+                     str(folder / "environment.yml"), "-p", "linux-64", "-p", "linux-aarch64",
+                     "--lockfile", str(scratch / "conda-lock.yml")],
+                    check=True, capture_output=True))
+                rows.append((f"conda lock, conda-lock with {Path(executable).name}",
+                             f"{took:.2f} s", "-", ""))
+            else:
+                rows.append(("conda lock, conda-lock", "not measured: no conda, mamba or "
+                             "micromamba executable here", "-", ""))
+    return rows
+
+
 def start_to_status(engine: Engine, ref: str, studio: bool) -> float:
     """Seconds from `docker run` (create + start) to /api/status answering 200."""
     environment = {"SAGEMAKER_APP_TYPE": "JupyterLab"} if studio else {"JUPYTER_TOKEN": "bench"}
@@ -167,7 +204,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the pip-compile lock timing")
     parser.add_argument("--checks", action="store_true", help="only the contract-check figures")
+    parser.add_argument("--conda", action="store_true", help="only the conda lock figures")
     args = parser.parse_args()
+    if args.conda:
+        print_rows(conda_lock_rows())
+        return
     engine = Engine.connect()
     if args.checks:
         print_rows(check_rows(engine, load_spec(ROOT / "images" / "datascience")))
@@ -205,6 +246,7 @@ def main() -> None:
     ]
     if not args.quick:
         rows.append(("lock, pip-compile (same input)", f"{lock_time('pip-compile'):.0f} s", "-", ""))
+    rows += conda_lock_rows()
     rows += check_rows(engine, spec)
     print_rows(rows)
 

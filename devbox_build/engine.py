@@ -212,12 +212,15 @@ class Engine:
         user: str | None = None,
         environment: dict[str, str] | None = None,
         entrypoint: list[str] | None = None,
+        volumes: dict[str, str] | None = None,
+        network_mode: str | None = None,
         gpus: bool = False,
     ) -> tuple[int, str]:
         """Run a command to completion in a fresh container, removed afterwards by id."""
         container = self.api.create_container(
             ref, command=command, user=user or "", environment=environment,
-            entrypoint=entrypoint, host_config=self._host_config(gpus=gpus),
+            entrypoint=entrypoint, host_config=self._host_config(
+                volumes=volumes, network_mode=network_mode, gpus=gpus),
         )
         try:
             self.api.start(container["Id"])
@@ -227,8 +230,10 @@ class Engine:
         finally:
             self.api.remove_container(container["Id"], force=True)
 
-    def _host_config(self, *, publish=(), tmpfs=None, volumes=None, gpus=False) -> dict:
+    def _host_config(self, *, publish=(), tmpfs=None, volumes=None, network_mode=None,
+                     gpus=False) -> dict:
         return self.api.create_host_config(
+            network_mode=network_mode,
             port_bindings={port: ("127.0.0.1", None) for port in publish},
             tmpfs=tmpfs or None,
             binds={name: {"bind": path, "mode": "rw"} for name, path in (volumes or {}).items()},

@@ -218,7 +218,7 @@ def _conda_layers(spec: ImageSpec, variant: str, platform: str,
     if subdir not in spec.conda.platforms:
         raise SpecError(f"{spec.path}: key 'conda.platforms': building for {platform} needs "
                         f"{subdir} in the conda lock")
-    for name in ("installer.txt", "install.py"):
+    for name in ("installer.txt", "install.py", "devbox-conda"):
         context.files[f"{CONDA_INSTALLER}/{name}"] = _template_file(f"conda/{name}")
     layers = []
     for item in locks:

@@ -7,6 +7,7 @@ on loopback over http; builds use `--network host` to reach it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -200,6 +201,35 @@ def test_layers_rebuild_only_from_what_changed(engine, conda_stack, channel):
                               conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
     assert after_conda[:apt_step + 1] == after_pip[:apt_step + 1]
     assert after_conda[conda_step][0] != after_pip[conda_step][0]
+
+
+@pytest.mark.engine
+def test_users_create_their_own_environments_in_the_persisted_home(engine, conda_stack, channel):
+    lock(conda_stack)
+    spec = load(conda_stack)
+    ref = conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag
+    home = engine.create_volume(f"devbox-test-conda-home-{os.getpid()}")
+    try:
+        def run(script: str) -> tuple[int, str]:
+            return engine.run(ref, ["bash", "-c", script], network_mode="host",
+                              volumes={home: spec.user.home})
+
+        # Solved at run time against the image's own channels (from its .condarc).
+        code, out = run("devbox-conda create mine greeter ca-certificates && devbox-conda run mine greet")
+        assert code == 0 and "hello from conda" in out, out
+        code, out = run("devbox-conda create bad no-such-package")
+        assert code == 1 and "could not solve no-such-package" in out, out
+        assert "Traceback" not in out
+        # A new container on the same home volume (a rebuilt dev container) still has it.
+        code, out = run("devbox-conda list; ~/.conda/envs/mine/bin/greet;"
+                        "readlink ~/.conda/envs/mine/ssl/cacert.pem")
+        assert code == 0, out
+        assert f"mine\t{spec.user.home}/.conda/envs/mine" in out and "hello from conda" in out
+        assert "bad" not in out.split("hello")[0]  # the failed create left nothing behind
+        # Its OpenSSL trusts the image's bundle (with any corporate CA), as /opt/conda's does.
+        assert out.splitlines()[-1] == "/etc/ssl/certs/ca-certificates.crt", out
+    finally:
+        engine.remove_volume(home)
 
 
 def test_variant_conda_without_a_conda_section_is_a_spec_error(stack):
