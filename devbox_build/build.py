@@ -114,7 +114,8 @@ def base_image_id(engine: Engine, spec: ImageSpec, variant: str) -> str:
         raise SpecError(
             f"{spec.path}: key 'variants.{variant}.base': base image {base!r} is not in the "
             f"engine and could not be pulled ({exc.message.removeprefix(f'cannot pull {base}: ')})",
-            hint=f"without a registry, build it from a Debian mirror: "
+            hint=f"build the image it extends first (devbox-build build <its spec>) or pull it"
+            if spec.extends else f"without a registry, build it from a Debian mirror: "
             f"devbox-build bootstrap-base --tag {base}",
         ) from None
 

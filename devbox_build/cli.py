@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, locking
-from .build import BuildOptions, BuildResult, build, resolve_variants
+from .build import BuildOptions, BuildResult, base_image_id, build, resolve_variants
 from .engine import Engine, Step
 from .errors import DevboxError
 from .manifest import read_manifest
@@ -103,9 +103,18 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
             took = f" in {result.seconds:.1f} s" if result.status == "written" else ""
             err.print(f"  {result.path}: {result.status} ({result.packages} packages){took}")
 
+    base_manifests = None
+    if spec.extends:
+        # The image it layers on decides the pins it must keep: read them from its manifests.
+        engine = Engine.connect()
+        base_manifests = {}
+        for variant, variant_spec in spec.variants.items():
+            base_image_id(engine, spec, variant)  # pulled if missing, else one clear error
+            base_manifests[variant_spec.base] = read_manifest(engine, variant_spec.base)
+        err.print(f"constraints from {', '.join(base_manifests)}")
     err.print(f"locking {spec.name} with {resolver}")
     results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
-                           on_result=report)
+                           on_result=report, base_manifests=base_manifests)
     if as_json:
         out.print_json(data=[{**r.__dict__, "path": str(r.path)} for r in results])
 

@@ -15,6 +15,11 @@ layer byte for byte: accelerator inputs cannot move a shared pin.
 
 Each lock starts with a header recording a digest of its inputs (input files, the lock below,
 Python version, platform); ``check`` recomputes it to find stale locks.
+
+A spec that ``extends`` a devbox-built image (a project on the team's image) locks its bottom
+layer with ``locks/team-constraints.txt`` as constraints: the pins every variant of that image
+shares, read from the images' manifests when locking. The project cannot move a team pin, and
+the file is an input like any other, so a new team image makes the project's locks stale.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from .spec import PLATFORMS, ImageSpec
 LOCK_FORMAT = "devbox-lock/1"
 DIGEST_PREFIX = "# inputs-sha256: "
 RESOLVERS = ("uv", "pip-compile")
+TEAM_CONSTRAINTS = "team-constraints.txt"
 
 
 @dataclass(frozen=True)
@@ -114,12 +120,37 @@ def all_layers(
     return list(seen.values())
 
 
+def team_constraints_path(spec: ImageSpec) -> Path:
+    return spec.folder / "locks" / TEAM_CONSTRAINTS
+
+
+def team_constraints(spec: ImageSpec, manifests: dict[str, dict]) -> str:
+    """The constraints file for a spec that extends an image: the pins all its variants share.
+
+    ``manifests`` maps each variant's base image ref to its manifest. A pin only one variant has
+    (torch in the GPU image) is no constraint for the shared layer.
+    """
+    shared: dict[str, str] | None = None
+    for manifest in manifests.values():
+        pins = {p["name"]: p["version"] for p in manifest["packages"]["pip"] if p["layer"] != "seed"}
+        shared = pins if shared is None else {
+            name: version for name, version in shared.items() if pins.get(name) == version}
+    sources = ", ".join(f"{ref} ({m.get('content_hash', '?')[:12]})" for ref, m in manifests.items())
+    return (f"# The pins of {spec.extends} that a project on it must keep, from {sources}.\n"
+            f"# Written by devbox-build lock {spec.name}; do not edit.\n"
+            + "".join(f"{name}=={version}\n" for name, version in sorted((shared or {}).items())))
+
+
 def inputs_digest(spec: ImageSpec, layer: LockLayer) -> str:
     digest = hashlib.sha256()
     digest.update(f"{LOCK_FORMAT}\npython={spec.python}\nplatform={layer.platform}\n".encode())
     for relative in layer.inputs:
         digest.update(f"input {relative}\n".encode())
         digest.update(_input_bytes(spec, relative))
+    if layer.below is None and spec.extends:
+        team = team_constraints_path(spec)
+        digest.update(b"team\n")
+        digest.update(team.read_bytes() if team.is_file() else b"<missing>")
     if layer.below is not None:
         below = layer.below.path(spec)
         digest.update(b"below\n")
@@ -145,6 +176,8 @@ def check(
 ) -> list[tuple[Path, str]]:
     """Locks that are missing or whose inputs changed since they were written."""
     problems = conda.check(spec, variants)
+    if spec.extends and not team_constraints_path(spec).is_file():
+        problems.append((team_constraints_path(spec), f"missing: the pins of {spec.extends}"))
     for layer in all_layers(spec, platforms, variants):
         path = layer.path(spec)
         recorded = recorded_digest(path)
@@ -162,10 +195,23 @@ def lock(
     resolver: str = "uv",
     upgrade: bool = False,
     on_result=None,
+    base_manifests: dict[str, dict] | None = None,
 ) -> list[LockResult]:
-    """Write every stale or missing lock of the spec (all when ``upgrade``)."""
+    """Write every stale or missing lock of the spec (all when ``upgrade``).
+
+    A spec that extends an image needs ``base_manifests`` (base ref → manifest, see
+    :func:`team_constraints`); the CLI reads them from the engine.
+    """
     if resolver not in RESOLVERS:
         raise LockError(f"unknown resolver {resolver!r}; choose one of {', '.join(RESOLVERS)}")
+    if spec.extends:
+        if base_manifests is None:
+            raise LockError(f"{spec.path}: key 'extends': locking needs the manifests of "
+                            f"{spec.extends}'s images")
+        text = team_constraints(spec, base_manifests)
+        path = team_constraints_path(spec)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            write_atomic(path, text)
     # conda first: its locks cover every conda subdir and do not depend on the pip locks.
     results = conda.lock(spec, upgrade=upgrade, on_result=on_result)
     for layer in all_layers(spec, platforms):
@@ -225,6 +271,8 @@ def _resolve(spec: ImageSpec, layer: LockLayer, resolver: str, upgrade: bool) ->
         constraints = []
         if layer.below is not None:
             constraints = ["-c", os.path.relpath(layer.below.path(spec), spec.folder)]
+        elif spec.extends:
+            constraints = ["-c", os.path.relpath(team_constraints_path(spec), spec.folder)]
         if resolver == "uv":
             command, env = _uv_command(spec, layer, inputs, constraints, output, upgrade)
         else:

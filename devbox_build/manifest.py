@@ -29,9 +29,10 @@ def read_manifest(engine: Engine, ref: str) -> dict:
 
 
 def locked_versions(manifest: dict) -> dict[str, str]:
-    """pip packages the image installed from its locks (the venv's own seeds left out)."""
+    """pip packages the image installed from its own locks (not the venv's seeds, nor the
+    packages of an image it extends)."""
     return {
         package["name"]: package["version"]
         for package in manifest["packages"]["pip"]
-        if package["layer"] != "seed"
+        if package["layer"] not in ("seed", "base")
     }

@@ -165,6 +165,7 @@ def render(
             if variant_spec.cuda
             else {}
         ),
+        **({} if spec.extends else {"devcontainer.metadata": devcontainer_metadata(spec, variant)}),
         **spec.labels,
     }
     build_info = {
@@ -179,6 +180,7 @@ def render(
         "conda": {"prefix": spec.conda.prefix, "locks": [c["name"] for c in conda_layers]}
         if spec.conda else None,
         "cuda": variant_spec.cuda.model_dump() if variant_spec.cuda else None,
+        "extends": variant_spec.base if spec.extends else None,
     }
     context.files["devbox/build-info.json"] = (
         json.dumps(build_info, indent=2, sort_keys=True) + "\n"
@@ -206,6 +208,31 @@ def render(
         labels=labels,
     ).encode()
     return context
+
+
+# What VS Code needs to work in the image; its Python and Jupyter extensions find the venv.
+VSCODE_EXTENSIONS = ["ms-python.python", "ms-python.debugpy", "ms-toolsai.jupyter"]
+
+
+def devcontainer_metadata(spec: ImageSpec, variant: str) -> str:
+    """The image's `devcontainer.metadata` label: dev container defaults that ride with the image.
+
+    A project's devcontainer.json (the copier template's) then only says what is its own, and
+    `copier update` has less to merge. An image that extends this one inherits the label.
+    """
+    entry = {
+        "remoteUser": spec.user.name,
+        "updateRemoteUserUID": True,
+        "customizations": {"vscode": {
+            "extensions": VSCODE_EXTENSIONS,
+            "settings": {"python.defaultInterpreterPath": f"{VENV}/bin/python",
+                         "python.terminal.activateEnvironment": False},
+        }},
+        **({"forwardPorts": spec.ports} if spec.ports else {}),
+        # "optional": a GPU when the host has one, and still a working container when not.
+        **({"hostRequirements": {"gpu": "optional"}} if spec.variants[variant].cuda else {}),
+    }
+    return json.dumps([entry], separators=(",", ":"))
 
 
 def _conda_layers(spec: ImageSpec, variant: str, platform: str,

@@ -96,6 +96,7 @@ class Cuda(_Model):
 class Variant(_Model):
     """One build of the image (cpu, gpu, ...): its base and its accelerator-only inputs."""
 
+    # The image to build on. With the spec's `extends`, defaults to <extends>:<variant name>.
     base: str
     pip: list[str] = []
     # Extra environment.yml-style files for this variant; with `cuda`, the solve assumes a
@@ -111,6 +112,10 @@ class ImageSpec(_Model):
     repository: str
     description: str = ""
     python: str
+    # A devbox-built image repository this image layers on (a project on the team's image): its
+    # OS layer (CA, Python, user, venv) is reused as is, variants build FROM <extends>:<variant>,
+    # and the pip locks are constrained by the pins it already has (locks/team-constraints.txt).
+    extends: str | None = None
     platforms: list[Literal["linux/amd64", "linux/arm64"]] = ["linux/amd64"]
     ca_certificates: list[str] = []
     user: User = User()
@@ -128,6 +133,25 @@ class ImageSpec(_Model):
 
     # Where the spec was read from; not part of the TOML.
     path: Path = Field(default=Path(SPEC_FILENAME), exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bases_from_extends(cls, data):
+        """Under `extends`, a variant without a base builds on the same variant of that image."""
+        extends = data.get("extends") if isinstance(data, dict) else None
+        variants = data.get("variants") if isinstance(data, dict) else None
+        if isinstance(extends, str) and isinstance(variants, dict):
+            data = {**data, "variants": {
+                name: {"base": f"{extends}:{name}", **variant} if isinstance(variant, dict)
+                else variant for name, variant in variants.items()}}
+        return data
+
+    @field_validator("extends")
+    @classmethod
+    def _extends(cls, value: str | None) -> str | None:
+        if value is not None and not _REPOSITORY.match(value):
+            raise ValueError(f"not an image repository name (no tag): {value!r}")
+        return value
 
     @field_validator("name")
     @classmethod

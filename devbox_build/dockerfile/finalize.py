@@ -45,13 +45,16 @@ def requirement_layers(info: dict) -> dict[str, str]:
     return layers
 
 
-def pip_packages(info: dict) -> list[dict]:
+def pip_packages(info: dict, base: dict | None) -> list[dict]:
     layers = requirement_layers(info)
+    # An image that extends another keeps the packages of the image below, as layer "base".
+    below = {p["name"]: p["layer"] for p in (base or {}).get("packages", {}).get("pip", [])}
     packages = []
     for dist in importlib.metadata.distributions():
         name = canonical(dist.metadata["Name"])
         # Anything not from a lock came with the virtual environment itself (pip, setuptools).
-        packages.append({"name": name, "version": dist.version, "layer": layers.get(name, "seed")})
+        layer = layers.get(name) or ("base" if below.get(name, "seed") != "seed" else "seed")
+        packages.append({"name": name, "version": dist.version, "layer": layer})
     return sorted(packages, key=lambda p: p["name"])
 
 
@@ -112,12 +115,19 @@ def main() -> int:
         for problem in problems:
             print(f"devbox-build: {problem}", file=sys.stderr)
         return 1
+    # The manifest of the image this one extends (a project on the team image), if any.
+    previous = DEVBOX / "manifest.json"
+    base = json.loads(previous.read_text()) if info.get("extends") and previous.is_file() else None
+    if base:
+        info["cuda"] = info.get("cuda") or base.get("cuda")  # the accelerator comes from below
+        info["extends"] = {"ref": info["extends"], "spec": base.get("spec"),
+                           "content_hash": base.get("content_hash")}
     manifest = {
         **info,
         "build_time": os.environ.get("DEVBOX_BUILD_TIME", "unknown"),
         "content_hash": os.environ.get("DEVBOX_CONTENT_HASH", "unknown"),
         "python_version": sys.version.split()[0],
-        "packages": {"pip": pip_packages(info), "conda": conda_packages(info),
+        "packages": {"pip": pip_packages(info, base), "conda": conda_packages(info),
                      "apt": apt_packages()},
     }
     restore_path_for_login_shells()

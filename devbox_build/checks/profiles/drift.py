@@ -52,9 +52,10 @@ def test_python_packages_match_the_lock(image_host, manifest):
     assert result.rc == 0, result.stderr
     found = {canonical(name): version for name, version in json.loads(result.stdout).items()}
     # The environment's own pip and setuptools come with the venv, not from a lock; the build
-    # recorded them as "seed".
+    # recorded them as "seed". An image that extends another recorded that image's as "base".
     expected = {
-        **{p["name"]: p["version"] for p in manifest["packages"]["pip"] if p["layer"] == "seed"},
+        **{p["name"]: p["version"] for p in manifest["packages"]["pip"]
+           if p["layer"] in ("seed", "base")},
         **locked_pins(image_host),
     }
     problems = differences(expected, found)
