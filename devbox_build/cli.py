@@ -189,7 +189,8 @@ class RichProgress:
               help="Extra CA certificate (PEM) or glob to trust in the image and during the "
               "build, e.g. '/usr/local/share/ca-certificates/*.crt' (repeatable; env "
               "DEVBOX_CA_CERTS, space-separated).")
-@click.option("--network", "network_mode", help="Network for build steps (e.g. host).")
+@click.option("--network", "network_mode", envvar="DEVBOX_NETWORK",
+              help="Network for build steps (e.g. host, to reach a channel or index on the host's loopback).")
 @click.option("--no-cache", is_flag=True, help="Rebuild every layer, ignoring the engine's cache.")
 @click.option("-v", "--verbose", is_flag=True, help="Stream every line of build output.")
 @images_dir_option
