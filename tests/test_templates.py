@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -174,6 +174,17 @@ def devcontainers(engine, request):
     containers.close(volume_prefix=f"t{os.getpid()}")
 
 
+@pytest.fixture
+def host_user_1234():
+    """A host account with uid 1234: the Dev Container CLI asks the host for its user's name."""
+    if subprocess.run(["getent", "passwd", "1234"], capture_output=True).returncode == 0:
+        yield
+        return
+    subprocess.run(["useradd", "--uid", "1234", "--no-create-home", "devbox-remap"], check=True)
+    yield
+    subprocess.run(["userdel", "devbox-remap"], check=False)
+
+
 def slug(name: str) -> str:
     return f"t{os.getpid()}-{name}"
 
@@ -271,7 +282,8 @@ def test_copier_update_applies_a_template_change_and_keeps_a_local_edit(tmp_path
 
 MATRIX = {
     # name: answers (beyond project_name), what `exec` must show per config
-    "cpu-pip": dict(variants="cpu", dependency_manager="pip", pip_packages="attrs"),
+    "cpu-pip": dict(variants="cpu", dependency_manager="pip", pip_packages="attrs",
+                    aws_credentials="true"),
     "gpu-conda": dict(variants="gpu", dependency_manager="conda", image_source="prebuilt",
                       conda_packages="greeter"),
     "both-both": dict(variants="both", dependency_manager="both", pip_packages="attrs",
@@ -311,6 +323,10 @@ def test_generated_project_opens_in_a_dev_container(
         answers["data_mount"] = str(tmp_path / "data")
     if answers.get("services") == "postgres":
         answers["postgres_image"] = ensure_postgres_image(engine)
+    if answers.get("aws_credentials"):
+        # A host without ~/.aws: the container must open anyway.
+        (tmp_path / "host-home").mkdir()
+        devcontainers.env["HOME"] = str(tmp_path / "host-home")
     project = copy_project(template, tmp_path / slug(case), project_name=slug(case), **answers)
     if answers.get("image_source") == "prebuilt":
         # What the project's CI does: lock, build (then push; there is no registry here).
@@ -335,6 +351,9 @@ def test_generated_project_opens_in_a_dev_container(
             # image's environment still tells the runtime to expose one where there is one.
             env = engine.api.inspect_container(container)["Config"]["Env"]
             assert "NVIDIA_VISIBLE_DEVICES=all" in env
+        if answers.get("aws_credentials"):
+            assert "aws-mounted" in devcontainers.exec(project, config,
+                                                       "test -d ~/.aws && echo aws-mounted")
         if "HOSTDATA" in str(MATRIX[case].get("data_mount")):
             assert "1,2" in devcontainers.exec(project, config, "cat /data/input.csv")
         # The image carries the shared dev container defaults in its label.
@@ -347,11 +366,15 @@ def test_generated_project_opens_in_a_dev_container(
 @pytest.mark.engine
 @pytest.mark.parametrize("host_gid", [1234, 100])
 def test_remapped_user_writes_the_workspace_installs_and_keeps_home(
-        engine, template, team, devcontainers, tmp_path, host_gid):
+        engine, template, team, devcontainers, host_user_1234, request, host_gid):
     """Host uid 1234 (not the image's 1000): the CLI remaps the container user. With host gid
     1234 the image's group 100 is renumbered and post-create hands the environment to the new
     gid; with host gid 100 (the SageMaker/`users` case) the group already matches."""
     name = slug(f"uid-{host_gid}")
+    # pytest's tmp_path is private to root; the remapped host user needs to reach its project.
+    tmp_path = Path(tempfile.mkdtemp(prefix="devbox-remap-"))
+    os.chmod(tmp_path, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
     project = copy_project(template, tmp_path / name, project_name=name, team_image=team,
                            image_source="prebuilt", pip_packages="attrs")
     result = cli("lock", str(project))
