@@ -4,6 +4,8 @@
 #   - a Docker engine (installs docker.io and starts dockerd when none answers, Linux + root)
 #   - the base image the default specs name (pulled, or bootstrapped from a Debian mirror)
 #   - the host's extra CA certificates, passed to builds (TLS-intercepting networks need them)
+#   - the Dev Container CLI (npm @devcontainers/cli, in .devbox/node) and docker-compose, which
+#     the template tests use in place of VS Code
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE_IMAGE="${DEVBOX_BASE_IMAGE:-debian:bookworm-slim}"
@@ -65,6 +67,23 @@ provision_ca_certificates() {
   fi
 }
 
+provision_devcontainer_cli() {
+  local bin="$STATE/node/node_modules/.bin"
+  if [ ! -x "$bin/devcontainer" ] && ! command -v devcontainer >/dev/null; then
+    command -v npm >/dev/null || {
+      log "devcontainer: installing npm"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+    log "devcontainer: installing @devcontainers/cli into .devbox/node"
+    npm install --silent --no-fund --no-audit --prefix "$STATE/node" @devcontainers/cli >/dev/null
+  fi
+  [ -x "$bin/devcontainer" ] && export PATH="$bin:$PATH"
+  if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+    log "compose: installing docker-compose (dev containers with services need it)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+  fi
+}
+
 provision() {
-  provision_python && provision_engine && provision_base_image && provision_ca_certificates
+  provision_python && provision_engine && provision_base_image && provision_ca_certificates \
+    && provision_devcontainer_cli
 }

@@ -400,3 +400,24 @@ def test_remapped_user_writes_the_workspace_installs_and_keeps_home(
     devcontainers.remove(container)
     devcontainers.up(project, config, user=user)
     assert devcontainers.exec(project, config, "cat ~/persisted.txt", user=user).strip() == "kept"
+
+
+@pytest.mark.engine
+def test_this_repository_opens_in_its_own_dev_container(engine, devcontainers, tmp_path):
+    """.devcontainer/: the image is built by devbox-build (initializeCommand), devbox-build runs
+    inside from the workspace, and the host's engine answers there."""
+    config = ROOT / ".devcontainer" / "devcontainer.json"
+    validate(config)
+    checkout = tmp_path / "devbox-build"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(checkout)], check=True)
+    for name in (".devcontainer", "scripts", "images/devbox-dev"):  # uncommitted work too
+        shutil.copytree(ROOT / name, checkout / name, dirs_exist_ok=True)
+    # The image's user (uid 1000) owns this checkout, as on a laptop whose user is uid 1000.
+    subprocess.run(["chown", "-R", "1000:100", str(checkout)], check=True)
+    devcontainers.up(checkout, checkout / ".devcontainer/devcontainer.json")
+    out = devcontainers.exec(checkout, checkout / ".devcontainer/devcontainer.json",
+                             "devbox-build --version; docker version --format '{{.Server.APIVersion}}';"
+                             " python -c 'import devbox_build; print(devbox_build.__file__)'")
+    assert "devbox-build, version" in out, out
+    assert "/workspaces/devbox-build/devbox_build/__init__.py" in out, out
+    assert any(line.strip().startswith("1.") for line in out.splitlines()), out
