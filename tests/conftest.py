@@ -70,6 +70,15 @@ def default_images(engine):
     return {r.variant: r for r in results}
 
 
+@pytest.fixture(scope="session")
+def channel(tmp_path_factory):
+    """A small conda channel served over http on loopback (no public channel is reachable)."""
+    from .support.conda_channel import ServedChannel, build_channel
+
+    with ServedChannel(build_channel(tmp_path_factory.mktemp("conda-channel"))) as served:
+        yield served
+
+
 @pytest.fixture
 def stack(tmp_path: Path, request) -> Path:
     """A private copy of the tiny stack, with its own repository name."""

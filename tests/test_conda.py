@@ -19,16 +19,9 @@ from devbox_build.build import BuildOptions, build
 from devbox_build.errors import DevboxError
 
 from .conftest import HOST_CA_CERTS, assert_clean_error, cli, load
-from .support.conda_channel import ServedChannel, build_channel
 from .test_build import history_ids, index_of
 
 SUBDIRS = {"linux-64", "linux-aarch64"}
-
-
-@pytest.fixture(scope="session")
-def channel(tmp_path_factory):
-    with ServedChannel(build_channel(tmp_path_factory.mktemp("conda-channel"))) as served:
-        yield served
 
 
 def environment(url: str, *specs: str, pip: list[str] = ()) -> str:

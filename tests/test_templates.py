@@ -21,7 +21,6 @@ import jsonschema
 import pytest
 
 from .conftest import HOST_CA_CERTS, IN_CI, ROOT, cli
-from .support.conda_channel import ServedChannel, build_channel
 from .support.postgres import ensure_postgres_image
 
 SCHEMA = json.loads((ROOT / "tests/support/devcontainer/devContainer.base.schema.json").read_text())
@@ -157,12 +156,6 @@ def team(tiny_images) -> str:
     """The team image repository: the tiny stack, both variants built."""
     spec, _ = tiny_images
     return spec.repository
-
-
-@pytest.fixture(scope="session")
-def project_channel(tmp_path_factory):
-    with ServedChannel(build_channel(tmp_path_factory.mktemp("project-channel"))) as served:
-        yield served
 
 
 @pytest.fixture
@@ -315,8 +308,8 @@ PROBES = {
 @pytest.mark.engine
 @pytest.mark.parametrize("case", list(MATRIX))
 def test_generated_project_opens_in_a_dev_container(
-        engine, template, team, project_channel, devcontainers, tmp_path, case):
-    answers = {**MATRIX[case], "team_image": team, "conda_channels": project_channel.url}
+        engine, template, team, channel, devcontainers, tmp_path, case):
+    answers = {**MATRIX[case], "team_image": team, "conda_channels": channel.url}
     if answers.get("data_mount") == "HOSTDATA":
         (tmp_path / "data").mkdir()
         (tmp_path / "data" / "input.csv").write_text("a,b\n1,2\n")
