@@ -42,9 +42,10 @@ from devbox_build.build import BuildOptions, build  # noqa: E402
 from devbox_build.checks import run_checks  # noqa: E402
 from devbox_build.checks.image import IDE_PORT, http_get  # noqa: E402
 from devbox_build.engine import Built, Engine  # noqa: E402
+from devbox_build.render import host_ca_certificates  # noqa: E402
 from devbox_build.spec import load_spec  # noqa: E402
 
-CA_CERTS = sorted(glob.glob(os.environ.get("DEVBOX_CA_CERTS", "/usr/local/share/ca-certificates/*.crt")))
+CA_CERTS = host_ca_certificates()  # what the CLI trusts by default
 PIN = ("six", "1.16.0")  # the one pin the benchmark moves (a small transitive package)
 
 HANDWRITTEN = """\
@@ -222,7 +223,7 @@ def main() -> None:
         cold, ref = timed(lambda: build_ours(engine, ours, no_cache=True))
         noop, _ = timed(lambda: subprocess.run(
             [sys.executable, "-m", "devbox_build.cli", "build", str(ours), "--variant", "cpu"],
-            env={**os.environ, "DEVBOX_CA_CERTS": " ".join(CA_CERTS)}, check=True,
+            env=os.environ, check=True,
             capture_output=True))
         move_one_pin(ours)
         pin, ref_pin = timed(lambda: build_ours(engine, ours))

@@ -9,14 +9,16 @@ interrupted build never leaves a tag behind.
 from __future__ import annotations
 
 import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
-from . import locking
+from . import locking, refs
 from .engine import Built, Engine, Output, Step, StepFailed
-from .errors import BuildFailed, DevboxError, LockError, SpecError
+from .errors import BuildFailed, DevboxError, InputError, LockError, SpecError
 from .render import PYTHON_MISMATCH_MARKER, BuildContext, render
 from .spec import ImageSpec
 
@@ -28,6 +30,10 @@ PROXY_ARGS = tuple(
     for name in (base, base.lower())
 )
 FAILED_OUTPUT_LINES = 40
+# What a failed download says when a TLS-intercepting network's CA is not trusted.
+CERTIFICATE_ERRORS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
+                      "SSL certificate problem", "self-signed certificate in certificate chain",
+                      "unable to get local issuer certificate", "Certificate verification failed")
 
 
 class Progress(Protocol):
@@ -63,15 +69,26 @@ class BuildResult:
         return dict(self.__dict__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
-    tags: list[str] = field(default_factory=list)
+    tags: tuple[str, ...] = ()
     registry: str | None = None
     push: bool = False
     allow_stale: bool = False
-    ca_certificates: list[str] = field(default_factory=list)
+    ca_certificates: tuple[str, ...] = ()
     network_mode: str | None = None
     no_cache: bool = False
+
+    def __post_init__(self) -> None:
+        # Every name an engine call will use is checked before any engine work.
+        for tag in self.tags:
+            refs.check_tag(tag, "--tag")
+        if self.registry is not None:
+            object.__setattr__(self, "registry", refs.check_registry(self.registry))
+        if self.push and not self.registry:
+            raise InputError("--push needs a registry: pass --registry HOST[/NAMESPACE]")
+        object.__setattr__(self, "tags", tuple(self.tags))
+        object.__setattr__(self, "ca_certificates", tuple(self.ca_certificates))
 
 
 def repository(spec: ImageSpec, registry: str | None) -> str:
@@ -82,25 +99,40 @@ def resolve_variants(spec: ImageSpec, variant: str) -> list[str]:
     if variant == "all":
         return list(spec.variants)
     if variant not in spec.variants:
-        raise DevboxError(
+        raise InputError(
             f"{spec.path}: no variant {variant!r} (variants: {', '.join(spec.variants)}, all)"
         )
     return [variant]
 
 
+def tags_for(spec: ImageSpec, variant: str, options: BuildOptions, digest: str) -> list[str]:
+    """The content tag first, then REPOSITORY:VARIANT and REPOSITORY:TAG-VARIANT."""
+    repo = repository(spec, options.registry)
+    tags = [f"{repo}:{variant}-{digest[:12]}", f"{repo}:{variant}"]
+    tags += [f"{repo}:{tag}-{variant}" for tag in options.tags]
+    for ref in tags:
+        refs.check_reference(ref, "image tag")
+    return tags
+
+
 def check_locks(spec: ImageSpec, platform: str, variants: list[str], allow_stale: bool) -> None:
     problems = locking.check(spec, [platform], variants)
-    missing = [path for path, problem in problems if problem == "missing"]
+    missing = [path for path, problem in problems if problem.startswith(locking.MISSING)]
     if missing:
         raise LockError(
             "missing lock: " + ", ".join(str(p) for p in missing),
-            hint=f"run: devbox-build lock {spec.name}",
+            hint=f"run: {spec.lock_command}",
         )
-    if problems and not allow_stale:
+    # --allow-stale accepts changed inputs, never a lock whose own content was changed.
+    refused = [(path, problem) for path, problem in problems
+               if not allow_stale or problem.startswith(locking.EDITED)]
+    if refused:
         raise LockError(
-            "refusing to build from a stale lock:\n"
-            + "\n".join(f"  {path}: {problem}" for path, problem in problems),
-            hint=f"run: devbox-build lock {spec.name} (or build with --allow-stale)",
+            "refusing to build from a stale or edited lock:\n"
+            + "\n".join(f"  {path}: {problem}" for path, problem in refused),
+            hint=f"run: {spec.lock_command}"
+            + ("" if any(p.startswith(locking.EDITED) for _, p in refused)
+               else " (or build with --allow-stale)"),
         )
 
 
@@ -120,6 +152,15 @@ def base_image_id(engine: Engine, spec: ImageSpec, variant: str) -> str:
         ) from None
 
 
+def prepare(spec: ImageSpec, variants: list[str], options: BuildOptions) -> list[BuildContext]:
+    """Everything a build needs that the engine does not: the lock gate and each variant's
+    context. Every input problem (lock, CA file, variant) is raised here, before any engine call."""
+    platform = spec.platforms[0]
+    check_locks(spec, platform, variants, options.allow_stale)
+    return [render(spec, variant, platform=platform,
+                   ca_certificates=list(options.ca_certificates)) for variant in variants]
+
+
 def build(
     spec: ImageSpec,
     variants: list[str],
@@ -128,18 +169,22 @@ def build(
     progress: Progress | None = None,
 ) -> list[BuildResult]:
     options = options or BuildOptions()
+    return build_contexts(prepare(spec, variants, options), engine, options, progress)
+
+
+def build_contexts(
+    contexts: list[BuildContext],
+    engine: Engine,
+    options: BuildOptions,
+    progress: Progress | None = None,
+) -> list[BuildResult]:
+    """Build prepared contexts: content tag → engine build (or nothing) → all tags → push."""
     progress = progress or SilentProgress()
-    platform = spec.platforms[0]
-    check_locks(spec, platform, variants, options.allow_stale)
-    if options.push and not options.registry:
-        raise DevboxError("--push needs a registry: pass --registry HOST[/NAMESPACE]")
     results = []
-    for variant in variants:
-        context = render(spec, variant, platform=platform, ca_certificates=options.ca_certificates)
+    for context in contexts:
+        spec, variant = context.spec, context.variant
         digest = context.digest(base_image_id(engine, spec, variant))
-        repo = repository(spec, options.registry)
-        content_tag = f"{repo}:{variant}-{digest[:12]}"
-        human_tags = [f"{repo}:{variant}"] + [f"{repo}:{tag}-{variant}" for tag in options.tags]
+        content_tag, *human_tags = tags_for(spec, variant, options, digest)
         started = time.monotonic()
         image_id = None if options.no_cache else engine.image_id(content_tag)
         if image_id:
@@ -147,10 +192,8 @@ def build(
         else:
             progress.start(content_tag, context)
             result = _run_build(engine, context, digest, content_tag, options, progress)
-            engine.tag(result.image_id, content_tag)
-        for ref in human_tags:
-            engine.tag(result.image_id, ref)
         result.tags = [content_tag, *human_tags]
+        apply_tags(engine, result.image_id, result.tags)
         if options.push:
             for ref in result.tags:
                 for line in engine.push(ref):
@@ -162,6 +205,34 @@ def build(
     return results
 
 
+def apply_tags(engine: Engine, image_id: str, tags: list[str]) -> None:
+    """Point every tag at ``image_id``, or none: if anything stops it half-way (an engine error,
+    Ctrl-C, SIGTERM), the tags already moved go back to the images they named before."""
+    before = {ref: engine.image_id(ref) for ref in tags}
+    moved: list[str] = []
+    try:
+        for ref in tags:
+            if before[ref] != image_id:
+                engine.tag(image_id, ref)
+                moved.append(ref)
+    except BaseException:
+        with _signals_deferred():
+            for ref in reversed(moved):
+                engine.untag(ref, restore=before[ref])
+        raise
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C and SIGTERM until the block ends: a rollback must not stop half-way too."""
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _run_build(
     engine: Engine,
     context: BuildContext,
@@ -171,7 +242,8 @@ def _run_build(
     progress: Progress,
 ) -> BuildResult:
     layers = context.step_layers()
-    buildargs = {name: os.environ[name] for name in PROXY_ARGS if name in os.environ}
+    buildargs: dict[str, str] = {name: os.environ[name] for name in PROXY_ARGS
+                                 if name in os.environ}
     buildargs["DEVBOX_BUILD_TIME"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     buildargs["DEVBOX_CONTENT_HASH"] = digest
     result = BuildResult(context.spec.name, context.variant, "", content_tag)
@@ -222,7 +294,13 @@ def _explain(context: BuildContext, layers: list[str], failure: StepFailed) -> D
         )
     tail = failure.output[-FAILED_OUTPUT_LINES:]
     shown = "\n".join(f"  | {line}" for line in tail) if tail else "  (no output)"
+    certificate = any(needle in line for line in failure.output + [failure.message]
+                      for needle in CERTIFICATE_ERRORS)
     return BuildFailed(
         f"build of image '{spec.name}', variant '{context.variant}' failed {where}:\n"
-        f"{failure.message}\noutput of the failing step:\n{shown}\nno image was tagged."
+        f"{failure.message}\noutput of the failing step:\n{shown}\nno image was tagged.",
+        hint="a download failed TLS verification: this network probably intercepts TLS. Trust "
+             "its CA with --ca-cert PATH or DEVBOX_CA_CERTS (build finds this host's extra CAs "
+             "in /usr/local/share/ca-certificates by itself unless --no-host-ca)"
+        if certificate else None,
     )

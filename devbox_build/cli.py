@@ -1,12 +1,14 @@
 """The ``devbox-build`` command line: a thin layer over the package's modules.
 
 Data goes to stdout (a Dockerfile, a table, JSON); progress and errors go to stderr. A
-DevboxError is printed as one message and exits 1; Ctrl-C exits 130.
+DevboxError is printed as one message and exits with its class's code (errors.py); Ctrl-C exits
+130 and SIGTERM 143, with nothing tagged that was not tagged before.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,12 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, locking
-from .build import BuildOptions, BuildResult, base_image_id, build, resolve_variants
+from . import __version__, locking, refs
+from .build import BuildOptions, BuildResult, base_image_id, build_contexts, prepare, resolve_variants
 from .engine import Engine, Step
-from .errors import DevboxError
+from .errors import ChecksFailed, DevboxError, InputError, Interrupted, LockError, SpecError
 from .manifest import read_manifest
-from .render import BuildContext, render
+from .render import BuildContext, host_ca_certificates, render
 from .spec import load_spec
 
 out = Console(highlight=False, soft_wrap=True)
@@ -36,6 +38,30 @@ images_dir_option = click.option(
     help="Where image specs live (images/<name>/image.toml).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def ca_options(command):
+    """--ca-cert and --no-host-ca: which CA certificates a build (or render) trusts."""
+    command = click.option(
+        "--no-host-ca", is_flag=True, envvar="DEVBOX_NO_HOST_CA",
+        help="Do not trust this host's extra CA certificates by default.")(command)
+    return click.option(
+        "--ca-cert", "ca_certs", multiple=True, envvar="DEVBOX_CA_CERTS", metavar="PATH",
+        help="Extra CA certificate (PEM) or glob to trust in the image and during the build "
+             "(repeatable; env DEVBOX_CA_CERTS, space-separated). Default: this host's extra "
+             "CAs (/usr/local/share/ca-certificates/*.crt, /etc/pki/ca-trust/source/anchors/*), "
+             "which a TLS-intercepting network needs.")(command)
+
+
+def chosen_ca_certificates(ca_certs: tuple[str, ...], no_host_ca: bool) -> tuple[list[str], str]:
+    """The CA files to trust and where they came from (printed in the build's header)."""
+    given = [pattern for value in ca_certs for pattern in value.split()]
+    if given:
+        return given, "--ca-cert / DEVBOX_CA_CERTS"
+    if no_host_ca:
+        return [], "none (--no-host-ca)"
+    found = host_ca_certificates()
+    return found, "this host's extra CAs" if found else "none (this host has no extra CAs)"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -54,6 +80,11 @@ def cli() -> None:
       devbox-build sagemaker config devbox/datascience:cpu   SageMaker registration inputs
 
     IMAGE is a spec name under --images-dir, a folder with an image.toml, or the file itself.
+
+    \b
+    Exit codes: 0 ok, 1 checks failed, 2 bad input (spec, flag, reference),
+    3 lock missing, stale, edited or unwritable, 4 engine unreachable or refused,
+    5 build step failed, 130 Ctrl-C, 143 SIGTERM (nothing new is tagged).
     """
 
 
@@ -62,7 +93,8 @@ def cli() -> None:
 
 @cli.command("lock")
 @click.argument("image")
-@click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each missing or stale lock.")
+@click.option("--check", is_flag=True,
+              help="Write nothing; exit 3 naming each missing, stale or hand-edited lock.")
 @click.option(
     "--platform", "platforms", multiple=True, type=click.Choice(["linux/amd64", "linux/arm64"]),
     help="Lock for this platform (repeatable). Default: the spec's platforms.",
@@ -89,11 +121,11 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
         if as_json:
             out.print_json(data={"ok": not problems,
                                  "problems": [{"lock": str(p), "problem": m} for p, m in problems]})
-        for path, problem in problems:
-            err.print(f"[red]✗[/] {escape(str(path))}: {problem}")
         if problems:
-            err.print(f"run: devbox-build lock {spec.name}")
-            sys.exit(1)
+            raise LockError(
+                f"{len(problems)} lock(s) of {spec.name} must be rewritten:\n"
+                + "\n".join(f"  {path}: {problem}" for path, problem in problems),
+                hint=f"run: {spec.lock_command}")
         if not as_json:
             err.print(f"[green]✓[/] all locks of {spec.name} are up to date")
         return
@@ -111,6 +143,11 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
         for variant, variant_spec in spec.variants.items():
             base_image_id(engine, spec, variant)  # pulled if missing, else one clear error
             base_manifests[variant_spec.base] = read_manifest(engine, variant_spec.base)
+            provided = ".".join(base_manifests[variant_spec.base]["python_version"].split(".")[:2])
+            if provided != spec.python:
+                # A lock resolved for a Python the image does not have would install, then fail.
+                raise SpecError(f"{spec.path}: key 'python': {variant_spec.base} provides "
+                                f"Python {provided}, not {spec.python}")
         err.print(f"constraints from {', '.join(base_manifests)}")
     err.print(f"locking {spec.name} with {resolver}")
     results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
@@ -125,15 +162,15 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
 @cli.command("render")
 @click.argument("image")
 @click.option("--variant", default=None, help="Variant to render (default: the first in the spec).")
-@click.option("--ca-cert", "ca_certs", multiple=True, envvar="DEVBOX_CA_CERTS",
-              help="Extra CA certificate (PEM) or glob, as for build.")
+@ca_options
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path),
               help="Write the whole build context to this folder instead of printing the Dockerfile.")
 @images_dir_option
-def render_command(image, variant, ca_certs, output, images_dir):
+def render_command(image, variant, ca_certs, no_host_ca, output, images_dir):
     """Print the Dockerfile that `build` uses for IMAGE (or write its whole context)."""
     spec = load_spec(image, images_dir)
-    context = render(spec, variant or next(iter(spec.variants)), ca_certificates=list(ca_certs))
+    ca_files, _ = chosen_ca_certificates(ca_certs, no_host_ca)
+    context = render(spec, variant or next(iter(spec.variants)), ca_certificates=ca_files)
     if output is None:
         sys.stdout.write(context.dockerfile)
         return
@@ -169,6 +206,7 @@ class RichProgress:
             err.print(f"           [dim]│ {escape(line)}[/]")
 
     def done(self, result: BuildResult) -> None:
+        _tagged.extend(result.tags)
         if result.built:
             err.print(f"[green]✓[/] built {result.content_tag} in {result.seconds:.1f} s "
                       f"({result.steps} steps, {result.cached_steps} from cache)")
@@ -184,33 +222,39 @@ class RichProgress:
               help="Also tag as REPOSITORY:TAG-VARIANT (repeatable).")
 @click.option("--registry", help="Registry host[/namespace] to prefix the repository with.")
 @click.option("--push", is_flag=True, help="Push every tag to --registry after the build.")
-@click.option("--allow-stale", is_flag=True, help="Build even if a lock's inputs changed.")
-@click.option("--ca-cert", "ca_certs", multiple=True, envvar="DEVBOX_CA_CERTS", metavar="PATH",
-              help="Extra CA certificate (PEM) or glob to trust in the image and during the "
-              "build, e.g. '/usr/local/share/ca-certificates/*.crt' (repeatable; env "
-              "DEVBOX_CA_CERTS, space-separated).")
+@click.option("--allow-stale", is_flag=True,
+              help="Build even if a lock's inputs changed (never from a lock edited by hand).")
+@ca_options
 @click.option("--network", "network_mode", envvar="DEVBOX_NETWORK",
               help="Network for build steps (e.g. host, to reach a channel or index on the host's loopback).")
 @click.option("--no-cache", is_flag=True, help="Rebuild every layer, ignoring the engine's cache.")
 @click.option("-v", "--verbose", is_flag=True, help="Stream every line of build output.")
 @images_dir_option
 @json_option
-def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, network_mode,
-                  no_cache, verbose, images_dir, as_json):
+def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, no_host_ca,
+                  network_mode, no_cache, verbose, images_dir, as_json):
     """Build IMAGE's variants; a build whose content is unchanged is a no-op.
 
     Every build is tagged REPOSITORY:VARIANT-<content hash> (the hash of spec, locks, template
     and base image) and REPOSITORY:VARIANT. Proxy variables in the environment (HTTP_PROXY,
     HTTPS_PROXY, NO_PROXY, ...) are passed as build args and never stored in the image.
+    This host's extra CA certificates are trusted unless --ca-cert or --no-host-ca says
+    otherwise; the header says which.
+
+    \b
+      devbox-build build datascience --variant cpu
+      devbox-build build datascience --tag 2026.11 --registry 127.0.0.1:5000/team --push
     """
     spec = load_spec(image, images_dir)
     variants = resolve_variants(spec, variant)
+    ca_files, ca_origin = chosen_ca_certificates(ca_certs, no_host_ca)
     options = BuildOptions(
-        tags=list(tags), registry=registry, push=push, allow_stale=allow_stale,
-        ca_certificates=[p for value in ca_certs for p in value.split()],
-        network_mode=network_mode, no_cache=no_cache,
+        tags=tags, registry=registry, push=push, allow_stale=allow_stale,
+        ca_certificates=ca_files, network_mode=network_mode, no_cache=no_cache,
     )
-    results = build(spec, variants, Engine.connect(), options, RichProgress(verbose))
+    contexts = prepare(spec, variants, options)
+    err.print(f"[dim]CA certificates: {len(ca_files)} from {escape(ca_origin)}[/]")
+    results = build_contexts(contexts, Engine.connect(), options, RichProgress(verbose))
     if as_json:
         out.print_json(data=[r.as_dict() for r in results])
 
@@ -224,6 +268,7 @@ def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, n
 @json_option
 def inspect_command(ref, packages, as_json):
     """Show what image REF was built from and what it contains (its manifest)."""
+    refs.check_reference(ref, "REF")
     manifest = read_manifest(Engine.connect(), ref)
     if as_json:
         out.print_json(data=manifest)
@@ -268,7 +313,7 @@ _MARKS = {"passed": "[green]✓[/]", "failed": "[bold red]✗[/]", "skipped": "[
 
 
 @cli.command("check")
-@click.argument("ref")
+@click.argument("ref", required=False)
 @click.option("--profile", "profiles", multiple=True, metavar="NAME",
               help="A check profile (repeatable; default: every profile that applies to REF). "
                    "See `devbox-build check --list`.")
@@ -299,6 +344,9 @@ def check_command(ref, profiles, extra_tests, junit_xml, list_profiles, as_json)
         for name, text in PROFILES.items():
             out.print(f"[bold]{name:<20}[/] {text}")
         return
+    if ref is None:
+        raise click.UsageError("Missing argument 'REF' (an image to check; --list needs none).")
+    refs.check_reference(ref, "REF")
     for name in profiles:
         profile_path(name)  # an unknown name is an error before any container starts
 
@@ -329,7 +377,7 @@ def check_command(ref, profiles, extra_tests, junit_xml, list_profiles, as_json)
         if junit_xml:
             err.print(f"  JUnit report: {junit_xml}")
     if counts["failed"] or not outcomes:
-        sys.exit(1)
+        sys.exit(ChecksFailed.exit_code)
 
 
 # -- sagemaker ----------------------------------------------------------------------------------
@@ -382,13 +430,14 @@ def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, a
     from .checks.image import ImageUnderTest
     from .sagemaker import config_name, requests_for
 
+    refs.check_reference(ref, "REF")
     image = ImageUnderTest.load(Engine.connect(), ref)
     if image_uri is None:
         # Docker's rule: a first path component with a dot or a colon is a registry host.
         first = ref.split("/", 1)[0]
         if "/" not in ref or not ("." in first or ":" in first):
-            raise DevboxError(f"{ref} is a local image name, not a registry URI",
-                              hint="push it to ECR and pass --image-uri with its URI")
+            raise InputError(f"{ref} is a local image name, not a registry URI",
+                             hint="push it to ECR and pass --image-uri with its URI")
         image_uri = ref
     if image_name is None:
         labels = image.labels
@@ -408,7 +457,8 @@ def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, a
     folder.mkdir(parents=True, exist_ok=True)
     for request in requests:
         locking.write_atomic(folder / request.filename,
-                             json.dumps(request.params, indent=2, sort_keys=True) + "\n")
+                             json.dumps(request.params, indent=2, sort_keys=True) + "\n",
+                             error=InputError)
     err.print(f"[green]✓[/] {len(requests)} requests for {image_name} in {folder}/, valid for the "
               "SageMaker API. Register with:")
     out.print(f"cd {folder}")
@@ -439,7 +489,20 @@ def bootstrap_base_command(tag, suite, mirror, if_missing):
     err.print(f"[green]✓[/] {tag} ({image_id[:19]}) in {time.monotonic() - started:.0f} s")
 
 
+# Tags the builds of this run applied, for a true message when the run is interrupted.
+_tagged: list[str] = []
+
+
+def _interrupt(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
 def main() -> None:
+    # Set, not inherited: a shell that starts a background job without job control makes it
+    # ignore SIGINT, and Python then never raises KeyboardInterrupt, so Ctrl-C (or a CI runner's
+    # SIGINT) would let a build run on and tag. SIGTERM (docker stop, CI cancel) acts the same.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli.main(standalone_mode=False)
     except DevboxError as exc:
@@ -447,12 +510,12 @@ def main() -> None:
         if exc.hint:
             err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err.print("interrupted: nothing was tagged")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing was tagged")
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt, click.exceptions.Abort) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        message = "nothing was tagged" if not _tagged else (
+            "the build in progress tagged nothing; finished before it: " + ", ".join(_tagged))
+        err.print(f"interrupted ({signal.Signals(signum).name}): {message}")
+        sys.exit(128 + signum)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

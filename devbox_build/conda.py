@@ -13,7 +13,9 @@ Like the pip locks, conda locks stack per variant:
   layer). A CUDA variant's solve assumes a ``__cuda`` virtual package of its version.
 
 Each lock's ``metadata.content_hash`` is a digest of its inputs per subdir; a changed input makes
-it stale for ``lock --check`` and ``build``. The environment's ``pip:`` section is not conda's: it
+it stale for ``lock --check`` and ``build``. ``metadata.custom_metadata`` records a digest of the
+locked packages themselves, so a hand-edited or truncated lock is refused as that file. Channel
+URLs are written bare: credentials (``user:pass@``, ``/t/<token>/``) never enter a lock. The environment's ``pip:`` section is not conda's: it
 is locked with hashes in the pip layer like any other pip input (see locking.py).
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from .errors import LockError, SpecError
 from .spec import ImageSpec
 
 LOCK_FORMAT = "devbox-conda-lock/1"
+PACKAGES_DIGEST = "devbox-packages-sha256"  # metadata.custom_metadata key
 PIP_SECTION = "#pip"  # marks an environment file's pip: section as a pip-layer input
 
 
@@ -163,10 +167,16 @@ def check(spec: ImageSpec, variants: list[str] | None = None) -> list[tuple[Path
         if not path.is_file():
             problems.append((path, "missing"))
             continue
-        recorded = read_lock(path).metadata.content_hash
+        lockfile = read_lock(path)
+        recorded_packages = (lockfile.metadata.custom_metadata or {}).get(PACKAGES_DIGEST)
+        if recorded_packages != packages_digest(lockfile.package):
+            problems.append((path, "edited: its packages changed since it was written (edited by "
+                                   "hand, cut short, or written by an older devbox-build)"))
+            continue
+        recorded = lockfile.metadata.content_hash
         for subdir in spec.conda.platforms:
             if recorded.get(subdir) != content_hash(spec, item, subdir):
-                problems.append((path, f"stale for {subdir}: its inputs changed since it "
+                problems.append((path, f"stale: for {subdir}, its inputs changed since it "
                                        "was written"))
                 break
     return problems
@@ -237,21 +247,39 @@ async def _solve(spec: ImageSpec, item: CondaLock):
                     manager="conda",
                     platform=subdir,
                     dependencies=dict(_dependency(d) for d in record.depends),
-                    url=record.url,
+                    url=strip_credentials(record.url),
                     hash=HashModel(md5=record.md5.hex() if record.md5 else None,
                                    sha256=record.sha256.hex()),
                     categories={"main"},
                     build=str(record.build),
                 ))
+    packages.sort(key=lambda p: (p.platform, p.name))
     return Lockfile(
-        package=sorted(packages, key=lambda p: (p.platform, p.name)),
+        package=packages,
         metadata=LockMeta(
             content_hash={s: content_hash(spec, item, s) for s in spec.conda.platforms},
-            channels=[Channel.from_string(c) for c in channels],
+            channels=[Channel.from_string(strip_credentials(c)) for c in channels],
             platforms=list(spec.conda.platforms),
             sources=list(item.inputs),
+            custom_metadata={PACKAGES_DIGEST: packages_digest(packages)},
         ),
     )
+
+
+def packages_digest(packages) -> str:
+    """A digest of what a lock installs: every package's subdir, name, version, build, URL and
+    sha256, in a fixed order."""
+    digest = hashlib.sha256()
+    for package in sorted(packages, key=lambda p: (p.platform, p.name)):
+        digest.update(f"{package.platform} {package.name} {package.version} {package.build} "
+                      f"{package.url} {package.hash.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def strip_credentials(url: str) -> str:
+    """A channel or package URL without ``user:password@`` or a ``/t/<token>/`` segment."""
+    url = re.sub(r"(?<=://)[^/@\s]+@", "", url)
+    return re.sub(r"/t/[^/\s]+(?=/)", "", url)
 
 
 def _dependency(depends: str) -> tuple[str, str]:

@@ -19,7 +19,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from .errors import DevboxError, EngineUnavailable
+from .errors import DevboxError, EngineError, EngineUnavailable
 
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -92,19 +92,36 @@ class Engine:
         try:
             return self.api.inspect_image(ref)
         except docker.errors.ImageNotFound:
-            raise DevboxError(f"no image {ref!r} in the engine") from None
+            raise EngineError(f"no image {ref!r} in the engine") from None
 
     def pull(self, ref: str) -> str:
         """Pull ``ref``; raises DevboxError with the engine's reason when it cannot."""
         try:
             self.client.images.pull(ref)
         except docker.errors.APIError as exc:
-            raise DevboxError(f"cannot pull {ref}: {_reason(exc)}") from None
+            raise EngineError(f"cannot pull {ref}: {_reason(exc)}") from None
         return self.api.inspect_image(ref)["Id"]
 
     def tag(self, image_id: str, ref: str) -> None:
         repository, _, tag = ref.rpartition(":")
-        self.api.tag(image_id, repository, tag)
+        try:
+            self.api.tag(image_id, repository, tag)
+        except docker.errors.APIError as exc:
+            raise EngineError(f"cannot tag {ref}: {_reason(exc)}") from None
+
+    def untag(self, ref: str, restore: str | None = None) -> None:
+        """Take tag ``ref`` away (the image stays while other tags or containers use it), or
+        point it back at image ``restore``."""
+        if restore is not None:
+            self.tag(restore, ref)
+            return
+        try:
+            self.api.remove_image(ref, noprune=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError:
+            # In use by a container: the tag still goes, the image stays.
+            self.api.remove_image(ref, force=True, noprune=True)
 
     def remove_image(self, ref: str) -> None:
         try:
@@ -123,7 +140,7 @@ class Engine:
         repository, _, tag = ref.rpartition(":")
         for event in self.api.push(repository, tag=tag, stream=True, decode=True):
             if "error" in event:
-                raise DevboxError(f"push of {ref} failed: {event['error']}")
+                raise EngineError(f"push of {ref} failed: {event['error']}")
             if event.get("status"):
                 yield f"{event.get('id', '')} {event['status']}".strip()
 
@@ -136,7 +153,7 @@ class Engine:
             self.api.import_image_from_file(tarball, repository=repository, tag=tag,
                                             changes=changes)
         except docker.errors.APIError as exc:
-            raise DevboxError(f"importing {ref} failed: {_reason(exc)}") from None
+            raise EngineError(f"importing {ref} failed: {_reason(exc)}") from None
         return self.api.inspect_image(ref)["Id"]
 
     # -- builds ---------------------------------------------------------------------------------
@@ -197,7 +214,7 @@ class Engine:
             try:
                 chunks, _ = self.api.get_archive(container["Id"], path)
             except docker.errors.NotFound:
-                raise DevboxError(f"{ref} has no {path}") from None
+                raise EngineError(f"{ref} has no {path}") from None
             with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
                 member = archive.extractfile(archive.getmembers()[0])
                 return member.read() if member else b""
@@ -275,12 +292,12 @@ class Engine:
                 healthcheck=healthcheck, detach=True,
             )
         except docker.errors.ImageNotFound:
-            raise DevboxError(f"no image {ref!r} in the engine") from None
+            raise EngineError(f"no image {ref!r} in the engine") from None
         try:
             self.api.start(container["Id"])
         except docker.errors.APIError as exc:
             self.remove(container["Id"])
-            raise DevboxError(f"cannot start a container of {ref}: {_reason(exc)}") from None
+            raise EngineError(f"cannot start a container of {ref}: {_reason(exc)}") from None
         return container["Id"]
 
     def create(self, ref: str, command: list[str], *, user: str | None = None,

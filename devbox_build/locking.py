@@ -14,7 +14,9 @@ Constraining every lock by the one below is what lets the GPU variant share the 
 layer byte for byte: accelerator inputs cannot move a shared pin.
 
 Each lock starts with a header recording a digest of its inputs (input files, the lock below,
-Python version, platform); ``check`` recomputes it to find stale locks.
+Python version, platform), and a digest of the lock file itself (``lock-sha256``, over every
+other byte, header included). ``check`` recomputes both: a changed input makes a lock stale, and
+a lock edited by hand or cut short by a merge is reported as that file, whatever its inputs say.
 
 A spec that ``extends`` a devbox-built image (a project on the team's image) locks its bottom
 layer with ``locks/team-constraints.txt`` as constraints: the pins every variant of that image
@@ -38,11 +40,14 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 
 from . import conda
-from .errors import LockError
+from .errors import DevboxError, LockError
 from .spec import PLATFORMS, ImageSpec
 
 LOCK_FORMAT = "devbox-lock/1"
 DIGEST_PREFIX = "# inputs-sha256: "
+SELF_DIGEST_PREFIX = "# lock-sha256: "
+# check()'s verdicts; an edited lock is refused even by build --allow-stale.
+MISSING, EDITED, STALE = "missing", "edited", "stale"
 RESOLVERS = ("uv", "pip-compile")
 TEAM_CONSTRAINTS = "team-constraints.txt"
 
@@ -171,20 +176,58 @@ def recorded_digest(lock: Path) -> str | None:
     return None
 
 
+def self_digest(text: str) -> str:
+    """The digest a lock records of itself: every line but the one that records it."""
+    kept = (line for line in text.splitlines(keepends=True)
+            if not line.startswith(SELF_DIGEST_PREFIX))
+    return hashlib.sha256("".join(kept).encode()).hexdigest()
+
+
+def sealed(text: str) -> str:
+    """``text`` (a header whose last line is the inputs digest, then the body) with its own
+    digest added below the inputs digest."""
+    header, _, body = text.partition("\n" + DIGEST_PREFIX)
+    inputs_line, _, rest = body.partition("\n")
+    return (f"{header}\n{DIGEST_PREFIX}{inputs_line}\n{SELF_DIGEST_PREFIX}{self_digest(text)}\n"
+            f"{rest}")
+
+
+def tampered(path: Path) -> str | None:
+    """Why a lock file's content is not what devbox-build wrote; None when it is."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    recorded = [line[len(SELF_DIGEST_PREFIX):].strip() for line in text.splitlines()
+                if line.startswith(SELF_DIGEST_PREFIX)]
+    if len(recorded) != 1:
+        return ("no lock-sha256 line: written by hand or by an older devbox-build"
+                if not recorded else "more than one lock-sha256 line (a merge of two locks?)")
+    if recorded[0] != self_digest(text):
+        return "its content changed since it was written (edited by hand or cut short)"
+    return None
+
+
 def check(
     spec: ImageSpec, platforms: list[str] | None = None, variants: list[str] | None = None
 ) -> list[tuple[Path, str]]:
-    """Locks that are missing or whose inputs changed since they were written."""
+    """Locks that are missing, edited since they were written, or whose inputs changed.
+
+    Each problem starts with its verdict (MISSING, EDITED or STALE). A lock stacked on an edited
+    one is not reported as stale too: the edited file is the one to look at.
+    """
     problems = conda.check(spec, variants)
     if spec.extends and not team_constraints_path(spec).is_file():
-        problems.append((team_constraints_path(spec), f"missing: the pins of {spec.extends}"))
+        problems.append((team_constraints_path(spec), f"{MISSING}: the pins of {spec.extends}"))
+    edited: set[Path] = set()
     for layer in all_layers(spec, platforms, variants):
         path = layer.path(spec)
-        recorded = recorded_digest(path)
         if not path.is_file():
-            problems.append((path, "missing"))
-        elif recorded != inputs_digest(spec, layer):
-            problems.append((path, "stale: its inputs changed since it was written"))
+            problems.append((path, MISSING))
+        elif reason := tampered(path):
+            edited.add(path)
+            problems.append((path, f"{EDITED}: {reason}"))
+        elif layer.below is not None and layer.below.path(spec) in edited:
+            continue
+        elif recorded_digest(path) != inputs_digest(spec, layer):
+            problems.append((path, f"{STALE}: its inputs changed since it was written"))
     return problems
 
 
@@ -218,11 +261,11 @@ def lock(
         path = layer.path(spec)
         digest = inputs_digest(spec, layer)
         started = time.monotonic()
-        if not upgrade and recorded_digest(path) == digest:
+        if not upgrade and recorded_digest(path) == digest and not tampered(path):
             result = LockResult(path, "up to date", len(read_pins(path)), 0.0)
         else:
             body = _resolve(spec, layer, resolver, upgrade)
-            write_atomic(path, _header(spec, layer, digest) + body)
+            write_atomic(path, sealed(_header(spec, layer, digest) + body))
             result = LockResult(path, "written", len(parse_pins(body)), time.monotonic() - started)
         results.append(result)
         if on_result:
@@ -234,9 +277,18 @@ def _header(spec: ImageSpec, layer: LockLayer, digest: str) -> str:
     return (
         f"# Locked by devbox-build for image '{spec.name}', layer '{layer.name}' "
         f"({layer.platform}, Python {spec.python}). Do not edit.\n"
-        f"# Regenerate with: devbox-build lock {spec.name}\n"
+        f"# Regenerate with: {regenerate_command(spec)}\n"
         f"{DIGEST_PREFIX}{digest}\n"
     )
+
+
+def regenerate_command(spec: ImageSpec) -> str:
+    """The lock command written into lock headers. It must not depend on how this run named the
+    spec (the header is part of the lock's digest): a spec under images/ is named, any other
+    (a project's image.toml) is locked from its own folder."""
+    if spec.folder.parent.name == "images":
+        return f"devbox-build lock {spec.name}"
+    return "devbox-build lock . (in the folder that holds image.toml)"
 
 
 def _input_bytes(spec: ImageSpec, relative: str) -> bytes:
@@ -345,12 +397,18 @@ def _pip_compile_command(spec, layer, inputs, constraints, output, upgrade):
     return command, env
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
-    )
+def write_atomic(path: Path, text: str, error: type[DevboxError] = LockError) -> None:
+    """Write a file so that readers see the old content or the new, never a truncated one.
+
+    A full disk or a read-only folder is one ``error`` naming the file; the old content stays.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(
+            "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+        )
+    except OSError as exc:
+        raise error(f"cannot write {path}: {exc.strerror}") from None
     try:
         with handle:
             handle.write(text)
@@ -360,6 +418,9 @@ def write_atomic(path: Path, text: str) -> None:
         os.umask(umask)
         os.chmod(handle.name, 0o666 & ~umask)  # temporary files are created 0600
         os.replace(handle.name, path)
+    except OSError as exc:
+        Path(handle.name).unlink(missing_ok=True)
+        raise error(f"cannot write {path}: {exc.strerror}; it was left as it was") from None
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import re
+import shlex
 import tarfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,7 +21,7 @@ from pathlib import Path
 import jinja2
 
 from . import __version__, conda, locking
-from .errors import DevboxError, SpecError
+from .errors import InputError, LockError, SpecError
 from .spec import CONDA_SUBDIRS, ImageSpec
 
 VENV = "/opt/venv"  # also named in dockerfile/profile.sh and dockerfile/bin/devbox-train
@@ -91,22 +92,54 @@ class BuildContext:
         return buffer
 
 
-def ca_certificate_files(spec: ImageSpec, extra: list[str] = ()) -> list[Path]:
-    """CA files from the spec (relative to it) and the command line; globs may match nothing."""
-    files: list[Path] = []
+# Where hosts keep the CA certificates they add to the system's (Debian/Ubuntu, RHEL family). A
+# TLS-intercepting network's CA is there on a corporate machine; builds trust it by default.
+HOST_CA_GLOBS = (
+    "/usr/local/share/ca-certificates/*.crt",
+    "/usr/local/share/ca-certificates/*/*.crt",
+    "/etc/pki/ca-trust/source/anchors/*.crt",
+    "/etc/pki/ca-trust/source/anchors/*.pem",
+)
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
+
+
+def host_ca_certificates() -> list[str]:
+    """This host's extra CA certificates, the ones its own tools trust beyond the defaults."""
+    return sorted({path for pattern in HOST_CA_GLOBS for path in glob.glob(pattern)})
+
+
+def ca_certificate_files(spec: ImageSpec, extra: list[str] = ()) -> dict[str, bytes]:
+    """CA certificates from the spec (relative to it) and the command line: file → its
+    certificate blocks. Only CERTIFICATE blocks are kept; a file holding a private key, a file
+    with no certificate or a pattern matching nothing is an error naming it."""
+    certificates: dict[str, bytes] = {}
     for origin, pattern in [("spec", p) for p in spec.ca_certificates] + [("cli", p) for p in extra]:
         expanded = pattern if Path(pattern).is_absolute() or origin == "cli" else str(
             spec.folder / pattern
         )
+        where = f"{spec.path}: key 'ca_certificates'" if origin == "spec" else "--ca-cert"
         matches = sorted(glob.glob(expanded))
-        if not matches and not glob.has_magic(pattern):
-            where = f"{spec.path}: key 'ca_certificates'" if origin == "spec" else "--ca-cert"
-            raise SpecError(f"{where}: file not found: {pattern}")
-        files += [Path(m) for m in matches]
-    for path in files:
-        if b"-----BEGIN CERTIFICATE-----" not in path.read_bytes():
-            raise SpecError(f"CA certificate {path} is not a PEM certificate")
-    return files
+        if not matches:
+            raise InputError(f"{where}: {'no file matches' if glob.has_magic(pattern) else 'file not found:'} {pattern}")
+        for match in matches:
+            certificates[match] = _certificate_blocks(Path(match), where)
+    return certificates
+
+
+def _certificate_blocks(path: Path, where: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    blocks = list(_PEM_BLOCK.finditer(data))
+    if any(b"PRIVATE KEY" in block.group(1) for block in blocks) or b"PRIVATE KEY-----" in data:
+        raise InputError(f"{where}: {path} holds a private key; a CA file must hold only "
+                         "certificates (export the certificate alone: openssl x509 -in FILE)")
+    certificates = [block.group(0).replace(b"\r\n", b"\n")
+                    for block in blocks if block.group(1) == b"CERTIFICATE"]
+    if not certificates:
+        raise InputError(f"{where}: {path} is not a PEM certificate (no BEGIN CERTIFICATE block)")
+    return b"\n".join(certificates) + b"\n"
 
 
 def render(
@@ -117,26 +150,27 @@ def render(
     ca_certificates: list[str] = (),
 ) -> BuildContext:
     if variant not in spec.variants:
-        raise DevboxError(
+        raise InputError(
             f"{spec.path}: no variant {variant!r} (variants: {', '.join(spec.variants)})"
         )
     platform = platform or spec.platforms[0]
     variant_spec = spec.variants[variant]
     context = BuildContext(spec, variant, platform, variant_spec.base)
 
-    for index, path in enumerate(ca_certificate_files(spec, list(ca_certificates))):
-        # update-ca-certificates only picks up *.crt files.
-        context.files[f"ca-certificates/{index:02d}-{path.stem}.crt"] = path.read_bytes()
+    for index, (path, blocks) in enumerate(ca_certificate_files(spec, list(ca_certificates)).items()):
+        # update-ca-certificates only picks up *.crt files; the name is kept to safe characters.
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)
+        context.files[f"ca-certificates/{index:02d}-{stem}.crt"] = blocks
 
     conda_layers = _conda_layers(spec, variant, platform, context)
-    pip_layers, lock_digests = [], {}
+    pip_layers, lock_digests, locked_closure = [], {}, {}
     for layer in locking.stack(spec, variant, platform):
         lock_path = layer.path(spec)
         if not lock_path.is_file():
-            raise DevboxError(
-                f"missing lock {lock_path}", hint=f"run: devbox-build lock {spec.name}"
-            )
+            raise LockError(f"missing lock {lock_path}", hint=f"run: {spec.lock_command}")
         pins = locking.added_pins(spec, layer)
+        locked_closure = {name: pin.version
+                          for name, pin in sorted(locking.read_pins(lock_path).items())}
         context_path = f"requirements/{layer.name}.txt"
         context.files[context_path] = "".join(pin.text for pin in pins).encode()
         lock_digests[layer.name] = hashlib.sha256(lock_path.read_bytes()).hexdigest()
@@ -177,6 +211,9 @@ def render(
         "tool_version": __version__,
         "locks": lock_digests,
         "pip_layers": [{"name": p["name"], "layer": p["layer"]} for p in pip_layers],
+        # The full closure the top lock promises (each lock holds everything below it): what the
+        # drift check holds the installed environment to.
+        "locked": locked_closure,
         "conda": {"prefix": spec.conda.prefix, "locks": [c["name"] for c in conda_layers]}
         if spec.conda else None,
         "cuda": variant_spec.cuda.model_dump() if variant_spec.cuda else None,
@@ -192,7 +229,8 @@ def render(
         version=__version__,
         spec=spec,
         # Relative to the spec's own folder: the content hash must not depend on the checkout path.
-        spec_path=f"{spec.folder.name}/{spec.path.name}",
+        # JSON-quoted: a folder name is not validated and must not break the comment line.
+        spec_path=json.dumps(f"{spec.folder.name}/{spec.path.name}"),
         variant=variant,
         platform=platform,
         base=variant_spec.base,
@@ -251,9 +289,9 @@ def _conda_layers(spec: ImageSpec, variant: str, platform: str,
     for item in locks:
         path = item.path(spec)
         if not path.is_file():
-            raise DevboxError(f"missing lock {path}", hint=f"run: devbox-build lock {spec.name}")
+            raise LockError(f"missing lock {path}", hint=f"run: {spec.lock_command}")
         context_path = f"conda/{path.name}"
-        context.files[context_path] = _without_credentials(path.read_bytes())
+        context.files[context_path] = path.read_bytes()
         layers.append({
             "kind": "conda", "name": item.name, "layer": item.layer,
             "lock": str(path.relative_to(spec.folder)), "context_path": context_path,
@@ -274,20 +312,29 @@ def _install_order(conda_layers: list[dict], pip_layers: list[dict]) -> list[dic
     return ordered
 
 
-def _without_credentials(lock: bytes) -> bytes:
-    """A conda lock with user:password@ and /t/<token>/ taken out of its URLs."""
-    text = re.sub(r"(?<=://)[^/@\s]+@", "", lock.decode())
-    return re.sub(r"/t/[^/\s]+(?=/)", "", text).encode()
-
-
 def _template_file(name: str) -> bytes:
     return resources.files("devbox_build").joinpath("dockerfile", *name.split("/")).read_bytes()
 
 
-def _double_quoted(value: str) -> str:
-    """A Dockerfile ENV/LABEL value: double-quoted, with quotes, backslashes and $ escaped."""
+def _double_quoted(value: object) -> str:
+    """A Dockerfile ENV/LABEL word: double-quoted, with quotes, backslashes and $ escaped.
+
+    The spec refuses control characters in every value that reaches here; one that slipped
+    through would end the instruction, so it stops the render instead.
+    """
+    value = str(value)
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError(f"refusing to write a control character into the Dockerfile: {value!r}")
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
-    return f'"{escaped}"'.replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _shell_quoted(value: object) -> str:
+    """A word in a RUN line's shell: quoted with shlex, the same checks as :func:`_double_quoted`."""
+    value = str(value)
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError(f"refusing to write a control character into the Dockerfile: {value!r}")
+    return shlex.quote(value)
 
 
 def _environment() -> jinja2.Environment:
@@ -298,5 +345,6 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["dq"] = _double_quoted
+    env.filters["sh"] = _shell_quoted
     env.filters["json"] = json.dumps
     return env

@@ -20,7 +20,7 @@ from botocore.model import ListShape, MapShape, Shape, StructureShape
 from botocore.validate import ParamValidator
 
 from .checks.image import STUDIO_GID, STUDIO_HOME, STUDIO_UID, ImageUnderTest
-from .errors import DevboxError
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,17 @@ def requests_for(
     environment: dict[str, str] | None = None,
 ) -> list[Request]:
     """The registration requests for ``image``, validated; a DevboxError lists every problem."""
+    if image.manifest is None:
+        raise InputError(
+            f"{image.ref} was not built by devbox-build: nothing says it keeps Studio's contract "
+            "(user 1000:100, JupyterLab on 8888 under /jupyterlab/default, no token)",
+            hint=f"build it with devbox-build, then: devbox-build check {image.ref}")
+    if not image.has_jupyterlab:
+        raise InputError(
+            f"{image.ref} has no JupyterLab: a Studio JupyterLab space on it would not start",
+            hint="add jupyterlab to the spec's pip requirements and rebuild")
     if image.attrs.get("Architecture") != "amd64":
-        raise DevboxError(
+        raise InputError(
             f"{image.ref} is {image.attrs.get('Architecture')}: SageMaker runs linux/amd64 only",
             hint="build the image for linux/amd64",
         )
@@ -150,5 +159,5 @@ def requests_for(
     problems = [f"{request.filename}: {problem}"
                 for request in requests for problem in validate(request.operation, request.params)]
     if problems:
-        raise DevboxError("the SageMaker request would be refused:\n  " + "\n  ".join(problems))
+        raise InputError("the SageMaker request would be refused:\n  " + "\n  ".join(problems))
     return requests

@@ -7,13 +7,24 @@ spec are relative to the spec's folder.
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from . import credentials, refs
 from .errors import SpecError
 
 SPEC_FILENAME = "image.toml"
@@ -26,7 +37,54 @@ PLATFORMS: dict[str, str] = {
 }
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_REPOSITORY = re.compile(r"^[a-z0-9]+([._/-][a-z0-9]+)*$")
+# CPython minor versions a base can provide; anything else no resolver result can run on.
+PYTHON_VERSIONS = ("3.9", "3.10", "3.11", "3.12", "3.13", "3.14")
+# The python3 of well-known bases, so a mismatch is refused at load instead of after a build.
+_BASE_PYTHONS = {
+    r"debian:(bullseye|11)([.-].*)?": "3.9",
+    r"debian:(bookworm|12)([.-].*)?": "3.11",
+    r"debian:(trixie|13)([.-].*)?": "3.13",
+    r"ubuntu:(jammy|22\.04)(-.*)?": "3.10",
+    r"ubuntu:(noble|24\.04)(-.*)?": "3.12",
+}
+
+
+def _pattern(regex: str, description: str):
+    """A validator: the whole value matches ``regex``; the error says what is expected."""
+    compiled = re.compile(regex)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"{value!r} is not {description}")
+        return value
+    return AfterValidator(check)
+
+
+def _text(value: str) -> str:
+    """Free text that ends up in a label or an environment value: one line, no control codes."""
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError(f"{value!r} holds a newline or control character; use one line of text")
+    return value
+
+
+# Each free-text field has a precise rule, so no value can change the structure of the
+# Dockerfile or shell it is written into (render quotes them as well).
+AbsolutePath = Annotated[str, _pattern(
+    r"(/[A-Za-z0-9_+@-][A-Za-z0-9._+@-]*)+",
+    "an absolute path of letters, digits and . _ + @ - (no spaces, no '..')")]
+UserName = Annotated[str, _pattern(
+    r"[a-z_][a-z0-9_-]{0,31}", "a user name (lower-case letters, digits, '_', '-'; at most 32)")]
+DriverVersion = Annotated[str, _pattern(r"\d+\.\d+(\.\d+)?", "a driver version like '580.65.06'")]
+EnvName = Annotated[str, _pattern(
+    r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name (letters, digits, '_')")]
+LabelKey = Annotated[str, _pattern(
+    r"[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?",
+    "a label key (letters, digits, '.', '_', '-', '/'; reverse-DNS style)")]
+Text = Annotated[str, AfterValidator(_text)]
+ImageReference = Annotated[str, _pattern(refs.REFERENCE, "an image reference "
+                                         "([HOST[:PORT]/]name[:tag][@digest], lower-case name)")]
+Repository = Annotated[str, _pattern(refs.REPOSITORY, "an image repository "
+                                     "([HOST[:PORT]/]lower-case/path, no tag)")]
 
 
 class _Model(BaseModel):
@@ -36,11 +94,11 @@ class _Model(BaseModel):
 class User(_Model):
     """The non-root user the image runs as (SageMaker Studio's defaults)."""
 
-    name: str = "sagemaker-user"
+    name: UserName = "sagemaker-user"
     uid: Annotated[int, Field(ge=1, le=65535)] = 1000
     gid: Annotated[int, Field(ge=1, le=65535)] = 100
-    home: str = "/home/sagemaker-user"
-    shell: str = "/bin/bash"
+    home: AbsolutePath = "/home/sagemaker-user"
+    shell: AbsolutePath = "/bin/bash"
     sudo: bool = True
 
 
@@ -66,11 +124,11 @@ class Conda(_Model):
     """A conda environment.yml, locked as conda-lock.yml and installed in the conda layer."""
 
     environment: str
-    prefix: str = "/opt/conda"
+    prefix: AbsolutePath = "/opt/conda"
     # Subdirs the lock covers; each of the spec's platforms must be among them to build.
     platforms: list[Literal["linux-64", "linux-aarch64"]] = ["linux-64", "linux-aarch64"]
     # Virtual packages the solve assumes for the target machines (the glibc of the base).
-    glibc: str = "2.36"
+    glibc: Annotated[str, _pattern(r"\d+\.\d+", "a glibc version like '2.36'")] = "2.36"
 
 
 class PipInputs(_Model):
@@ -83,7 +141,7 @@ class Cuda(_Model):
     """What a CUDA variant declares about its user-space libraries."""
 
     version: str
-    min_driver: str
+    min_driver: DriverVersion
 
     @field_validator("version")
     @classmethod
@@ -97,7 +155,7 @@ class Variant(_Model):
     """One build of the image (cpu, gpu, ...): its base and its accelerator-only inputs."""
 
     # The image to build on. With the spec's `extends`, defaults to <extends>:<variant name>.
-    base: str
+    base: ImageReference
     pip: list[str] = []
     # Extra environment.yml-style files for this variant; with `cuda`, the solve assumes a
     # __cuda virtual package of that version, so a CPU-only machine can lock the GPU environment.
@@ -109,13 +167,13 @@ class ImageSpec(_Model):
     """A whole ``image.toml``."""
 
     name: str
-    repository: str
-    description: str = ""
+    repository: Repository
+    description: Text = ""
     python: str
     # A devbox-built image repository this image layers on (a project on the team's image): its
     # OS layer (CA, Python, user, venv) is reused as is, variants build FROM <extends>:<variant>,
     # and the pip locks are constrained by the pins it already has (locks/team-constraints.txt).
-    extends: str | None = None
+    extends: Repository | None = None
     platforms: list[Literal["linux/amd64", "linux/arm64"]] = ["linux/amd64"]
     ca_certificates: list[str] = []
     user: User = User()
@@ -123,16 +181,17 @@ class ImageSpec(_Model):
     conda: Conda | None = None
     pip: PipInputs = PipInputs()
     dev: PipInputs = PipInputs()
-    env: dict[str, str] = {}
-    labels: dict[str, str] = {}
+    env: dict[EnvName, Text] = {}
+    labels: dict[LabelKey, Text] = {}
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = []
     # Default arguments to the image's entrypoint (CMD). Empty: the IDE server when the image has
     # one (JupyterLab), else a shell.
     command: list[str] = []
     variants: dict[str, Variant]
 
-    # Where the spec was read from; not part of the TOML.
+    # Where the spec was read from, and how the user named it; not part of the TOML.
     path: Path = Field(default=Path(SPEC_FILENAME), exclude=True)
+    given: str = Field(default="", exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -146,13 +205,6 @@ class ImageSpec(_Model):
                 else variant for name, variant in variants.items()}}
         return data
 
-    @field_validator("extends")
-    @classmethod
-    def _extends(cls, value: str | None) -> str | None:
-        if value is not None and not _REPOSITORY.match(value):
-            raise ValueError(f"not an image repository name (no tag): {value!r}")
-        return value
-
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
@@ -160,19 +212,26 @@ class ImageSpec(_Model):
             raise ValueError("use lower-case letters, digits, '.', '_' and '-'")
         return value
 
-    @field_validator("repository")
-    @classmethod
-    def _repository(cls, value: str) -> str:
-        if not _REPOSITORY.match(value):
-            raise ValueError(f"not a valid image repository name: {value!r}")
-        return value
-
     @field_validator("python")
     @classmethod
     def _python(cls, value: str) -> str:
         if not re.fullmatch(r"3\.\d+", value):
             raise ValueError(f"expected a Python minor version like '3.11', got {value!r}")
+        if value not in PYTHON_VERSIONS:
+            raise ValueError(f"Python {value} is not provided by any base this tool builds on "
+                             f"(CPython {PYTHON_VERSIONS[0]} to {PYTHON_VERSIONS[-1]})")
         return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if key.startswith("devbox.") or key == "org.opencontainers.image.created":
+                raise ValueError(f"{key!r} is set by devbox-build from what it builds")
+            if found := credentials.find(value):
+                raise ValueError(f"{key}: holds {found[0][0]} ({found[0][1]}); labels are "
+                                 "public in every registry the image reaches")
+        return labels
 
     @field_validator("variants")
     @classmethod
@@ -185,13 +244,29 @@ class ImageSpec(_Model):
         return variants
 
     @model_validator(mode="after")
-    def _env_is_not_a_proxy(self) -> ImageSpec:
-        for key in self.env:
-            if key.lower() in _PROXY_VARIABLES:
+    def _env_holds_no_proxy_or_secret(self) -> ImageSpec:
+        for key, value in self.env.items():
+            if key.lower() in credentials.PROXY_NAMES:
                 raise ValueError(
                     f"env.{key}: proxies are passed at build time from the environment, "
                     "never baked into the image"
                 )
+            if found := credentials.find_in_variable(key, value):
+                what, masked = found[0]
+                raise ValueError(
+                    f"env.{key}: holds {what} ({masked}); an image's environment is readable "
+                    "by anyone who pulls it. Pass secrets at run time (docker run -e, a "
+                    "mounted file) instead"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _known_bases_provide_python(self) -> ImageSpec:
+        for name, variant in self.variants.items():
+            for pattern, provided in _BASE_PYTHONS.items():
+                if re.fullmatch(pattern, variant.base) and provided != self.python:
+                    raise ValueError(f"python: {variant.base} (variants.{name}.base) provides "
+                                     f"Python {provided}, not {self.python}")
         return self
 
     @property
@@ -201,10 +276,10 @@ class ImageSpec(_Model):
     def input_path(self, relative: str) -> Path:
         return (self.folder / relative).resolve()
 
-
-_PROXY_VARIABLES = {
-    "http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy",
-}
+    @property
+    def lock_command(self) -> str:
+        """The lock command for this spec, named the way the user named it."""
+        return f"devbox-build lock {shlex.quote(self.given or self.name)}"
 
 
 def find_spec(image: str | Path, images_dir: Path = Path("images")) -> Path:
@@ -227,10 +302,15 @@ def load_spec(image: str | Path, images_dir: Path = Path("images")) -> ImageSpec
     path = find_spec(image, images_dir)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the "
+                        "spec as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: malformed TOML: {exc}") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        spec = ImageSpec.model_validate({**data, "path": path})
+        spec = ImageSpec.model_validate({**data, "path": path, "given": str(image)})
     except ValidationError as exc:
         raise SpecError(f"{path}: " + _describe(exc)) from None
     _check_files(spec)
@@ -240,13 +320,21 @@ def load_spec(image: str | Path, images_dir: Path = Path("images")) -> ImageSpec
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        # A key that is itself the problem (a newline in an env name) is shown escaped.
+        key = ".".join(str(part) if re.fullmatch(r"[\w\[\]-]+", str(part)) else json.dumps(part)
+                       for part in error["loc"]) or "(top level)"
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown key '{key}'")
         elif error["type"] == "missing":
             problems.append(f"missing key '{key}'")
         else:
             message = error["msg"].removeprefix("Value error, ")
+            # Checks across keys (env against proxies, python against the bases) name their key
+            # first: "env.HTTP_PROXY: ...".
+            if not error["loc"] and (named := re.match(r"([\w.\[\]-]+): (.*)", message, re.S)):
+                key, message = named.groups()
+            elif error["loc"] and error["loc"][-1] == "[key]":
+                key = key.removesuffix(".[key]")
             problems.append(f"key '{key}': {message}")
     return "; ".join(problems)
 

@@ -3,7 +3,7 @@
 #   - .venv with devbox-build and its test tools
 #   - a Docker engine (installs docker.io and starts dockerd when none answers, Linux + root)
 #   - the base image the default specs name (pulled, or bootstrapped from a Debian mirror)
-#   - the host's extra CA certificates, passed to builds (TLS-intercepting networks need them)
+#   - (the host's extra CA certificates: devbox-build finds them itself)
 #   - the Dev Container CLI (npm @devcontainers/cli, in .devbox/node) and docker-compose, which
 #     the template tests use in place of VS Code
 
@@ -61,9 +61,10 @@ provision_base_image() {
 }
 
 provision_ca_certificates() {
-  if [ -z "${DEVBOX_CA_CERTS:-}" ] && compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
-    export DEVBOX_CA_CERTS="/usr/local/share/ca-certificates/*.crt"
-    log "ca: builds trust this host's extra CA certificates ($DEVBOX_CA_CERTS)"
+  # Nothing to export: devbox-build itself trusts this host's extra CAs (the same files a plain
+  # shell's build finds), so the scripts and the README's commands agree on every content hash.
+  if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    log "ca: builds will trust this host's extra CA certificates (/usr/local/share/ca-certificates)"
   fi
 }
 

@@ -6,7 +6,6 @@ but FAIL when CI=true: CI must never pass by skipping the builds it exists to ch
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 from devbox_build.engine import Engine
 from devbox_build.errors import EngineUnavailable
+from devbox_build.render import host_ca_certificates
 from devbox_build.spec import ImageSpec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,8 @@ TINY = ROOT / "tests" / "stacks" / "tiny"
 DEFAULT_SPEC = ROOT / "images" / "datascience"
 BASE_IMAGE = "debian:bookworm-slim"
 # The host's extra CA certificates: builds here (and behind any TLS-intercepting proxy) need them.
-HOST_CA_CERTS = sorted(glob.glob("/usr/local/share/ca-certificates/*.crt"))
+# The same set the CLI trusts by default, so library-level builds and CLI builds agree.
+HOST_CA_CERTS = host_ca_certificates()
 IN_CI = os.environ.get("CI") == "true"
 
 
@@ -94,13 +95,13 @@ def load(stack: Path) -> ImageSpec:
     return load_spec(stack)
 
 
-def cli(*args: str, cwd: Path = ROOT, env: dict | None = None,
+def cli(*args: str, cwd: Path = ROOT, env: dict | None = None, unset: tuple[str, ...] = (),
         timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the real command line, as a user would."""
+    """Run the real command line, as a user would (``unset``: variables the shell lacks)."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run(
         [sys.executable, "-m", "devbox_build.cli", *args],
-        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-        timeout=timeout, check=False,
+        cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from devbox_build import locking
-from devbox_build.build import BuildOptions, build, repository
+from devbox_build.build import BuildOptions, apply_tags, build, repository
 from devbox_build.engine import Engine
+from devbox_build.errors import Interrupted
 from devbox_build.render import render
 
 from .conftest import HOST_CA_CERTS, assert_clean_error, cli, load
@@ -94,11 +95,15 @@ def test_second_build_is_a_no_op_with_the_same_tag(engine, tiny_images):
     assert [r.content_tag for r in again] == [results["cpu"].content_tag,
                                               results["gpu"].content_tag]
     assert all(not r.built for r in again)
+    # Typed in a plain shell (no DEVBOX_CA_CERTS): the CLI finds this host's extra CAs itself,
+    # so it agrees with the build above (which named them) on the content hash.
     started = time.monotonic()
-    result = cli("build", str(spec.folder), "--json", env=CA)
+    result = cli("build", str(spec.folder), "--json", unset=("DEVBOX_CA_CERTS",))
     assert result.returncode == 0, result.stderr
-    assert [r["built"] for r in json.loads(result.stdout)] == [False, False]
+    assert [r["built"] for r in json.loads(result.stdout)] == [False, False], result.stderr
     assert "up to date" in result.stderr
+    if HOST_CA_CERTS:
+        assert f"CA certificates: {len(HOST_CA_CERTS)} from this host's extra CAs" in result.stderr
     print(f"no-op CLI build: {time.monotonic() - started:.2f} s")
 
 
@@ -123,9 +128,11 @@ def test_changing_one_pin_rebuilds_only_the_pip_layer_and_above(engine, stack):
 def test_stale_lock_is_refused(engine, stack):
     (stack / "dev.in").write_text("iniconfig\npluggy\n")
     result = cli("build", str(stack), "--variant", "cpu", env=CA)
-    assert_clean_error(result, "stale lock", "dev.txt", "devbox-build lock tiny")
+    # The hint names the spec the way it was given (a path here), so it works when pasted.
+    assert_clean_error(result, "stale", "dev.txt", f"devbox-build lock {stack}")
+    assert result.returncode == 3
     check = cli("lock", str(stack), "--check")
-    assert check.returncode == 1 and "dev.txt: stale" in check.stderr
+    assert check.returncode == 3 and "dev.txt: stale" in check.stderr
 
 
 def test_proxies_are_used_but_never_stored(engine, stack, monkeypatch):
@@ -229,11 +236,19 @@ def test_unknown_base_image_points_at_bootstrap_base(engine, stack):
 
 
 def test_python_the_base_cannot_provide_is_a_spec_error(engine, stack):
-    spec_file = stack / "image.toml"
-    spec_file.write_text(spec_file.read_text().replace('python = "3.11"', 'python = "3.12"'))
-    assert cli("lock", str(stack)).returncode == 0
-    result = cli("build", str(stack), "--variant", "cpu", env=CA)
-    assert_clean_error(result, "key 'python'", "provides Python 3.11")
+    # A base the spec cannot know by name (an alias of bookworm): the build finds out.
+    alias = "devbox-test/unknown-base:python-check"
+    engine.tag(engine.image_id("debian:bookworm-slim"), alias)
+    try:
+        spec_file = stack / "image.toml"
+        spec_file.write_text(spec_file.read_text().replace('python = "3.11"', 'python = "3.12"')
+                             .replace('base = "debian:bookworm-slim"', f'base = "{alias}"'))
+        assert cli("lock", str(stack)).returncode == 0
+        result = cli("build", str(stack), "--variant", "cpu", env=CA)
+        assert_clean_error(result, "key 'python'", "provides Python 3.11")
+        assert result.returncode == 2
+    finally:
+        engine.untag(alias)
 
 
 def test_no_engine_reachable(stack):
@@ -241,21 +256,91 @@ def test_no_engine_reachable(stack):
     assert_clean_error(result, "no Docker engine reachable", "DOCKER_HOST")
 
 
-def test_ctrl_c_leaves_no_tag(engine, stack):
-    expected = content_tag(engine, stack, "cpu")
+def interrupt_a_running_build(engine: Engine, stack: Path, signum: int) -> tuple[int, str]:
+    """Start a CLI build the way CI starts background jobs (SIGINT ignored, inherited), wait
+    until the engine runs one of its steps (a container start event: a state, not a timer or a
+    progress line), send ``signum``; the exit status and stderr."""
+    started = time.time()
     process = subprocess.Popen(
         [sys.executable, "-m", "devbox_build.cli", "build", str(stack), "--variant", "cpu",
          "--no-cache"], env={**os.environ, **CA}, stderr=subprocess.PIPE, text=True,
+        # A shell without job control starts background jobs with SIGINT ignored, and the
+        # ignore is inherited across exec: this is how the interrupt used to be lost.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    for line in process.stderr:
-        if "apt-get update" in line:  # the long os-layer step has started
-            break
-    time.sleep(2)
-    process.send_signal(signal.SIGINT)
-    rest = process.stderr.read()
-    assert process.wait(timeout=60) == 130, rest
-    assert "interrupted: nothing was tagged" in rest and "Traceback" not in rest
+    try:
+        events = engine.api.events(since=int(started) - 1, until=int(started) + 600, decode=True,
+                                   filters={"type": "container", "event": "start"})
+        # The first step container started after this build began (an earlier test's events
+        # fall in the same second).
+        ours = (event for event in events if event["timeNano"] >= started * 1e9)
+        assert next(ours, None) is not None, "the build never started a step"
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        return process.returncode, stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_ctrl_c_leaves_no_tag(engine, stack):
+    expected = content_tag(engine, stack, "cpu")
+    code, stderr = interrupt_a_running_build(engine, stack, signal.SIGINT)
+    assert code == 130, stderr
+    assert "interrupted (SIGINT): nothing was tagged" in stderr and "Traceback" not in stderr
     assert engine.image_id(expected) is None
+
+
+def test_sigterm_ends_a_build_like_ctrl_c(engine, stack):
+    expected = content_tag(engine, stack, "cpu")
+    code, stderr = interrupt_a_running_build(engine, stack, signal.SIGTERM)
+    assert code == 143, stderr
+    assert "interrupted (SIGTERM): nothing was tagged" in stderr and "Traceback" not in stderr
+    assert engine.image_id(expected) is None
+
+
+class InterruptedAtSecondTag(Engine):
+    """The real engine; Ctrl-C arrives between the first and the second tag call."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine.client)
+        self.calls = 0
+
+    def tag(self, image_id: str, ref: str) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            raise Interrupted(signal.SIGINT)
+        super().tag(image_id, ref)
+
+
+def test_interrupt_between_tag_calls_tags_nothing(engine, tiny_images):
+    _, results = tiny_images
+    cpu, gpu = results["cpu"].image_id, results["gpu"].image_id
+    refs = ["devbox-test/rollback:content", "devbox-test/rollback:cpu",
+            "devbox-test/rollback:2026.11-cpu"]
+    engine.tag(gpu, refs[1])  # an older image already holds the human tag
+    try:
+        with pytest.raises(Interrupted):
+            apply_tags(InterruptedAtSecondTag(engine), cpu, refs)
+        assert engine.image_id(refs[0]) is None  # the tag applied first was taken back
+        assert engine.image_id(refs[1]) == gpu  # the moved tag points where it did
+        assert engine.image_id(refs[2]) is None
+        apply_tags(engine, cpu, refs)  # and uninterrupted, all of them
+        assert {engine.image_id(ref) for ref in refs} == {cpu}
+    finally:
+        for ref in refs:
+            engine.untag(ref)
+
+
+@pytest.mark.skipif(not HOST_CA_CERTS, reason="this host has no extra CA: no TLS interception "
+                    "to fail on")
+def test_certificate_failure_names_the_ca_option(engine, stack):
+    # --no-host-ca on a TLS-intercepting network: pip cannot verify the index.
+    result = cli("build", str(stack), "--variant", "cpu", "--no-host-ca", "--no-cache",
+                 unset=("DEVBOX_CA_CERTS",))
+    assert_clean_error(result, "failed in layer 'pip'", "--ca-cert", "DEVBOX_CA_CERTS")
+    assert result.returncode == 5
+    assert "CA certificates: 0 from none (--no-host-ca)" in result.stderr
 
 
 def content_tag(engine: Engine, stack: Path, variant: str) -> str:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from devbox_build.errors import DevboxError, SpecError
+from devbox_build.errors import DevboxError, InputError
 from devbox_build.render import render
 
 from .conftest import HOST_CA_CERTS, TINY, cli, load
@@ -79,7 +79,7 @@ def test_ca_certificates_are_installed_before_any_download():
 def test_a_file_that_is_not_a_certificate_is_refused(tmp_path):
     bogus = tmp_path / "corp.crt"
     bogus.write_text("hello")
-    with pytest.raises(SpecError, match="is not a PEM certificate"):
+    with pytest.raises(InputError, match="is not a PEM certificate"):
         render(load(TINY), "cpu", ca_certificates=[str(bogus)])
 
 

@@ -22,8 +22,9 @@ from .image import ImageUnderTest
 PROFILES_DIR = Path(__file__).parent / "profiles"
 PROFILES: dict[str, str] = {
     "base": "user 1000:100 and its home, non-root default, ids <= 65535, exec-form entrypoint, "
-            "no secrets or proxies",
-    "drift": "installed Python and Debian packages are exactly the lock's",
+            "no secrets or proxies (shown masked), no private key in the CA store",
+    "drift": "installed Python and Debian packages are exactly the lock's full closure; every "
+             "dependency installed (pip check)",
     "jupyter": "laptop mode: JupyterLab at / on 8888 behind a token; healthcheck; quick stop",
     "sagemaker-studio": "Studio mode: /jupyterlab/default without a token, empty home volume, "
                         "sudo, idle-shutdown extension",

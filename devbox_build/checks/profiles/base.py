@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import re
 
+from devbox_build import credentials
 from devbox_build.checks.image import (
     STUDIO_GID,
     STUDIO_HOME,
@@ -13,16 +13,9 @@ from devbox_build.checks.image import (
     STUDIO_USER,
 )
 
-# Values that must never be baked into an image: proxy settings (they belong to the network the
-# image was built on) and credentials.
-SECRET_PATTERNS = {
-    "a proxy setting": re.compile(r"\b(https?|ftp|all|no)_proxy=\S", re.IGNORECASE),
-    "an AWS access key": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
-    "an AWS secret": re.compile(r"aws_secret_access_key\s*=\s*\S", re.IGNORECASE),
-    "a GitHub token": re.compile(r"\b(ghp|gho|ghs|github_pat)_[A-Za-z0-9_]{20,}"),
-    "a private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    "a password": re.compile(r"\bpassword=\S", re.IGNORECASE),
-}
+# Where an image keeps the certificates it trusts; a private key there ships with every pull.
+CA_STORE = ("/etc/ssl", "/usr/local/share/ca-certificates", "/usr/share/ca-certificates",
+            "/etc/pki", "/etc/ca-certificates")
 
 
 def test_user_matches_the_studio_contract(image_host):
@@ -77,12 +70,30 @@ def test_entrypoint_is_exec_form_and_not_tini(image):
 
 
 def test_no_secrets_or_proxies_in_history_or_config(image):
-    """no proxy value or credential in the image's history, environment or labels"""
-    history = image.engine.history(image.ref)
-    places = [("history", step.get("CreatedBy", "")) for step in history]
-    places += [("environment", item) for item in image.config.get("Env") or []]
-    places += [("labels", json.dumps(image.labels))]
-    found = [f"{what} in {where}: {text[:120]}"
-             for where, text in places
-             for what, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+    """no proxy value or credential in the image's history, environment or labels (masked)"""
+    found = []
+    for item in image.config.get("Env") or []:
+        name, _, value = item.partition("=")
+        if name.lower() in credentials.PROXY_NAMES and value:
+            found.append(f"a proxy setting in the environment: {name}=<masked>")
+        found += [f"{what} in the environment: {masked}"
+                  for what, masked in credentials.find_in_variable(name, value)]
+    for key, value in image.labels.items():
+        found += [f"{what} in label {key}: {masked}" for what, masked in credentials.find(value)]
+    for number, step in enumerate(image.engine.history(image.ref)):
+        created_by = step.get("CreatedBy", "")
+        if re.search(r"\b(https?|ftp|all|no)_proxy=\S", created_by, re.IGNORECASE):
+            found.append(f"a proxy setting in history step {number}: {credentials.mask(created_by)[:120]}")
+        found += [f"{what} in history step {number}: {masked[:160]}"
+                  for what, masked in credentials.find(created_by)]
     assert not found, "\n".join(found)
+
+
+def test_no_private_key_in_the_ca_store(image_root_host):
+    """no private key among the image's trusted certificates (the CA store ships with every pull)"""
+    listed = image_root_host.run(
+        "grep -rlsE -- '-----BEGIN ([A-Z]+ )*PRIVATE KEY-----' " + " ".join(CA_STORE)
+        + " 2>/dev/null | head -n 20"
+    ).stdout.split()
+    assert not listed, ("private keys in the CA store (files named, contents not shown): "
+                        + ", ".join(listed))

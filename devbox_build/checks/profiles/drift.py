@@ -53,13 +53,23 @@ def test_python_packages_match_the_lock(image_host, manifest):
     found = {canonical(name): version for name, version in json.loads(result.stdout).items()}
     # The environment's own pip and setuptools come with the venv, not from a lock; the build
     # recorded them as "seed". An image that extends another recorded that image's as "base".
+    # The rest is the full closure the top lock promised (recorded at build), or for an image
+    # built before that was recorded, the pins each layer installed.
+    promised = manifest.get("locked")
     expected = {
         **{p["name"]: p["version"] for p in manifest["packages"]["pip"]
            if p["layer"] in ("seed", "base")},
-        **locked_pins(image_host),
+        **(promised if promised is not None else locked_pins(image_host)),
     }
     problems = differences(expected, found)
     assert not problems, "the environment drifted from its lock:\n" + "\n".join(problems)
+
+
+def test_every_dependency_is_installed(image_host):
+    """every installed Python package has the dependencies it declares (pip check)"""
+    result = image_host.run(f"{VENV}/bin/python -m pip check --disable-pip-version-check")
+    assert result.rc == 0, ("installed packages miss dependencies (a lock that lost a package?):"
+                            "\n" + (result.stdout or result.stderr).strip())
 
 
 def test_system_packages_match_the_build(image_host, manifest):
