@@ -23,7 +23,6 @@ touch the team's tags. Needs a running engine and the base image (scripts/provis
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import os
 import shutil

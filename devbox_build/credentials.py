@@ -22,7 +22,9 @@ VALUE_PATTERNS: dict[str, re.Pattern[str]] = {
     "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
     "an API key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
     "a JSON web token": re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"),
-    "a private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    # The whole block, body included (to the end of the text when it was cut short).
+    "a private key": re.compile(
+        r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.DOTALL),
     "a password assignment": re.compile(r"(?i)\b(?:password|passwd|secret)=(?!\$)\S+"),
 }
 # Variable names whose non-empty value is a secret by definition.

@@ -289,5 +289,5 @@ def test_readme_table_lists_every_case():
 
 
 def readme_row(case: Case) -> str:
-    words = case.needles[0].replace("|", "\\|")
+    words = " … ".join(case.needles).replace("|", "\\|")
     return f"| `{case.id}` | {case.what} | {case.code} | {words} |"

@@ -86,7 +86,35 @@ def test_changed_environment_makes_the_lock_stale(conda_stack, channel):
     (conda_stack / "environment.yml").write_text(
         environment(channel.url, "greeter >=2", "farewell", "ca-certificates", pip=["packaging"]))
     result = cli("lock", str(conda_stack), "--check")
-    assert result.returncode == 1 and "conda-lock.yml: stale" in result.stderr, result.stderr
+    assert result.returncode == 3 and "conda-lock.yml: stale" in result.stderr, result.stderr
+
+
+def test_channel_credentials_never_enter_the_lock(conda_stack, channel):
+    # A channel URL with user:password (the loopback channel ignores them): the solve uses it,
+    # the committed lock keeps the bare URL.
+    secret_url = channel.url.replace("http://", "http://alice:s3cr3t-pass@")
+    (conda_stack / "environment.yml").write_text(
+        environment(secret_url, "greeter >=2", "ca-certificates", pip=["packaging"]))
+    lock(conda_stack)
+    text = (conda_stack / "locks" / "conda-lock.yml").read_text()
+    assert "s3cr3t-pass" not in text and "alice" not in text
+    assert channel.url.rstrip("/") in text
+
+
+def test_a_hand_edited_conda_lock_is_refused_as_that_file(conda_stack):
+    lock(conda_stack)
+    path = conda_stack / "locks" / "conda-lock.yml"
+    # Drop one package entry, as a bad merge would: the file still parses.
+    text = path.read_text()
+    start = text.index("- name: farewell") if "- name: farewell" in text else text.index(
+        "- name: greeter")
+    end = text.index("- name:", start + 1)
+    path.write_text(text[:start] + text[end:])
+    result = cli("lock", str(conda_stack), "--check")
+    assert_clean_error(result, "conda-lock.yml: edited")
+    assert result.returncode == 3
+    assert cli("lock", str(conda_stack)).returncode == 0  # relocking repairs it
+    assert cli("lock", str(conda_stack), "--check").returncode == 0
 
 
 def test_unknown_channel_is_one_clear_error(conda_stack, channel):
@@ -159,11 +187,16 @@ def test_conda_env_trusts_the_image_ca_and_is_shared_with_the_group(engine, cond
 def test_hash_mismatch_fails_the_build(engine, conda_stack):
     lock(conda_stack)
     path = conda_stack / "locks" / "conda-lock.yml"
-    text = path.read_text()
-    # The greeter entries' sha256, replaced: the lock no longer matches the served package.
-    good = re.search(r"greeter-2\.1-0\.tar\.bz2\n  hash:\n    md5: \w+\n    sha256: (\w+)",
-                     text)[1]
-    path.write_text(text.replace(good, "ab" * 32))
+    # The channel now serves other bytes than the lock recorded (a package re-published under
+    # the same name): a sealed lock whose greeter sha256 differs from what is served.
+    lockfile = conda.read_lock(path)
+    for package in lockfile.package:
+        if package.name == "greeter":
+            package.hash.sha256 = "ab" * 32
+    lockfile.metadata.custom_metadata[conda.PACKAGES_DIGEST] = conda.packages_digest(
+        lockfile.package)
+    conda._write(lockfile, path)
+    assert conda.check(load(conda_stack), ["cpu"]) == []  # a lock devbox-build would accept
     spec = load(conda_stack)
     result = cli("build", str(conda_stack), "--variant", "cpu", "--network", "host",
                  env={"DEVBOX_CA_CERTS": " ".join(HOST_CA_CERTS)})

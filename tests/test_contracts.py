@@ -25,6 +25,8 @@ MUST_PASS = {
     ("base", "test_user_matches_the_studio_contract"),
     ("base", "test_no_file_has_an_id_above_65535"),
     ("base", "test_no_secrets_or_proxies_in_history_or_config"),
+    ("base", "test_no_private_key_in_the_ca_store"),
+    ("drift", "test_every_dependency_is_installed"),
     ("drift", "test_python_packages_match_the_lock"),
     ("jupyter", "test_api_refuses_requests_without_the_token"),
     ("jupyter", "test_api_answers_with_the_token"),
@@ -137,10 +139,69 @@ def test_file_owned_by_a_large_uid_fails_the_id_check(derive):
 def test_proxy_baked_into_the_environment_fails_the_secrets_check(derive):
     ref = derive("baked-proxy", "ENV HTTPS_PROXY=http://proxy.corp.example:3128")
     message = failed_check(ref, "base", "test_no_secrets_or_proxies_in_history_or_config")
-    assert "a proxy setting in environment" in message, message
+    assert "a proxy setting in the environment" in message, message
+
+
+def test_credential_in_the_environment_is_flagged_masked(derive):
+    secret = "ghp_" + "a1b2c3d4e5" * 4
+    ref = derive("baked-token", f"ENV PIP_INDEX_URL=https://bob:hunter2hunter2@pypi.corp.example/simple GH={secret}")
+    code, report = check(ref, "--profile", "base")
+    outcome = outcomes(report)[("base", "test_no_secrets_or_proxies_in_history_or_config")]
+    assert code == 1 and outcome["outcome"] == "failed", outcome
+    message = outcome["message"]
+    assert "a password in a URL in the environment: PIP_INDEX_URL=https://<masked" in message
+    assert "a GitHub token in the environment: GH=<masked" in message, message
+    # Never the values: not in the check's message, not in the JSON report.
+    assert "hunter2hunter2" not in json.dumps(report) and secret not in json.dumps(report)
+
+
+def test_private_key_in_the_ca_store_is_flagged(derive, tmp_path):
+    ref = derive("key-in-ca-store", "USER root",
+                 "RUN printf -- '-----BEGIN PRIVATE KEY-----\\nMIIBsecretbits\\n"
+                 "-----END PRIVATE KEY-----\\n' > /usr/local/share/ca-certificates/corp.crt",
+                 "USER sagemaker-user")
+    junit = tmp_path / "checks.xml"
+    result = cli("check", ref, "--profile", "base", "--junit", str(junit))
+    assert result.returncode == 1, result.stderr
+    assert "/usr/local/share/ca-certificates/corp.crt" in result.stderr
+    assert "MIIBsecretbits" not in result.stderr + junit.read_text()
 
 
 # -- the runtime on an image without JupyterLab, and user checks -------------------------------
+
+
+def test_only_studios_exact_app_type_turns_the_token_off(engine, default_images):
+    from devbox_build.checks.image import ImageUnderTest, running
+
+    image = ImageUnderTest.load(engine, default_images["cpu"].content_tag)
+    with running(image, environment={"SAGEMAKER_APP_TYPE": "jupyterlab"},
+                 publish=[8888]) as container:
+        status, _ = container.get("/api/status")
+        assert status in (401, 403), status  # laptop mode: a token is required
+        assert "is not 'JupyterLab' (what Studio sets)" in container.logs()
+
+
+def test_an_empty_token_prints_a_url_that_works(engine, default_images):
+    from devbox_build.checks.image import ImageUnderTest, running
+
+    image = ImageUnderTest.load(engine, default_images["cpu"].content_tag)
+    with running(image, environment={"JUPYTER_TOKEN": ""}, publish=[8888]) as container:
+        status, _ = container.get("/api/status")
+        logs = container.logs()
+        assert status == 200, logs
+        url = next(line for line in logs.splitlines() if "open http://" in line)
+        assert "token=" not in url and url.rstrip().endswith("/lab"), url
+        status, _ = container.get("/lab")
+        assert status == 200
+
+
+def test_sagemaker_config_refuses_an_image_without_jupyterlab(tiny_images, tmp_path):
+    _, results = tiny_images
+    result = cli("sagemaker", "config", results["cpu"].content_tag, "--role-arn",
+                 "arn:aws:iam::123456789012:role/R", "--image-uri",
+                 "123456789012.dkr.ecr.us-east-1.amazonaws.com/tiny:cpu", "-o", str(tmp_path / "sm"))
+    assert result.returncode == 2 and "has no JupyterLab" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "sm").exists()
 
 
 def test_image_without_an_ide_starts_a_shell(engine, tiny_images):

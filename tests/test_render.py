@@ -9,7 +9,7 @@ import pytest
 from devbox_build.errors import DevboxError, InputError
 from devbox_build.render import render
 
-from .conftest import HOST_CA_CERTS, TINY, cli, load
+from .conftest import HOST_CA_CERTS, ROOT, TINY, cli, load
 
 LAYER_ORDER = ["os", "system", "conda", "pip", "variant", "dev", "final"]
 
@@ -114,3 +114,96 @@ def test_render_cli_prints_the_dockerfile():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# Rendered by devbox-build")
     assert "FROM debian:bookworm-slim" in result.stdout
+
+
+# -- no value from a spec changes the Dockerfile's structure -----------------------------------
+
+ALLOWED_INSTRUCTIONS = {"FROM", "ARG", "ENV", "COPY", "RUN", "LABEL", "USER", "WORKDIR", "EXPOSE",
+                        "ENTRYPOINT", "HEALTHCHECK", "CMD"}
+COMMITTED_SPECS = sorted([*ROOT.glob("images/*/image.toml"), TINY / "image.toml"])
+
+
+def docker_word(word: str) -> str:
+    """A word as Docker reads it: double quotes removed, \\" \\\\ \\$ unescaped (its rules)."""
+    if not (len(word) >= 2 and word[0] == word[-1] == '"'):
+        return word
+    out, chars = [], iter(word[1:-1])
+    for char in chars:
+        if char == "\\":
+            following = next(chars, "")
+            out.append(following if following in '"\\$' else char + following)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def pairs(commands, kind: str) -> dict[str, str]:
+    """Every KEY=VALUE an instruction kind sets, as Docker reads it (later wins)."""
+    found = {}
+    for command in commands:
+        if command.cmd == kind:
+            values = list(command.value)
+            for key, value in zip(values[::2], values[1::2]):
+                found[docker_word(key)] = docker_word(value)
+    return found
+
+
+def expected_runs(spec, context) -> int:
+    """The RUN steps a variant has: os (or the extends check), system, one per install step
+    (plus the conda installer), finalize."""
+    installs = [line for line in context.dockerfile.splitlines()
+                if line.startswith("RUN umask 0002;")]
+    conda_installer = 1 if spec.conda else 0
+    return 1 + (1 if spec.system.packages else 0) + len(installs) + conda_installer + 1
+
+
+@pytest.mark.parametrize("spec_path", COMMITTED_SPECS, ids=lambda p: p.parent.name)
+def test_every_committed_spec_renders_exactly_the_expected_instructions(spec_path):
+    import dockerfile
+
+    spec = load(spec_path.parent)
+    for variant, variant_spec in spec.variants.items():
+        context = render(spec, variant, ca_certificates=HOST_CA_CERTS)
+        commands = dockerfile.parse_string(context.dockerfile)
+        kinds = [c.cmd for c in commands]
+        assert set(kinds) <= ALLOWED_INSTRUCTIONS, set(kinds) - ALLOWED_INSTRUCTIONS
+        assert kinds[0] == "FROM" and kinds.count("FROM") == 1
+        assert commands[0].value == (variant_spec.base,)
+        assert kinds.count("RUN") == expected_runs(spec, context), variant
+        env = pairs(commands, "ENV")
+        assert {key: env[key] for key in spec.env} == spec.env
+        labels = pairs(commands, "LABEL")
+        assert labels["devbox.variant"] == variant and labels["devbox.spec"] == spec.name
+        assert {key: labels[key] for key in spec.labels} == spec.labels
+        assert [docker_word(c.value[0]) for c in commands if c.cmd == "USER"][-1] == spec.user.name
+        assert [c.value for c in commands if c.cmd == "CMD"] == [tuple(spec.command)]
+        assert [c.value for c in commands if c.cmd == "ENTRYPOINT"] == [
+            ("/opt/devbox/bin/devbox-entrypoint",)]
+
+
+def test_hostile_but_valid_values_come_back_exactly():
+    import dockerfile
+
+    value = 'a "quoted" $HOME ${X} \\ back\\slash # not a comment \\n \' single'
+    spec = load(TINY)
+    spec = spec.model_copy(update={"env": {"TRICKY": value},
+                                   "labels": {"org.example.note": value},
+                                   "description": value})
+    commands = dockerfile.parse_string(render(spec, "cpu").dockerfile)
+    assert pairs(commands, "ENV")["TRICKY"] == value
+    assert pairs(commands, "LABEL")["org.example.note"] == value
+    assert pairs(commands, "LABEL")["org.opencontainers.image.description"] == value
+    assert [c.cmd for c in commands].count("RUN") == expected_runs(spec, render(spec, "cpu"))
+
+
+@pytest.mark.parametrize("field, update", [
+    ("env", {"env": {"A": "x\nRUN touch /pwned"}}),
+    ("labels", {"labels": {"a": "x\nRUN touch /pwned"}}),
+    ("user", {"user": {"name": "x\nRUN touch /pwned"}}),
+])
+def test_a_value_that_bypassed_validation_stops_the_render(field, update):
+    spec = load(TINY)
+    if field == "user":
+        update = {"user": spec.user.model_copy(update=update["user"])}
+    with pytest.raises(ValueError, match="control character"):
+        render(spec.model_copy(update=update), "cpu")
