@@ -85,8 +85,6 @@ class BuildOptions:
             refs.check_tag(tag, "--tag")
         if self.registry is not None:
             object.__setattr__(self, "registry", refs.check_registry(self.registry))
-        if self.push and not self.registry:
-            raise InputError("--push needs a registry: pass --registry HOST[/NAMESPACE]")
         object.__setattr__(self, "tags", tuple(self.tags))
         object.__setattr__(self, "ca_certificates", tuple(self.ca_certificates))
 
@@ -156,6 +154,9 @@ def prepare(spec: ImageSpec, variants: list[str], options: BuildOptions) -> list
     """Everything a build needs that the engine does not: the lock gate and each variant's
     context. Every input problem (lock, CA file, variant) is raised here, before any engine call."""
     platform = spec.platforms[0]
+    if options.push and not options.registry and not refs.names_registry(spec.repository):
+        raise InputError("--push needs a registry: pass --registry HOST[/NAMESPACE], or name "
+                         "one in the spec's repository (HOST[:PORT]/name)")
     check_locks(spec, platform, variants, options.allow_stale)
     return [render(spec, variant, platform=platform,
                    ca_certificates=list(options.ca_certificates)) for variant in variants]

@@ -220,8 +220,9 @@ class RichProgress:
 @click.option("--variant", default="all", show_default=True, help="cpu, gpu, ... or all.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG",
               help="Also tag as REPOSITORY:TAG-VARIANT (repeatable).")
-@click.option("--registry", help="Registry host[/namespace] to prefix the repository with.")
-@click.option("--push", is_flag=True, help="Push every tag to --registry after the build.")
+@click.option("--registry", help="Registry HOST[:PORT][/namespace] to prefix the repository with.")
+@click.option("--push", is_flag=True, help="Push every tag after the build (to --registry, or to "
+              "the registry the spec's repository names).")
 @click.option("--allow-stale", is_flag=True,
               help="Build even if a lock's inputs changed (never from a lock edited by hand).")
 @ca_options
@@ -433,9 +434,7 @@ def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, a
     refs.check_reference(ref, "REF")
     image = ImageUnderTest.load(Engine.connect(), ref)
     if image_uri is None:
-        # Docker's rule: a first path component with a dot or a colon is a registry host.
-        first = ref.split("/", 1)[0]
-        if "/" not in ref or not ("." in first or ":" in first):
+        if not refs.names_registry(ref):
             raise InputError(f"{ref} is a local image name, not a registry URI",
                              hint="push it to ECR and pass --image-uri with its URI")
         image_uri = ref

@@ -25,6 +25,12 @@ REGISTRY = rf"{HOST}(?:/{_COMPONENT})*"
 MAX_NAME = 255  # a repository name's longest form, host included
 
 
+def names_registry(repository: str) -> bool:
+    """Docker's rule: a first path component with a '.' or a ':' (or 'localhost') is a host."""
+    first, slash, _ = repository.partition("/")
+    return bool(slash) and ("." in first or ":" in first or first == "localhost")
+
+
 def is_repository(value: str) -> bool:
     return len(value) <= MAX_NAME and re.fullmatch(REPOSITORY, value) is not None
 

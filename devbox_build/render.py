@@ -28,7 +28,8 @@ VENV = "/opt/venv"  # also named in dockerfile/profile.sh and dockerfile/bin/dev
 # The image's runtime (entrypoint, training runner, healthcheck): context path devbox/bin, in the
 # image /opt/devbox/bin, on PATH.
 RUNTIME_BIN = "devbox/bin"
-RUNTIME_COMMANDS = ("devbox-entrypoint", "devbox-train", "devbox-healthcheck")
+RUNTIME_COMMANDS = ("devbox-entrypoint", "devbox-train", "devbox-healthcheck",
+                    "devbox-devcontainer-setup")
 # The conda layer's installer (py-rattler and its script): context path, in the image
 # /opt/devbox/conda.
 CONDA_INSTALLER = "conda-installer"
@@ -209,6 +210,9 @@ def render(
         "platform": platform,
         "python": spec.python,
         "tool_version": __version__,
+        # The one record of the image's user, read by finalize.py and the runtime's commands.
+        "user": {"name": spec.user.name, "uid": spec.user.uid, "gid": spec.user.gid,
+                 "home": spec.user.home},
         "locks": lock_digests,
         "pip_layers": [{"name": p["name"], "layer": p["layer"]} for p in pip_layers],
         # The full closure the top lock promises (each lock holds everything below it): what the
@@ -261,6 +265,9 @@ def devcontainer_metadata(spec: ImageSpec, variant: str) -> str:
     entry = {
         "remoteUser": spec.user.name,
         "updateRemoteUserUID": True,
+        # Hands the environments and /data to a remapped host group; says what to do about a
+        # workspace the user cannot write (a root host user).
+        "onCreateCommand": "/opt/devbox/bin/devbox-devcontainer-setup",
         "customizations": {"vscode": {
             "extensions": VSCODE_EXTENSIONS,
             "settings": {"python.defaultInterpreterPath": f"{VENV}/bin/python",

@@ -5,7 +5,8 @@
 #   - the base image the default specs name (pulled, or bootstrapped from a Debian mirror)
 #   - (the host's extra CA certificates: devbox-build finds them itself)
 #   - the Dev Container CLI (npm @devcontainers/cli, in .devbox/node) and docker-compose, which
-#     the template tests use in place of VS Code
+#     the template tests use in place of VS Code, and Debian's docker-registry for a loopback
+#     registry
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE_IMAGE="${DEVBOX_BASE_IMAGE:-debian:bookworm-slim}"
@@ -84,7 +85,15 @@ provision_devcontainer_cli() {
   fi
 }
 
+provision_registry() {
+  # A real registry (the CNCF distribution registry, Debian's package) that tests start on
+  # loopback: pushes by a project's CI, pulls by its dev container.
+  command -v docker-registry >/dev/null && return 0
+  log "registry: installing docker-registry (the tests run one on 127.0.0.1)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null
+}
+
 provision() {
   provision_python && provision_engine && provision_base_image && provision_ca_certificates \
-    && provision_devcontainer_cli
+    && provision_devcontainer_cli && provision_registry
 }

@@ -8,9 +8,12 @@ network (DEVBOX_NETWORK=host).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,9 +22,15 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
+from packaging.requirements import Requirement
 
-from .conftest import HOST_CA_CERTS, IN_CI, ROOT, cli
+from devbox_build import refs
+from devbox_build.spec import load_spec
+
+from .conftest import IN_CI, ROOT
 from .support.postgres import ensure_postgres_image
+from .support.registry import LoopbackRegistry
 
 SCHEMA = json.loads((ROOT / "tests/support/devcontainer/devContainer.base.schema.json").read_text())
 HOME = "/home/sagemaker-user"
@@ -42,13 +51,17 @@ def devcontainer_cli() -> str:
 
 
 def make_template_repo(folder: Path, versions: dict[str, callable]) -> Path:
-    """This repository's template (copier.yml + templates/) as a git repo, one tag per version.
+    """This repository as a template repo: copier.yml, templates/ and the package itself (a
+    project installs devbox-build from its template's source), one tag per version.
 
     Each version's callable edits the template before its commit (None: as it is here).
     """
     folder.mkdir(parents=True)
-    shutil.copy(ROOT / "copier.yml", folder / "copier.yml")
-    shutil.copytree(ROOT / "templates", folder / "templates")
+    for name in ("copier.yml", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, folder / name)
+    for name in ("templates", "devbox_build"):
+        shutil.copytree(ROOT / name, folder / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     git(folder, "init", "-q", "-b", "main")
     for tag, edit in versions.items():
         if edit:
@@ -116,6 +129,25 @@ class DevContainers:
         self.started.append(outcome["containerId"])
         return outcome["containerId"]
 
+    def shell(self, command: str, project: Path) -> subprocess.CompletedProcess:
+        """A command as a user pastes it, in the project's folder."""
+        return subprocess.run(["bash", "-c", command], cwd=project, env=self.env,
+                              capture_output=True, text=True, check=False, timeout=900)
+
+    def up_printed(self, command: str, project: Path) -> str:
+        """A README's `devcontainer up ...`, run as printed; the container's id."""
+        result = self.shell(command, project)
+        outcome = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout else {}
+        assert outcome.get("outcome") == "success", result.stdout[-3000:] + result.stderr[-3000:]
+        self.started.append(outcome["containerId"])
+        return outcome["containerId"]
+
+    def exec_printed(self, command: str, project: Path, script: str) -> str:
+        """A README's `devcontainer exec ... bash`, with the script for that bash."""
+        result = self.shell(f"{command} -lc {shlex.quote(script)}", project)
+        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
     def exec(self, project: Path, config: Path, script: str, user=None) -> str:
         result = self.run("exec", "--workspace-folder", str(project), "--config", str(config),
                           "bash", "-lc", script, user=user)
@@ -160,8 +192,11 @@ def team(tiny_images) -> str:
 
 @pytest.fixture
 def devcontainers(engine, request):
-    env = {**os.environ, "DEVBOX_CA_CERTS": " ".join(HOST_CA_CERTS), "DEVBOX_NETWORK": "host",
+    # As a user's shell has it: devbox-build on PATH, no DEVBOX_CA_CERTS (the CLI finds the
+    # host's CAs), the host network for the conda tests' loopback channel.
+    env = {**os.environ, "DEVBOX_NETWORK": "host",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("DEVBOX_CA_CERTS", None)
     containers = DevContainers(engine, env)
     yield containers
     containers.close(volume_prefix=f"t{os.getpid()}")
@@ -182,51 +217,149 @@ def slug(name: str) -> str:
     return f"t{os.getpid()}-{name}"
 
 
-# -- the answers, without an engine -----------------------------------------------------------
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """A real registry on loopback (Debian's docker-registry), for the session."""
+    with LoopbackRegistry(tmp_path_factory.mktemp("registry")) as running:
+        yield running
 
 
-ANSWER_MATRIX = list(itertools.product(
+# -- what a generated project prints, and whether it parses -----------------------------------
+
+# Tools whose inline `code` in a README is a command to paste (the rest is prose).
+PASTED = ("devbox-build ", "devcontainer ")
+
+
+def printed_commands(project: Path) -> list[str]:
+    """Every command the project's README and CI workflow print: the README's ```bash blocks,
+    its inline devbox-build / devcontainer commands, and the workflow's run: steps."""
+    readme = (project / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.splitlines():
+            line = re.split(r"\s+#\s", line)[0].strip()
+            if line:
+                commands.append(line)
+    prose = re.sub(r"```.*?```", "", readme, flags=re.S)
+    commands += [span for span in re.findall(r"`([^`\n]+)`", prose) if span.startswith(PASTED)]
+    workflow = yaml.safe_load((project / ".github/workflows/devbox.yml").read_text())
+    commands += [step["run"] for step in workflow["jobs"]["image"]["steps"] if "run" in step]
+    return commands
+
+
+def github_expressions(command: str, variant: str = "cpu") -> str:
+    """A workflow command with GitHub's ${{ }} expressions as the runner would fill them."""
+    command = command.replace("${{ matrix.variant }}", variant)
+    return re.sub(r"\$\{\{ secrets\.(\w+) \}\}", lambda m: f"test-{m[1].lower()}", command)
+
+
+@functools.cache
+def devcontainer_options(subcommand: str) -> frozenset[str]:
+    result = subprocess.run([devcontainer_cli(), subcommand, "--help"], capture_output=True,
+                            text=True, check=True)
+    return frozenset(re.findall(r"(--[a-z][a-z0-9-]*)", result.stdout))
+
+
+def assert_parses(command: str) -> None:
+    """The shell accepts it, and each tool accepts its subcommand, options and arguments."""
+    command = github_expressions(command)
+    assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, command
+    for part in re.split(r"\s*(?:&&|\|)\s*", command):
+        argv = shlex.split(part)
+        tool, args = argv[0], argv[1:]
+        if tool == "devbox-build":
+            from devbox_build.cli import cli as devbox_cli
+
+            subcommand = devbox_cli.get_command(None, args[0])
+            assert subcommand is not None, command
+            subcommand.make_context(args[0], args[1:])  # click's own parser: raises if wrong
+        elif tool == "devcontainer":
+            unknown = {a.split("=")[0] for a in args if a.startswith("--")} - devcontainer_options(
+                args[0])
+            assert not unknown, f"{command}: devcontainer {args[0]} has no {unknown}"
+        elif tool in ("pip", "pipx"):
+            assert args[0] == "install", command
+            requirement = Requirement(args[1])
+            assert requirement.name == "devbox-build" and requirement.url.startswith("git+"), command
+        elif tool == "docker":
+            assert args[0] in ("login", "pull"), command
+        else:
+            assert tool in ("echo", "npm"), f"unexpected command: {command}"
+
+
+# -- every answer that changes files, without an engine ---------------------------------------
+
+
+FILE_MATRIX = list(itertools.product(
     ["cpu", "gpu", "both"], ["pip", "conda", "both"], ["none", "postgres"],
-    [(True, "volume", False), (False, "/srv/data", True)],
+    ["local", "prebuilt"], ["volume", "/srv/my data"],
 ))
+# Quotes, a backslash and an apostrophe: the generated JSON, TOML and YAML must still parse.
+TRICKY_NAME = 'Say "hi" \\ O\'Brien'
+DEFAULTS_IN_THE_LABEL = ("remoteUser", "updateRemoteUserUID", "customizations",
+                         "hostRequirements", "forwardPorts")
+AWS_VARIABLES = ["AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
 
 
-@pytest.mark.parametrize(("variants", "manager", "services", "extras"), ANSWER_MATRIX)
-def test_every_generated_devcontainer_json_follows_the_spec(
-        template, tmp_path, variants, manager, services, extras):
-    home, data, aws = extras
-    project = copy_project(template, tmp_path / "p", project_name="Schema Check",
-                           variants=variants, dependency_manager=manager, services=services,
-                           persistent_home=str(home).lower(), data_mount=data,
-                           aws_credentials=str(aws).lower(),
-                           dotfiles_repository="https://example.com/me/dotfiles.git")
+@pytest.mark.parametrize(("variants", "manager", "services", "source", "data"), FILE_MATRIX,
+                         ids=["-".join(c).replace("/srv/my data", "path") for c in FILE_MATRIX])
+def test_every_answer_combination_generates_working_files(
+        template, tmp_path, variants, manager, services, source, data):
+    extras = data == "volume"  # home volume and AWS passthrough on with one, off with the other
+    project = copy_project(
+        template, tmp_path / "p", project_name=TRICKY_NAME, project_slug="tricky",
+        variants=variants, dependency_manager=manager, services=services, image_source=source,
+        registry="registry.local:5000/team", data_mount=data,
+        persistent_home=str(extras).lower(), aws_credentials=str(extras).lower(),
+        dotfiles_repository="https://example.com/me/dotfiles.git")
     found = configs(project)
     assert set(found) == ({"cpu", "gpu"} if variants == "both" else {variants})
     for variant, config in found.items():
         document = validate(config)
-        assert document["remoteUser"] == "sagemaker-user" and document["updateRemoteUserUID"]
-        assert document["forwardPorts"] == [8888]
-        assert "--gpus" not in json.dumps(document.get("runArgs", []))
-        assert document.get("hostRequirements", {}).get("gpu") == (
-            "optional" if variant == "gpu" else None)
+        assert document["name"] == f"{TRICKY_NAME} ({variant.upper()})"
+        # The image's devcontainer.metadata label carries these; the project restates none.
+        assert not set(DEFAULTS_IN_THE_LABEL) & set(document), set(document)
         mounts = {m["target"]: m for m in document["mounts"]}
-        assert (HOME in mounts) == home
-        if home:
-            assert "${devcontainerId}" in mounts[HOME]["source"]
+        assert (HOME in mounts) == extras
         assert mounts["/data"]["type"] == ("volume" if data == "volume" else "bind")
-        assert ("AWS_PROFILE" in document.get("remoteEnv", {})) == aws
-        if aws:  # ~/.aws is created first, so a machine without one still opens
-            assert document["initializeCommand"].startswith('mkdir -p "$HOME/.aws"')
-        settings = document["customizations"]["vscode"]["settings"]
-        assert settings["python.defaultInterpreterPath"] == "/opt/venv/bin/python"
+        if data != "volume":
+            assert mounts["/data"]["source"] == data
+        assert "remoteEnv" not in document  # nothing set to an empty string
         if services == "postgres":
-            assert document["dockerComposeFile"] == "docker-compose.yml"
-            assert (config.parent / "docker-compose.yml").is_file()
-    spec = (project / "image.toml").read_text()
-    assert ('[pip]' in spec) == (manager != "conda") and ('[conda]' in spec) == (manager != "pip")
+            compose_file = (config.parent / document["dockerComposeFile"]).resolve()
+            assert compose_file == (project / ".devcontainer/docker-compose.yml").resolve()
+            compose = yaml.safe_load(compose_file.read_text())
+            service = compose["services"][document["service"]]
+            assert document["service"] == f"workspace-{variant}"
+            assert service["image"] == f"registry.local:5000/team/devbox-projects/tricky:{variant}"
+            assert service.get("environment", []) == (AWS_VARIABLES if extras else [])
+            assert document["runServices"] == [f"workspace-{variant}", "db"]
+        else:
+            assert document["image"] == f"registry.local:5000/team/devbox-projects/tricky:{variant}"
+            expected = [arg for name in AWS_VARIABLES for arg in ("-e", name)] if extras else None
+            assert document.get("runArgs") == expected
+        assert ("devbox-build build" in document.get("initializeCommand", "")) == (
+            source == "local")
+    spec = load_spec(project)  # the spec accepts what copier accepted
+    assert spec.description == TRICKY_NAME
+    assert spec.extends == "registry.local:5000/team/devbox/datascience"
+    assert ("[pip]" in (project / "image.toml").read_text()) == (manager != "conda")
     workflow = (project / ".github/workflows/devbox.yml").read_text()
-    assert "devbox-build lock . --check" in workflow and "devbox-build check" in workflow
-    assert "dotfiles" in (project / ".devcontainer/post-create.sh").read_text()
+    assert ("--push" in workflow) == (source == "prebuilt")
+    assert "docker login registry.local:5000" in workflow
+    commands = printed_commands(project)
+    assert "devbox-build lock . --check" in commands
+    if source == "local":
+        assert commands.index("devbox-build lock .") < next(
+            i for i, c in enumerate(commands) if c.startswith("devcontainer up"))
+    if variants == "both":
+        assert all("--config" in c for c in commands if c.startswith("devcontainer "))
+    assert any("--remove-existing-container" in c for c in commands)
+    for command in commands:
+        assert_parses(command)
+    header = (project / "locks").exists()  # no locks until `devbox-build lock .`
+    assert not header
 
 
 @pytest.mark.parametrize(("answer", "message"), [
@@ -234,6 +367,9 @@ def test_every_generated_devcontainer_json_follows_the_spec(
     ("project_slug=Bad Slug", "'Bad Slug' is not a valid slug"),
     ("python_version=2.7", "Invalid choice for 'python_version'"),
     ("data_mount=relative/path", "Use 'volume' or an absolute"),
+    ("registry=Bad Registry", "'Bad Registry' is not a registry"),
+    ("team_image=team/image:cpu", "is not an image repository name"),
+    ("image_source=prebuilt", "A prebuilt image comes from a registry"),
 ])
 def test_bad_answers_are_refused_with_a_clear_message(template, tmp_path, answer, message):
     result = copier("copy", "--defaults", "--vcs-ref", "1.0.0", "--data", answer,
@@ -243,117 +379,249 @@ def test_bad_answers_are_refused_with_a_clear_message(template, tmp_path, answer
     assert not (tmp_path / "p" / ".devcontainer").exists()
 
 
+def test_copier_and_the_spec_share_one_image_name_rule():
+    text = (ROOT / "copier.yml").read_text()
+    assert f"regex_search('^{refs.REPOSITORY}$')" in text
+    assert f"regex_search('^{refs.REGISTRY}$')" in text
+
+
 def test_copier_update_applies_a_template_change_and_keeps_a_local_edit(tmp_path):
-    def add_extension(folder: Path) -> None:  # the "next template version"
+    def add_variable(folder: Path) -> None:  # the "next template version"
         include = folder / "templates/includes/devcontainer.json.jinja"
         include.write_text(include.read_text().replace(
-            '"ms-toolsai.jupyter"]', '"ms-toolsai.jupyter", "charliermarsh.ruff"]'))
+            '"containerEnv": {', '"containerEnv": {\n    "DEVBOX_TEMPLATE": "1.1.0",'))
 
-    template = make_template_repo(tmp_path / "template", {"1.0.0": None, "1.1.0": add_extension})
+    template = make_template_repo(tmp_path / "template", {"1.0.0": None, "1.1.0": add_variable})
     project = tmp_path / "project"
     copy_project(template, project, project_name="Update Me")
     git(project, "init", "-q", "-b", "main")
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "from the template")
     config = project / ".devcontainer/devcontainer.json"
-    config.write_text(config.read_text().replace('"forwardPorts": [8888]',
-                                                 '"forwardPorts": [8888, 6006]'))
+    config.write_text(config.read_text().replace('"mounts": [', '"forwardPorts": [6006],\n  "mounts": ['))
     (project / "requirements.in").write_text("tqdm\npolars\n")
     git(project, "commit", "-q", "-am", "local edits")
 
     result = copier("update", "--defaults", "--vcs-ref", "1.1.0", cwd=project)
     assert result.returncode == 0, result.stderr
     document = validate(config)
-    assert "charliermarsh.ruff" in document["customizations"]["vscode"]["extensions"]
-    assert document["forwardPorts"] == [8888, 6006]  # the local edit survived the merge
+    assert document["containerEnv"]["DEVBOX_TEMPLATE"] == "1.1.0"
+    assert document["forwardPorts"] == [6006]  # the local edit survived the merge
     assert (project / "requirements.in").read_text() == "tqdm\npolars\n"
-    assert "_commit: 1.1.0" in (project / ".copier-answers.yml").read_text()
+    answers = (project / ".copier-answers.yml").read_text()
+    assert "_commit: 1.1.0" in answers and "_src_path:" in answers
 
 
-# -- real engine: copier copy → devcontainer up → exec ----------------------------------------
+# -- real engine: the README's own commands, copier copy → lock → devcontainer up → exec --------
 
 
 MATRIX = {
-    # name: answers (beyond project_name), what `exec` must show per config
+    # name: answers (beyond project_name)
     "cpu-pip": dict(variants="cpu", dependency_manager="pip", pip_packages="attrs",
                     aws_credentials="true"),
-    "gpu-conda": dict(variants="gpu", dependency_manager="conda", image_source="prebuilt",
-                      conda_packages="greeter"),
-    "both-both": dict(variants="both", dependency_manager="both", pip_packages="attrs",
-                      conda_packages="greeter", data_mount="HOSTDATA"),
-    "postgres": dict(variants="cpu", dependency_manager="pip", pip_packages="attrs pg8000",
-                     services="postgres"),
+    "gpu-conda-prebuilt": dict(variants="gpu", dependency_manager="conda",
+                               image_source="prebuilt", conda_packages="greeter"),
+    "both-both-hostdata": dict(variants="both", dependency_manager="both", pip_packages="attrs",
+                               conda_packages="greeter", data_mount="HOSTDATA"),
+    "both-postgres": dict(variants="both", dependency_manager="pip",
+                          pip_packages="attrs pg8000", services="postgres"),
 }
 
 PROBES = {
     "pip": "python -c 'import attrs; print(\"attrs\", attrs.__version__)'",
     "conda": "greet",
+    "write": "touch /data/written-by-me ./written-by-me && echo data-and-workspace-writable",
     "postgres": (
         "python - <<'EOF'\n"
-        "import os, time, urllib.parse, pg8000.native\n"
+        "import os, sys, time, urllib.parse, pg8000.native\n"
         "url = urllib.parse.urlparse(os.environ['DATABASE_URL'])\n"
-        "for attempt in range(60):\n"
+        "for attempt in range(120):\n"
         "    try:\n"
         "        db = pg8000.native.Connection(url.username, host=url.hostname,\n"
         "            password=url.password, database=url.path[1:])\n"
         "        break\n"
         "    except Exception:\n"
         "        time.sleep(0.5)\n"
+        "db.run('CREATE TABLE IF NOT EXISTS seen (who text)')\n"
+        "db.run('INSERT INTO seen VALUES (:who)', who=os.environ['WHO'])\n"
         "print('postgres says', db.run('SELECT 40 + 2')[0][0])\n"
+        "print('seen:', ','.join(sorted(r[0] for r in db.run('SELECT who FROM seen'))))\n"
         "EOF"
     ),
 }
 
 
+def readme_command(project: Path, starts: str, variant: str | None = None) -> str:
+    """The README's command that starts with ``starts``, for a variant's configuration."""
+    command = next(c for c in printed_commands(project) if c.startswith(starts))
+    return command.replace(".devcontainer/cpu/", f".devcontainer/{variant}/") if variant else command
+
+
 @pytest.mark.engine
 @pytest.mark.parametrize("case", list(MATRIX))
-def test_generated_project_opens_in_a_dev_container(
+def test_generated_project_opens_with_its_readme_commands(
         engine, template, team, channel, devcontainers, tmp_path, case):
     answers = {**MATRIX[case], "team_image": team, "conda_channels": channel.url}
+    if answers.get("image_source") == "prebuilt":
+        answers["registry"] = "127.0.0.1:5999"  # names the image; this case never pulls
     if answers.get("data_mount") == "HOSTDATA":
-        (tmp_path / "data").mkdir()
-        (tmp_path / "data" / "input.csv").write_text("a,b\n1,2\n")
-        answers["data_mount"] = str(tmp_path / "data")
+        data = tmp_path / "data"
+        data.mkdir()
+        (data / "input.csv").write_text("a,b\n1,2\n")
+        os.chown(data, 1000, 100)  # the host user's own data folder
+        answers["data_mount"] = str(data)
     if answers.get("services") == "postgres":
         answers["postgres_image"] = ensure_postgres_image(engine)
     if answers.get("aws_credentials"):
-        # A host without ~/.aws: the container must open anyway.
+        # A host without ~/.aws, with only AWS_REGION set: the container must open, and get
+        # exactly the variables that are set.
         (tmp_path / "host-home").mkdir()
         devcontainers.env["HOME"] = str(tmp_path / "host-home")
+        devcontainers.env["AWS_REGION"] = "eu-west-1"
+        for name in AWS_VARIABLES[:1] + AWS_VARIABLES[2:]:
+            devcontainers.env.pop(name, None)
     project = copy_project(template, tmp_path / slug(case), project_name=slug(case), **answers)
+    os.chown(project, 1000, 100)  # the workspace belongs to the host user (uid 1000 here)
     if answers.get("image_source") == "prebuilt":
-        # What the project's CI does: lock, build (then push; there is no registry here).
-        for step in (["lock", str(project)], ["build", str(project), "--network", "host"]):
-            result = cli(*step, env={"DEVBOX_CA_CERTS": " ".join(HOST_CA_CERTS)})
+        # What the project's CI does before a developer opens it: lock, build.
+        for step in ("devbox-build lock .", "devbox-build build . --network host"):
+            result = devcontainers.shell(step, project)
             assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        result = devcontainers.shell(readme_command(project, "devbox-build lock ."), project)
+        assert result.returncode == 0, result.stderr[-3000:]
 
     for variant, config in configs(project).items():
         validate(config)
-        container = devcontainers.up(project, config)
-        out = devcontainers.exec(project, config, "id -un; pwd; echo $DEVBOX_PROJECT")
+        up = readme_command(project, "devcontainer up", variant if len(configs(project)) > 1 else None)
+        container = devcontainers.up_printed(up, project)
+        run = readme_command(project, "devcontainer exec", variant if len(configs(project)) > 1 else None)
+        out = devcontainers.exec_printed(run, project, "id -un; pwd; echo $DEVBOX_PROJECT")
         assert out.split()[:3] == ["sagemaker-user", f"/workspaces/{slug(case)}", slug(case)]
+        assert "data-and-workspace-writable" in devcontainers.exec_printed(run, project, PROBES["write"])
         manager = answers["dependency_manager"]
         if manager in ("pip", "both"):
-            assert "attrs " in devcontainers.exec(project, config, PROBES["pip"])
+            assert "attrs " in devcontainers.exec_printed(run, project, PROBES["pip"])
         if manager in ("conda", "both"):
-            assert "hello from conda" in devcontainers.exec(project, config, PROBES["conda"])
+            assert "hello from conda" in devcontainers.exec_printed(run, project, PROBES["conda"])
         if answers.get("services") == "postgres":
-            assert "postgres says 42" in devcontainers.exec(project, config, PROBES["postgres"])
+            out = devcontainers.exec_printed(run, project, f"WHO={variant} " + PROBES["postgres"])
+            assert "postgres says 42" in out
+            if variant == "gpu":  # the variants share the project's one database
+                assert "seen: cpu,gpu" in out, out
         if variant == "gpu" and not engine.has_gpu():
             # The GPU configuration came up on a machine without a GPU ("optional"), and the
             # image's environment still tells the runtime to expose one where there is one.
             env = engine.api.inspect_container(container)["Config"]["Env"]
             assert "NVIDIA_VISIBLE_DEVICES=all" in env
         if answers.get("aws_credentials"):
-            assert "aws-mounted" in devcontainers.exec(project, config,
-                                                       "test -d ~/.aws && echo aws-mounted")
-        if "HOSTDATA" in str(MATRIX[case].get("data_mount")):
-            assert "1,2" in devcontainers.exec(project, config, "cat /data/input.csv")
-        # The image carries the shared dev container defaults in its label.
+            out = devcontainers.exec_printed(run, project, "test -d ~/.aws && echo aws-mounted; env | grep ^AWS_ | sort")
+            assert "aws-mounted" in out and "AWS_REGION=eu-west-1" in out, out
+            assert "AWS_PROFILE" not in out and "AWS_SECRET_ACCESS_KEY" not in out, out
+        if case == "both-both-hostdata":
+            assert "1,2" in devcontainers.exec_printed(run, project, "cat /data/input.csv")
+        # The image carries the dev container defaults in its label; the project does not.
         image = engine.api.inspect_container(container)["Image"]
         metadata = json.loads(engine.image(image)["Config"]["Labels"]["devcontainer.metadata"])
         assert any(entry.get("remoteUser") == "sagemaker-user" for entry in metadata)
+    for container in list(devcontainers.started):
         devcontainers.remove(container)
+
+
+@pytest.mark.engine
+def test_two_projects_with_the_same_answers_open_side_by_side(
+        engine, template, team, devcontainers, tmp_path):
+    answers = dict(variants="cpu", services="postgres", pip_packages="attrs pg8000",
+                   team_image=team, postgres_image=ensure_postgres_image(engine))
+    projects = []
+    for folder in ("alice", "bob"):
+        (tmp_path / folder).mkdir()
+        project = copy_project(template, tmp_path / folder / slug("twin"), project_name=slug("twin"),
+                               **answers)
+        os.chown(project, 1000, 100)
+        assert devcontainers.shell("devbox-build lock .", project).returncode == 0
+        projects.append(project)
+    first = devcontainers.up_printed(readme_command(projects[0], "devcontainer up"), projects[0])
+    run = readme_command(projects[0], "devcontainer exec")
+    assert "seen: cpu" in devcontainers.exec_printed(run, projects[0], "WHO=cpu " + PROBES["postgres"])
+    second = devcontainers.up_printed(readme_command(projects[1], "devcontainer up"), projects[1])
+    assert second != first
+    labels = [engine.api.inspect_container(c)["Config"]["Labels"] for c in (first, second)]
+    assert labels[0]["com.docker.compose.project"] != labels[1]["com.docker.compose.project"]
+    # The second project has its own database: the first one's row is not there.
+    out = devcontainers.exec_printed(run, projects[1], "WHO=bob " + PROBES["postgres"])
+    assert "seen: bob" in out, out
+    assert engine.state(first)["Running"]  # and the first project is untouched
+
+
+@pytest.mark.engine
+def test_a_python_the_team_image_does_not_have_fails_on_key_python(
+        engine, template, team, devcontainers, tmp_path):
+    project = copy_project(template, tmp_path / slug("py312"), project_name=slug("py312"),
+                           team_image=team, python_version="3.12", pip_packages="attrs")
+    result = devcontainers.shell("devbox-build lock .", project)  # the README's first step
+    assert result.returncode == 2 and "key 'python'" in result.stderr, result.stderr
+    assert "provides Python 3.11, not 3.12" in result.stderr and "Traceback" not in result.stderr
+    # And the build, given a spec edited past the lock: refused in the build, on key 'python'.
+    spec = project / "image.toml"
+    spec.write_text(spec.read_text().replace('python = "3.12"', 'python = "3.11"'))
+    assert devcontainers.shell("devbox-build lock .", project).returncode == 0
+    spec.write_text(spec.read_text().replace('python = "3.11"', 'python = "3.12"'))
+    result = devcontainers.shell("devbox-build build . --allow-stale", project)
+    assert result.returncode == 2 and "key 'python'" in result.stderr, result.stderr[-2000:]
+    assert "provides Python 3.11" in result.stderr
+
+
+@pytest.mark.engine
+def test_generated_ci_workflow_pushes_what_the_dev_container_pulls(
+        engine, template, team, devcontainers, registry, tmp_path):
+    """The workflow's steps, run here as the runner would: install devbox-build from the
+    template's source, log in, pull the team image, check the locks, build, check, push. Then
+    the dev container, with no image on this engine, pulls what CI pushed."""
+    team_in_registry = f"{registry.host}/devbox-test/tiny"
+    engine.tag(engine.image_id(f"{team}:cpu"), f"{team_in_registry}:cpu")
+    for _ in engine.push(f"{team_in_registry}:cpu"):  # the team's own CI published it
+        pass
+    engine.untag(f"{team_in_registry}:cpu")
+    name = slug("ci")
+    project = copy_project(template, tmp_path / name, project_name=name, registry=registry.host,
+                           team_image=team_in_registry, image_source="prebuilt",
+                           pip_packages="attrs")
+    os.chown(project, 1000, 100)
+    # The developer locked and committed (README: "Change dependencies"); this pulls the team
+    # image from the registry to read its pins.
+    assert devcontainers.shell("devbox-build lock .", project).returncode == 0
+
+    runner = tmp_path / "runner"
+    subprocess.run([sys.executable, "-m", "venv", str(runner)], check=True)
+    env = {**devcontainers.env, "PATH": f"{runner / 'bin'}:{devcontainers.env['PATH']}",
+           "DOCKER_CONFIG": str(tmp_path / "docker-config")}
+    workflow = yaml.safe_load((project / ".github/workflows/devbox.yml").read_text())
+    steps = [step for step in workflow["jobs"]["image"]["steps"] if "run" in step]
+    ran = []
+    for step in steps:
+        if step.get("if") and step["if"] != "github.ref == 'refs/heads/main'":
+            continue  # only the main-branch condition is used; this run is on main
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", github_expressions(step["run"])],
+                                cwd=project, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{step['name']}:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+        ran.append(step["name"])
+    assert len(ran) == len(steps) and any("push" in n for n in ran), ran
+    installed = subprocess.run([str(runner / "bin/devbox-build"), "--version"], capture_output=True,
+                               text=True)
+    assert installed.returncode == 0, installed.stderr
+    repository = f"{registry.host}/devbox-projects/{name}"
+    assert "cpu" in registry.tags(f"devbox-projects/{name}")
+
+    # A developer's machine: none of the project's images, only Docker.
+    for tag in [t for i in engine.api.images(name=repository) for t in i["RepoTags"] or []]:
+        engine.untag(tag)
+    assert engine.image_id(f"{repository}:cpu") is None
+    container = devcontainers.up_printed(readme_command(project, "devcontainer up"), project)
+    assert engine.image_id(f"{repository}:cpu") is not None  # pulled from the registry
+    run = readme_command(project, "devcontainer exec")
+    assert "attrs " in devcontainers.exec_printed(run, project, PROBES["pip"])
+    devcontainers.remove(container)
 
 
 @pytest.mark.engine
@@ -361,18 +629,19 @@ def test_generated_project_opens_in_a_dev_container(
 def test_remapped_user_writes_the_workspace_installs_and_keeps_home(
         engine, template, team, devcontainers, host_user_1234, request, host_gid):
     """Host uid 1234 (not the image's 1000): the CLI remaps the container user. With host gid
-    1234 the image's group 100 is renumbered and post-create hands the environment to the new
-    gid; with host gid 100 (the SageMaker/`users` case) the group already matches."""
+    1234 the image's group 100 is renumbered and the image's onCreateCommand hands the
+    environment and /data to the new gid; with host gid 100 (the SageMaker/`users` case) the
+    group already matches."""
     name = slug(f"uid-{host_gid}")
     # pytest's tmp_path is private to root; the remapped host user needs to reach its project.
     tmp_path = Path(tempfile.mkdtemp(prefix="devbox-remap-"))
     os.chmod(tmp_path, 0o755)
     request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
     project = copy_project(template, tmp_path / name, project_name=name, team_image=team,
-                           image_source="prebuilt", pip_packages="attrs")
-    result = cli("lock", str(project))
-    assert result.returncode == 0, result.stderr
-    result = cli("build", str(project), env={"DEVBOX_CA_CERTS": " ".join(HOST_CA_CERTS)})
+                           image_source="prebuilt", registry="127.0.0.1:5999",
+                           pip_packages="attrs")
+    assert devcontainers.shell("devbox-build lock .", project).returncode == 0
+    result = devcontainers.shell("devbox-build build .", project)
     assert result.returncode == 0, result.stderr[-3000:]
     subprocess.run(["chown", "-R", f"1234:{host_gid}", str(project)], check=True)
     (tmp_path / "home").mkdir()
@@ -384,9 +653,11 @@ def test_remapped_user_writes_the_workspace_installs_and_keeps_home(
     container = devcontainers.up(project, config, user=user)
     out = devcontainers.exec(project, config, (
         "id -u; id -g; touch notes.txt && echo workspace-writable;"
+        "touch /data/mine && echo data-writable;"
         "pip install --no-deps --no-cache-dir -q toolz==1.0.0 && python -c 'import toolz';"
         "echo installed; echo kept > ~/persisted.txt"), user=user)
-    assert out.split()[:4] == ["1234", str(host_gid), "workspace-writable", "installed"], out
+    assert out.split()[:5] == ["1234", str(host_gid), "workspace-writable", "data-writable",
+                               "installed"], out
     assert (project / "notes.txt").stat().st_uid == 1234
 
     # Persistence: the home volume outlives the container.

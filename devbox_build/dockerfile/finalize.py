@@ -78,6 +78,16 @@ def restore_path_for_login_shells() -> None:
     )
 
 
+def make_data_folder(info: dict) -> None:
+    """/data, where dev containers and EC2 boxes mount the data volume: the user's group owns it
+    (setgid, group-writable), so a fresh volume mounted there starts out writable for the user."""
+    data = Path("/data")
+    data.mkdir(exist_ok=True)
+    gid = info.get("user", {}).get("gid", 100)
+    os.chown(data, 0, gid)
+    data.chmod(0o2775)
+
+
 def apt_packages() -> list[dict]:
     out = subprocess.run(
         ["dpkg-query", "-W", "-f", "${Package}\t${Version}\n"],
@@ -131,6 +141,7 @@ def main() -> int:
                      "apt": apt_packages()},
     }
     restore_path_for_login_shells()
+    make_data_folder(info)
     (DEVBOX / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(
         f"devbox-build: manifest written: {len(manifest['packages']['pip'])} pip, "
