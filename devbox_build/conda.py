@@ -115,6 +115,9 @@ def stack(spec: ImageSpec, variant: str) -> list[CondaLock]:
     if not variant_spec.conda:
         return [shared]
     cuda = variant_spec.cuda.version if variant_spec.cuda else None
+    if variant_spec.cuda and variant_spec.conda and cuda is None:
+        raise SpecError(f"{spec.path}: key 'variants.{variant}.cuda.version': a conda solve for "
+                        "a CUDA variant needs the CUDA version it assumes (__cuda)")
     return [shared, CondaLock(f"conda-lock-{variant}", "variant",
                               shared.inputs + tuple(variant_spec.conda), cuda, shared)]
 

@@ -41,6 +41,51 @@ APT_CLEANUP = (
     "/var/log/dpkg.log /var/cache/debconf/*-old /root/.cache"
 )
 _LAYER_MARKER = re.compile(r"^# ---- layer: (\w+)")
+# The packages that carry the CUDA runtime: PyPI's wheels (nvidia-cuda-runtime, or -cu12 before
+# CUDA 13) and conda's cudart.
+_CUDA_RUNTIME = re.compile(r"nvidia-cuda-runtime(-cu\d+)?|cuda-cudart")
+# NVIDIA's minimum Linux driver for each CUDA major (minor version compatibility: any 12.x
+# runtime on >= 525.60.13, any 13.x on >= 580.65.06), from the CUDA toolkit release notes.
+CUDA_MIN_DRIVER = {"11": "450.80.02", "12": "525.60.13", "13": "580.65.06"}
+
+
+@dataclass(frozen=True)
+class CudaFacts:
+    """What a CUDA variant's image has: from what its locks install, checked against the spec."""
+
+    version: str  # major.minor of the installed runtime
+    min_driver: str
+    runtime: str  # "nvidia-cuda-runtime 13.2.86"
+
+
+def _driver(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def cuda_facts(spec: ImageSpec, variant: str, installed: dict[str, str]) -> CudaFacts | None:
+    """``installed``: every package the variant's locks install (name → version)."""
+    declared = spec.variants[variant].cuda
+    if declared is None:
+        return None
+    key = f"{spec.path}: key 'variants.{variant}.cuda"
+    runtimes = sorted((name, version) for name, version in installed.items()
+                      if _CUDA_RUNTIME.fullmatch(name))
+    if not runtimes:
+        raise SpecError(f"{key}': the variant's locks install no CUDA runtime (an "
+                        "nvidia-cuda-runtime wheel or conda's cuda-cudart): nothing to label")
+    name, full = runtimes[-1]
+    version = ".".join(full.split(".")[:2])
+    if declared.version and ".".join(declared.version.split(".")[:2]) != version:
+        raise SpecError(f"{key}.version': says {declared.version}, but the locks install the CUDA "
+                        f"{version} runtime ({name} {full}); drop the key or correct it")
+    floor = CUDA_MIN_DRIVER.get(version.split(".")[0])
+    min_driver = declared.min_driver or floor
+    if min_driver is None:
+        raise SpecError(f"{key}.min_driver': no known minimum driver for CUDA {version}; name it")
+    if floor and _driver(min_driver) < _driver(floor):
+        raise SpecError(f"{key}.min_driver': {min_driver} is below {floor}, the oldest driver "
+                        f"that runs CUDA {version}")
+    return CudaFacts(version, min_driver, f"{name} {full}")
 
 
 @dataclass
@@ -185,6 +230,12 @@ def render(
             }
         )
 
+    installed = dict(locked_closure)
+    for item in conda_layers:
+        installed.update({p.name: p.version for p in conda.locked_packages(
+            spec, next(c for c in conda.stack(spec, variant) if c.name == item["name"]),
+            item["subdir"])})
+    cuda = cuda_facts(spec, variant, installed)
     labels = {
         "org.opencontainers.image.title": spec.name,
         "org.opencontainers.image.description": spec.description,
@@ -193,12 +244,9 @@ def render(
         "devbox.python": spec.python,
         "devbox.tool-version": __version__,
         **(
-            {
-                "devbox.cuda.version": variant_spec.cuda.version,
-                "devbox.cuda.min-driver": variant_spec.cuda.min_driver,
-            }
-            if variant_spec.cuda
-            else {}
+            {"devbox.cuda.version": cuda.version, "devbox.cuda.min-driver": cuda.min_driver,
+             "devbox.cuda.runtime": cuda.runtime}
+            if cuda else {}
         ),
         **({} if spec.extends else {"devcontainer.metadata": devcontainer_metadata(spec, variant)}),
         **spec.labels,
@@ -220,13 +268,15 @@ def render(
         "locked": locked_closure,
         "conda": {"prefix": spec.conda.prefix, "locks": [c["name"] for c in conda_layers]}
         if spec.conda else None,
-        "cuda": variant_spec.cuda.model_dump() if variant_spec.cuda else None,
+        "cuda": {"version": cuda.version, "min_driver": cuda.min_driver,
+                 "runtime": cuda.runtime} if cuda else None,
         "extends": variant_spec.base if spec.extends else None,
     }
     context.files["devbox/build-info.json"] = (
         json.dumps(build_info, indent=2, sort_keys=True) + "\n"
     ).encode()
     context.files["devbox/finalize.py"] = _template_file("finalize.py")
+    context.files["devbox/bash-env.sh"] = _template_file("bash-env.sh")
     for command in RUNTIME_COMMANDS:
         context.files[f"{RUNTIME_BIN}/{command}"] = _template_file(f"bin/{command}")
     context.files["Dockerfile"] = _environment().get_template("Dockerfile.j2").render(
@@ -246,7 +296,7 @@ def render(
         install_layers=_install_order(conda_layers, pip_layers),
         conda=spec.conda,
         has_variant_layer=any(p["layer"] == "variant" for p in pip_layers + conda_layers),
-        cuda=variant_spec.cuda,
+        cuda=cuda,
         labels=labels,
     ).encode()
     return context

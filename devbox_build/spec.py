@@ -138,15 +138,18 @@ class PipInputs(_Model):
 
 
 class Cuda(_Model):
-    """What a CUDA variant declares about its user-space libraries."""
+    """A CUDA variant. The CUDA version in labels is the one the locks install (the CUDA runtime
+    wheel or conda package); ``version``, when given, must agree with it and is what a conda
+    solve assumes (__cuda). ``min_driver`` defaults to NVIDIA's minimum for that CUDA major and
+    may only raise it."""
 
-    version: str
-    min_driver: DriverVersion
+    version: str | None = None
+    min_driver: DriverVersion | None = None
 
     @field_validator("version")
     @classmethod
-    def _version(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+\.\d+(\.\d+)?", value):
+    def _version(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", value):
             raise ValueError(f"expected a CUDA version like '12.8', got {value!r}")
         return value
 

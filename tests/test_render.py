@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from devbox_build.errors import DevboxError, InputError
+from devbox_build import locking
+from devbox_build.errors import DevboxError, InputError, SpecError
 from devbox_build.render import render
 
 from .conftest import HOST_CA_CERTS, ROOT, TINY, cli, load
@@ -207,3 +208,48 @@ def test_a_value_that_bypassed_validation_stops_the_render(field, update):
         update = {"user": spec.user.model_copy(update=update["user"])}
     with pytest.raises(ValueError, match="control character"):
         render(spec.model_copy(update=update), "cpu")
+
+
+# -- CUDA: labels say what the locks install ---------------------------------------------------
+
+
+def labels_of(context) -> dict[str, str]:
+    import dockerfile
+
+    return pairs(dockerfile.parse_string(context.dockerfile), "LABEL")
+
+
+def test_cuda_labels_come_from_the_installed_runtime():
+    tiny = labels_of(render(load(TINY), "gpu"))
+    assert tiny["devbox.cuda.version"] == "12.9"
+    assert tiny["devbox.cuda.runtime"] == "nvidia-cuda-runtime-cu12 12.9.79"
+    default = load(ROOT / "images" / "datascience")
+    assert default.variants["gpu"].cuda.version is None  # nothing hand-written
+    pins = locking.read_pins(locking.stack(default, "gpu", "linux/amd64")[-1].path(default))
+    runtime = pins["nvidia-cuda-runtime"].version
+    labels = labels_of(render(default, "gpu"))
+    assert labels["devbox.cuda.version"] == ".".join(runtime.split(".")[:2])
+    assert labels["devbox.cuda.runtime"] == f"nvidia-cuda-runtime {runtime}"
+    assert labels["devbox.cuda.min-driver"] == "580.65.06"  # NVIDIA's floor for CUDA 13
+
+
+@pytest.mark.parametrize("cuda, needle", [
+    ('{ version = "13.0", min_driver = "580.65.06" }',
+     "says 13.0, but the locks install the CUDA 12.9 runtime"),
+    ('{ min_driver = "470.57.02" }', "470.57.02 is below 525.60.13"),
+])
+def test_cuda_declarations_that_disagree_with_the_locks_are_refused(stack_copy, cuda, needle):
+    spec_file = stack_copy / "image.toml"
+    spec_file.write_text(spec_file.read_text().replace(
+        'cuda = { version = "12.9", min_driver = "525.60.13" }', f"cuda = {cuda}"))
+    with pytest.raises(SpecError, match="key 'variants.gpu.cuda") as raised:
+        render(load(stack_copy), "gpu")
+    assert needle in str(raised.value)
+
+
+@pytest.fixture
+def stack_copy(tmp_path):
+    import shutil
+
+    shutil.copytree(TINY, tmp_path / "tiny")
+    return tmp_path / "tiny"

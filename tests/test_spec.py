@@ -50,7 +50,7 @@ def test_committed_specs_load():
         (MINIMAL.replace('python = "3.11"', 'python = "three"'), ["key 'python'"]),
         (MINIMAL + "[user]\nuid = 70000\n", ["key 'user.uid'"]),
         (MINIMAL + "[variants.gpu]\nbase = 'x'\ncuda = { version = '12' }\n",
-         ["missing key 'variants.gpu.cuda.min_driver'"]),
+         ["key 'variants.gpu.cuda.version'", "expected a CUDA version"]),
         (MINIMAL.replace('repository = "team/demo"\n', ""), ["missing key 'repository'"]),
         (MINIMAL + "[env]\nHTTPS_PROXY = 'http://proxy:3128'\n", ["never baked into the image"]),
         (MINIMAL + "[system]\npackages = ['curl; rm -rf /']\n", ["key 'system.packages'"]),

@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import docker.errors
 import jsonschema
 import pytest
 import yaml
-from packaging.requirements import Requirement
 
 from devbox_build import refs
 from devbox_build.spec import load_spec
@@ -124,6 +124,7 @@ class DevContainers:
     def up(self, project: Path, config: Path, user=None) -> str:
         result = self.run("up", "--workspace-folder", str(project), "--config", str(config),
                           user=user)
+        self.log = result.stderr
         outcome = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout else {}
         assert outcome.get("outcome") == "success", result.stdout[-3000:] + result.stderr[-3000:]
         self.started.append(outcome["containerId"])
@@ -155,7 +156,11 @@ class DevContainers:
         return result.stdout
 
     def remove(self, container_id: str) -> None:
-        labels = self.engine.api.inspect_container(container_id)["Config"]["Labels"] or {}
+        """The container and, for a compose project, every container of that project."""
+        try:
+            labels = self.engine.api.inspect_container(container_id)["Config"]["Labels"] or {}
+        except docker.errors.NotFound:  # removed with its compose project already
+            return
         ids = [container_id]
         if project := labels.get("com.docker.compose.project"):
             ids += [c["Id"] for c in self.engine.api.containers(
@@ -195,7 +200,8 @@ def devcontainers(engine, request):
     # As a user's shell has it: devbox-build on PATH, no DEVBOX_CA_CERTS (the CLI finds the
     # host's CAs), the host network for the conda tests' loopback channel.
     env = {**os.environ, "DEVBOX_NETWORK": "host",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "PATH": f"{Path(sys.executable).parent}:{Path(devcontainer_cli()).parent}:"
+                   f"{os.environ['PATH']}"}
     env.pop("DEVBOX_CA_CERTS", None)
     containers = DevContainers(engine, env)
     yield containers
@@ -279,8 +285,8 @@ def assert_parses(command: str) -> None:
             assert not unknown, f"{command}: devcontainer {args[0]} has no {unknown}"
         elif tool in ("pip", "pipx"):
             assert args[0] == "install", command
-            requirement = Requirement(args[1])
-            assert requirement.name == "devbox-build" and requirement.url.startswith("git+"), command
+            url, _, ref = args[1].rpartition("@")  # git+SCHEME://...@REF, read by every pip
+            assert url.startswith("git+") and "://" in url and ref, command
         elif tool == "docker":
             assert args[0] in ("login", "pull"), command
         else:
@@ -328,7 +334,10 @@ def test_every_answer_combination_generates_working_files(
         assert "remoteEnv" not in document  # nothing set to an empty string
         if services == "postgres":
             compose_file = (config.parent / document["dockerComposeFile"]).resolve()
-            assert compose_file == (project / ".devcontainer/docker-compose.yml").resolve()
+            answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+            assert re.fullmatch(r"tricky-[0-9a-f]{6}", answers["compose_project"])
+            assert compose_file == (project / ".devcontainer" / answers["compose_project"]
+                                    / "docker-compose.yml").resolve()
             compose = yaml.safe_load(compose_file.read_text())
             service = compose["services"][document["service"]]
             assert document["service"] == f"workspace-{variant}"
@@ -664,6 +673,41 @@ def test_remapped_user_writes_the_workspace_installs_and_keeps_home(
     devcontainers.remove(container)
     devcontainers.up(project, config, user=user)
     assert devcontainers.exec(project, config, "cat ~/persisted.txt", user=user).strip() == "kept"
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("host", ["uid-gid-1234", "root"])
+def test_a_plain_image_opens_well_in_a_dev_container(
+        engine, tiny_images, devcontainers, host_user_1234, request, host):
+    """{"image": ...} and nothing else: the image's devcontainer.metadata label does the rest.
+    Host uid:gid 1234:1234 (a typical Linux desktop: the CLI renumbers group 100): installs into
+    the venv and writes to /data. A root host user: the workspace is read-only for the container
+    user, and the container says so and what to do."""
+    _, results = tiny_images
+    tmp_path = Path(tempfile.mkdtemp(prefix="devbox-plain-"))
+    os.chmod(tmp_path, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
+    workspace = tmp_path / slug(f"plain-{host}")
+    (workspace / ".devcontainer").mkdir(parents=True)
+    config = workspace / ".devcontainer" / "devcontainer.json"
+    config.write_text(json.dumps({"image": results["cpu"].content_tag}))
+    if host == "root":
+        devcontainers.up(workspace, config)
+        assert "not writable for uid 1000" in devcontainers.log, devcontainers.log[-3000:]
+        assert "sudo chown -R 1000:100" in devcontainers.log
+        return
+    subprocess.run(["chown", "-R", "1234:1234", str(workspace)], check=True)
+    (tmp_path / "home").mkdir()
+    os.chown(tmp_path / "home", 1234, 1234)
+    devcontainers.env["HOME"] = str(tmp_path / "home")
+    devcontainers.up(workspace, config, user=(1234, 1234))
+    out = devcontainers.exec(workspace, config, (
+        "id -u; id -g; touch notes.txt && echo workspace-writable;"
+        "touch /data/mine && echo data-writable;"
+        "pip install --no-deps --no-cache-dir -q toolz==1.0.0 && python -c 'import toolz'"
+        " && echo installed"), user=(1234, 1234))
+    assert out.split()[:5] == ["1234", "1234", "workspace-writable", "data-writable",
+                               "installed"], out
 
 
 @pytest.mark.engine

@@ -115,6 +115,17 @@ def main() -> int:
     leftovers = sorted(path for pattern in CACHE_GLOBS for path in glob.glob(pattern))
     if leftovers:
         problems.append("package caches left in the image: " + ", ".join(leftovers[:10]))
+    runtime = (info.get("cuda") or {}).get("runtime")
+    if runtime:
+        # The label was taken from the lock; the image must hold exactly that runtime.
+        name, _, version = runtime.partition(" ")
+        found = {canonical(d.metadata["Name"]): d.version
+                 for d in importlib.metadata.distributions()}.get(name)
+        if found is None and info.get("conda"):
+            found = next((p["version"] for p in conda_packages(info) if p["name"] == name), None)
+        if found != version:
+            problems.append(f"the CUDA runtime the labels name ({runtime}) is not what is "
+                            f"installed ({name} {found or 'missing'})")
     drivers = driver_libraries()
     if drivers:
         problems.append(
