@@ -291,3 +291,10 @@ def test_readme_table_lists_every_case():
 def readme_row(case: Case) -> str:
     words = " … ".join(case.needles).replace("|", "\\|")
     return f"| `{case.id}` | {case.what} | {case.code} | {words} |"
+
+
+def test_check_list_needs_no_image():
+    """`check --help` points to `check --list`, which must work without an image."""
+    result = cli("check", "--list", env=NO_ENGINE)
+    assert result.returncode == 0, result.stderr
+    assert "sagemaker-training" in result.stdout and "drift" in result.stdout

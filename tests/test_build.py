@@ -283,19 +283,13 @@ def interrupt_a_running_build(engine: Engine, stack: Path, signum: int) -> tuple
             process.kill()
 
 
-def test_ctrl_c_leaves_no_tag(engine, stack):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_build_leaves_no_tag(engine, stack, signum):
     expected = content_tag(engine, stack, "cpu")
-    code, stderr = interrupt_a_running_build(engine, stack, signal.SIGINT)
-    assert code == 130, stderr
-    assert "interrupted (SIGINT): nothing was tagged" in stderr and "Traceback" not in stderr
-    assert engine.image_id(expected) is None
-
-
-def test_sigterm_ends_a_build_like_ctrl_c(engine, stack):
-    expected = content_tag(engine, stack, "cpu")
-    code, stderr = interrupt_a_running_build(engine, stack, signal.SIGTERM)
-    assert code == 143, stderr
-    assert "interrupted (SIGTERM): nothing was tagged" in stderr and "Traceback" not in stderr
+    code, stderr = interrupt_a_running_build(engine, stack, signum)
+    assert code == 128 + signum, stderr
+    assert f"interrupted ({signal.Signals(signum).name}): nothing was tagged" in stderr
+    assert "Traceback" not in stderr
     assert engine.image_id(expected) is None
 
 

@@ -499,6 +499,13 @@ def test_generated_project_opens_with_its_readme_commands(
     else:
         result = devcontainers.shell(readme_command(project, "devbox-build lock ."), project)
         assert result.returncode == 0, result.stderr[-3000:]
+    if answers["dependency_manager"] in ("pip", "both"):
+        # The lock's header names the command that rewrites it; pasted in the project, it works.
+        header = (project / "locks/linux-amd64/pip.txt").read_text().splitlines()[1]
+        regenerate = header.removeprefix("# Regenerate with: ").split(" (")[0]
+        assert regenerate == "devbox-build lock .", header
+        result = devcontainers.shell(regenerate, project)
+        assert result.returncode == 0 and "up to date" in result.stderr, result.stderr
 
     for variant, config in configs(project).items():
         validate(config)

@@ -1,0 +1,236 @@
+"""Training jobs as users submit them: the SageMaker Python SDK itself (v2 `Estimator`, v3
+`ModelTrainer`) in local mode with docker-compose, and the exact hyperparameters the SDK sends
+the real service, with the submitted code in S3 (moto's S3 in server mode on loopback).
+
+Each SDK lives in its own virtual environment (they cannot share one), made on first use under
+~/.cache/devbox-build and kept between runs. The SDKs try to send telemetry; nothing outside
+this machine answers, and that must not fail a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .conftest import IN_CI, TINY
+
+pytestmark = pytest.mark.engine
+
+SDKS = {"v2": "sagemaker==2.257.7", "v3": "sagemaker==3.27.0"}
+CACHE = Path.home() / ".cache" / "devbox-build"
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+TRAIN = """\
+import argparse, json, os, pathlib
+parser = argparse.ArgumentParser()
+parser.add_argument("--epochs", type=int, default=1)
+args, _ = parser.parse_known_args()
+rows = pathlib.Path(os.environ["SM_CHANNEL_TRAIN"], "data.csv").read_text().split()
+import six  # from the submitted requirements.txt, when there is one
+model = pathlib.Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"), "model.json")
+model.write_text(json.dumps({"epochs": args.epochs, "rows": len(rows)}))
+print("trained on", len(rows), "rows")
+"""
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+def sdk_python(name: str) -> Path:
+    """The Python of a virtual environment with that SDK (and moto's server) installed."""
+    venv = CACHE / f"sdk-{SDKS[name].replace('==', '-')}"
+    python = venv / "bin" / "python"
+    if not (venv / ".ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        result = subprocess.run([str(python), "-m", "pip", "install", "-q",
+                                 "--disable-pip-version-check", SDKS[name], "moto[server]"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            message = f"cannot install {SDKS[name]}: {result.stderr[-1500:]}"
+            if IN_CI:
+                pytest.fail(message, pytrace=False)
+            pytest.skip(message)
+        (venv / ".ready").touch()
+    return python
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """An SDK user's source_dir: the program and a hash-locked requirements.txt."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "train.py").write_text(TRAIN)
+    six = next(text for name, text in _tiny_pins().items() if name == "six")
+    (folder / "requirements.txt").write_text(six)
+    return folder
+
+
+def _tiny_pins() -> dict[str, str]:
+    from devbox_build import locking
+
+    return {name: pin.text for name, pin in
+            locking.read_pins(TINY / "locks" / "linux-amd64" / "pip.txt").items()}
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "data.csv").write_text("1,2\n3,4\n5,6\n")
+    return folder
+
+
+def run_sdk(name: str, script: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{name}-job.py"
+    path.write_text(textwrap.dedent(script))
+    return subprocess.run([str(sdk_python(name)), str(path)], cwd=tmp_path,
+                          env={**os.environ, **FAKE_AWS, **env}, capture_output=True,
+                          text=True, timeout=900)
+
+
+def model_in(archive: Path) -> dict:
+    with tarfile.open(archive) as tar:
+        return json.load(tar.extractfile("model.json"))
+
+
+# -- SDK v2: Estimator with entry_point / source_dir, local mode -------------------------------
+
+
+def test_v2_estimator_entry_point_in_local_mode(default_images, source, data, tmp_path):
+    image = default_images["cpu"].content_tag
+    result = run_sdk("v2", f"""
+        from sagemaker.estimator import Estimator
+        from sagemaker.local import LocalSession
+        session = LocalSession()
+        session.config = {{"local": {{"local_code": True}}}}
+        estimator = Estimator(
+            image_uri={image!r}, role={ROLE!r}, instance_count=1, instance_type="local",
+            entry_point="train.py", source_dir={str(source)!r}, hyperparameters={{"epochs": 3}},
+            output_path="file://{tmp_path}/output", sagemaker_session=session)
+        estimator.fit({{"train": "file://{data}"}})
+        print("MODEL", estimator.model_data)
+    """, tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    archive = next((tmp_path / "output").rglob("model.tar.gz"))
+    # Channels arrive as the host user's 0700 copies (root here); the image's user read them.
+    assert model_in(archive) == {"epochs": 3, "rows": 3}
+
+
+# -- SDK v2: what the real service gets (code in S3), against moto's S3 ------------------------
+
+
+@pytest.fixture
+def moto_s3(tmp_path):
+    """moto's server on loopback (the SDK environment's moto_server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = sdk_python("v2").parent / "moto_server"
+    process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 60
+    while True:  # until it answers (a state), bounded
+        try:
+            opener.open(f"{url}/moto-api/", timeout=2).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_v2_code_submitted_to_s3_runs_as_on_the_service(engine, default_images, source, data,
+                                                         moto_s3, tmp_path):
+    image = default_images["cpu"].content_tag
+    # The SDK uploads source_dir to S3 and computes the hyperparameters it would send to
+    # CreateTrainingJob (sagemaker_submit_directory = s3://.../sourcedir.tar.gz, JSON-encoded).
+    result = run_sdk("v2", f"""
+        import json, boto3, sagemaker
+        from sagemaker.estimator import Estimator
+        boto3.client("s3").create_bucket(Bucket="devbox-sdk-test")
+        session = sagemaker.Session(boto_session=boto3.Session(), default_bucket="devbox-sdk-test")
+        estimator = Estimator(
+            image_uri={image!r}, role={ROLE!r}, instance_count=1, instance_type="ml.m5.large",
+            entry_point="train.py", source_dir={str(source)!r}, hyperparameters={{"epochs": 4}},
+            sagemaker_session=session)
+        estimator._prepare_for_training(job_name="devbox-sdk-test")
+        print("HYPERPARAMETERS " + json.dumps(estimator.hyperparameters()))
+    """, tmp_path, AWS_ENDPOINT_URL=moto_s3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    hyperparameters = json.loads(result.stdout.split("HYPERPARAMETERS ", 1)[1].splitlines()[0])
+    assert json.loads(hyperparameters["sagemaker_submit_directory"]).startswith("s3://")
+    assert json.loads(hyperparameters["sagemaker_program"]) == "train.py"
+
+    volume = engine.create_volume(f"devbox-test-ml-{uuid.uuid4().hex[:12]}")
+    container = engine.api.create_container(
+        image, command=["train"], environment={**FAKE_AWS, "AWS_ENDPOINT_URL": moto_s3},
+        host_config=engine.api.create_host_config(
+            network_mode="host", binds={volume: {"bind": "/opt/ml", "mode": "rw"}}))["Id"]
+    try:
+        engine.copy_into(container, "/opt/ml", {
+            "input/config/hyperparameters.json": json.dumps(hyperparameters).encode(),
+            "input/config/inputdataconfig.json": b'{"train": {}}',
+            "input/data/train/data.csv": (data / "data.csv").read_bytes(),
+        })
+        engine.start_created(container)
+        code = engine.wait(container, timeout=600)
+        logs = engine.logs(container)
+        assert code == 0, logs
+        assert "hash-checked" in logs and "trained on 3 rows" in logs, logs
+        model = engine.copy_out(container, "/opt/ml/model")
+        assert json.loads(model["model.json"]) == {"epochs": 4, "rows": 3}
+    finally:
+        engine.remove(container)
+        engine.remove_volume(volume)
+
+
+# -- SDK v3: ModelTrainer in LOCAL_CONTAINER mode ----------------------------------------------
+
+
+@pytest.mark.parametrize("with_source_code", [True, False], ids=["source-code", "no-command"])
+def test_v3_model_trainer_in_a_local_container(default_images, source, data, tmp_path,
+                                               with_source_code):
+    image = default_images["cpu"].content_tag
+    if not with_source_code:
+        # Without SourceCode the SDK starts the image with no command, as the service does
+        # with `train`: the program comes from SAGEMAKER_PROGRAM and /opt/ml/code.
+        (data / "train.py").write_text(TRAIN.replace("import six", "pass"))
+    result = run_sdk("v3", f"""
+        import glob, json, os
+        from sagemaker.train import ModelTrainer
+        from sagemaker.train.configs import Compute, InputData, SourceCode
+        from sagemaker.train.model_trainer import Mode
+        trainer = ModelTrainer(
+            training_image={image!r}, role={ROLE!r},
+            compute=Compute(instance_type="local_cpu", instance_count=1),
+            training_mode=Mode.LOCAL_CONTAINER, local_container_root={str(tmp_path / "root")!r},
+            hyperparameters={{"epochs": 5}},
+            {"source_code=SourceCode(source_dir=" + repr(str(source)) + ", entry_script='train.py')," if with_source_code else
+             "environment={'SAGEMAKER_PROGRAM': '../input/data/train/train.py'},"}
+        )
+        trainer.train(input_data_config=[InputData(channel_name="train",
+                                                   data_source={str(data)!r})], wait=True)
+        print("MODELS", glob.glob({str(tmp_path / "root")!r} + "/**/model*", recursive=True))
+    """, tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    models = result.stdout.split("MODELS ", 1)[1]
+    assert "model" in models, result.stdout[-3000:]
+    found = [json.loads(p.read_text()) for p in (tmp_path / "root").rglob("model.json")]
+    if not found:
+        found = [model_in(p) for p in (tmp_path / "root").rglob("model.tar.gz")]
+    assert {"epochs": 5, "rows": 3} in found, (found, result.stdout[-3000:])
