@@ -8,6 +8,7 @@ websocket channel for execute_request), as VS Code's and JupyterLab's clients do
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import secrets
 import time
@@ -22,20 +23,29 @@ from devbox_build.checks.image import ImageUnderTest, running
 pytestmark = pytest.mark.engine
 
 PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()\n"
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def execute_through_the_server(base: str, code: str, token: str | None) -> list[dict]:
     """Start a kernel through the server's REST API, run ``code`` on its websocket channel and
     return the iopub messages up to the kernel's idle state."""
     headers = {"Authorization": f"token {token}"} if token else {}
+    cookies = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPCookieProcessor(cookies))
+    if not token:
+        # As JupyterLab's frontend does behind Studio's proxy: the page sets the _xsrf cookie,
+        # and every POST sends it back as X-XSRFToken.
+        opener.open(f"http://{base}lab", timeout=60).close()
+        headers["X-XSRFToken"] = next(c.value for c in cookies if c.name == "_xsrf")
     request = urllib.request.Request(f"http://{base}api/kernels", data=b"{}", method="POST",
                                      headers={**headers, "Content-Type": "application/json"})
-    with NO_PROXY.open(request, timeout=60) as response:
+    with opener.open(request, timeout=60) as response:
         kernel = json.load(response)["id"]
+    cookie = "; ".join(f"{c.name}={c.value}" for c in cookies)
     channel = websocket.create_connection(
         f"ws://{base}api/kernels/{kernel}/channels" + (f"?token={token}" if token else ""),
-        timeout=120, http_proxy_host=None, http_no_proxy=["127.0.0.1"])
+        timeout=120, http_proxy_host=None, http_no_proxy=["127.0.0.1"],
+        **({"cookie": cookie} if cookie else {}))
     try:
         msg_id = uuid.uuid4().hex
         channel.send(json.dumps({

@@ -206,9 +206,11 @@ def test_v2_code_submitted_to_s3_runs_as_on_the_service(engine, default_images, 
 def test_v3_model_trainer_in_a_local_container(default_images, source, data, tmp_path,
                                                with_source_code):
     image = default_images["cpu"].content_tag
+    (tmp_path / "root").mkdir()
     if not with_source_code:
-        # Without SourceCode the SDK starts the image with no command, as the service does
-        # with `train`: the program comes from SAGEMAKER_PROGRAM and /opt/ml/code.
+        # Without SourceCode the SDK starts the image with no command at all (the service
+        # passes `train`): the entrypoint must see a training job. The program is named by
+        # SAGEMAKER_PROGRAM, here the copy that came in with the channel.
         (data / "train.py").write_text(TRAIN.replace("import six", "pass"))
     result = run_sdk("v3", f"""
         import glob, json, os
@@ -221,7 +223,7 @@ def test_v3_model_trainer_in_a_local_container(default_images, source, data, tmp
             training_mode=Mode.LOCAL_CONTAINER, local_container_root={str(tmp_path / "root")!r},
             hyperparameters={{"epochs": 5}},
             {"source_code=SourceCode(source_dir=" + repr(str(source)) + ", entry_script='train.py')," if with_source_code else
-             "environment={'SAGEMAKER_PROGRAM': '../input/data/train/train.py'},"}
+             "environment={'SAGEMAKER_PROGRAM': '/opt/ml/input/data/train/train.py'},"}
         )
         trainer.train(input_data_config=[InputData(channel_name="train",
                                                    data_source={str(data)!r})], wait=True)
