@@ -21,7 +21,7 @@ from rich.table import Table
 from . import __version__, locking, refs
 from .build import BuildOptions, BuildResult, base_image_id, build_contexts, prepare, resolve_variants
 from .engine import Engine, Step
-from .errors import ChecksFailed, DevboxError, InputError, Interrupted, LockError, SpecError
+from .errors import ChecksFailed, DevboxError, InputError, Interrupted, LockError
 from .manifest import read_manifest
 from .render import BuildContext, host_ca_certificates, render
 from .spec import load_spec
@@ -143,11 +143,6 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
         for variant, variant_spec in spec.variants.items():
             base_image_id(engine, spec, variant)  # pulled if missing, else one clear error
             base_manifests[variant_spec.base] = read_manifest(engine, variant_spec.base)
-            provided = ".".join(base_manifests[variant_spec.base]["python_version"].split(".")[:2])
-            if provided != spec.python:
-                # A lock resolved for a Python the image does not have would install, then fail.
-                raise SpecError(f"{spec.path}: key 'python': {variant_spec.base} provides "
-                                f"Python {provided}, not {spec.python}")
         err.print(f"constraints from {', '.join(base_manifests)}")
     err.print(f"locking {spec.name} with {resolver}")
     results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,

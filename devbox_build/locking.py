@@ -40,8 +40,8 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 
 from . import conda
-from .errors import DevboxError, LockError
-from .spec import PLATFORMS, ImageSpec
+from .errors import DevboxError, LockError, SpecError
+from .spec import PLATFORMS, TEAM_CONSTRAINTS, TEAM_PYTHON_PREFIX, ImageSpec
 
 LOCK_FORMAT = "devbox-lock/1"
 DIGEST_PREFIX = "# inputs-sha256: "
@@ -49,7 +49,6 @@ SELF_DIGEST_PREFIX = "# lock-sha256: "
 # check()'s verdicts; an edited lock is refused even by build --allow-stale.
 MISSING, EDITED, STALE = "missing", "edited", "stale"
 RESOLVERS = ("uv", "pip-compile")
-TEAM_CONSTRAINTS = "team-constraints.txt"
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def all_layers(
 
 
 def team_constraints_path(spec: ImageSpec) -> Path:
-    return spec.folder / "locks" / TEAM_CONSTRAINTS
+    return spec.folder / TEAM_CONSTRAINTS
 
 
 def team_constraints(spec: ImageSpec, manifests: dict[str, dict]) -> str:
@@ -142,13 +141,28 @@ def team_constraints(spec: ImageSpec, manifests: dict[str, dict]) -> str:
             name: version for name, version in shared.items() if pins.get(name) == version}
     sources = ", ".join(f"{ref} ({m.get('content_hash', '?')[:12]})" for ref, m in manifests.items())
     return (f"# The pins of {spec.extends} that a project on it must keep, from {sources}.\n"
-            f"# Written by devbox-build lock {spec.name}; do not edit.\n"
+            f"# Written by {regenerate_command(spec)}; do not edit.\n"
+            f"{TEAM_PYTHON_PREFIX}{base_python(spec, manifests)}\n"
             + "".join(f"{name}=={version}\n" for name, version in sorted((shared or {}).items())))
+
+
+def base_python(spec: ImageSpec, manifests: dict[str, dict]) -> str:
+    """The Python minor version every image the spec extends has; one error when they differ
+    or when the spec asks for another."""
+    found = {ref: ".".join(m["python_version"].split(".")[:2]) for ref, m in manifests.items()}
+    if len(set(found.values())) > 1:
+        raise LockError(f"{spec.path}: key 'extends': its images have different Pythons: "
+                        + ", ".join(f"{ref} {version}" for ref, version in found.items()))
+    ref, version = next(iter(found.items()))
+    if spec.python is not None and version != spec.python:
+        raise SpecError(f"{spec.path}: key 'python': {ref} provides Python {version}, not "
+                        f"{spec.python_version}")
+    return version
 
 
 def inputs_digest(spec: ImageSpec, layer: LockLayer) -> str:
     digest = hashlib.sha256()
-    digest.update(f"{LOCK_FORMAT}\npython={spec.python}\nplatform={layer.platform}\n".encode())
+    digest.update(f"{LOCK_FORMAT}\npython={spec.python_version}\nplatform={layer.platform}\n".encode())
     for relative in layer.inputs:
         digest.update(f"input {relative}\n".encode())
         digest.update(_input_bytes(spec, relative))
@@ -276,7 +290,7 @@ def lock(
 def _header(spec: ImageSpec, layer: LockLayer, digest: str) -> str:
     return (
         f"# Locked by devbox-build for image '{spec.name}', layer '{layer.name}' "
-        f"({layer.platform}, Python {spec.python}). Do not edit.\n"
+        f"({layer.platform}, Python {spec.python_version}). Do not edit.\n"
         f"# Regenerate with: {regenerate_command(spec)}\n"
         f"{DIGEST_PREFIX}{digest}\n"
     )
@@ -361,7 +375,7 @@ def _uv_command(spec, layer, inputs, constraints, output, upgrade):
 
     command = [
         find_uv_bin(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes",
-        "--python-version", spec.python, "--python-platform", PLATFORMS[layer.platform],
+        "--python-version", spec.python_version, "--python-platform", PLATFORMS[layer.platform],
         *constraints, *inputs, "-o", str(output),
     ]
     if upgrade:
@@ -372,11 +386,11 @@ def _uv_command(spec, layer, inputs, constraints, output, upgrade):
 def _pip_compile_command(spec, layer, inputs, constraints, output, upgrade):
     host = f"{sys.version_info.major}.{sys.version_info.minor}"
     machine = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}.get(host_platform.machine())
-    if host != spec.python or machine != layer.platform or sys.platform != "linux":
+    if host != spec.python_version or machine != layer.platform or sys.platform != "linux":
         raise LockError(
             f"pip-compile resolves only for the Python and platform it runs on "
             f"({host}, {machine or host_platform.machine()}); the image needs Python "
-            f"{spec.python} on {layer.platform}. Use --resolver uv."
+            f"{spec.python_version} on {layer.platform}. Use --resolver uv."
         )
     executable = shutil.which("pip-compile", path=str(Path(sys.executable).parent)) or shutil.which(
         "pip-compile"

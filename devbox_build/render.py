@@ -199,6 +199,10 @@ def render(
         raise InputError(
             f"{spec.path}: no variant {variant!r} (variants: {', '.join(spec.variants)})"
         )
+    if spec.python_version is None:
+        raise LockError(f"{spec.path}: the Python of {spec.extends} is not known yet (it is "
+                        f"recorded in {spec.folder / 'locks' / 'team-constraints.txt'})",
+                        hint=f"run: {spec.lock_command}")
     platform = platform or spec.platforms[0]
     variant_spec = spec.variants[variant]
     context = BuildContext(spec, variant, platform, variant_spec.base)
@@ -241,7 +245,7 @@ def render(
         "org.opencontainers.image.description": spec.description,
         "devbox.spec": spec.name,
         "devbox.variant": variant,
-        "devbox.python": spec.python,
+        "devbox.python": spec.python_version,
         "devbox.tool-version": __version__,
         **(
             {"devbox.cuda.version": cuda.version, "devbox.cuda.min-driver": cuda.min_driver,
@@ -256,7 +260,7 @@ def render(
         "repository": spec.repository,
         "variant": variant,
         "platform": platform,
-        "python": spec.python,
+        "python": spec.python_version,
         "tool_version": __version__,
         # The one record of the image's user, read by finalize.py and the runtime's commands.
         "user": {"name": spec.user.name, "uid": spec.user.uid, "gid": spec.user.gid,

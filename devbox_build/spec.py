@@ -28,6 +28,10 @@ from . import credentials, refs
 from .errors import SpecError
 
 SPEC_FILENAME = "image.toml"
+# What a spec that extends an image locked against: that image's shared pins, and its Python
+# ("# python: 3.11"), which such a spec inherits. Written by `devbox-build lock`.
+TEAM_CONSTRAINTS = Path("locks") / "team-constraints.txt"
+TEAM_PYTHON_PREFIX = "# python: "
 
 # Platforms we can lock for, as Docker names them, with uv's --python-platform target.
 # manylinux_2_36 matches Debian bookworm's glibc, the default base.
@@ -172,7 +176,9 @@ class ImageSpec(_Model):
     name: str
     repository: Repository
     description: Text = ""
-    python: str
+    # Required, except under `extends`: then the image it extends decides (recorded at lock time
+    # in locks/team-constraints.txt); a value given here must agree with it.
+    python: str | None = None
     # A devbox-built image repository this image layers on (a project on the team's image): its
     # OS layer (CA, Python, user, venv) is reused as is, variants build FROM <extends>:<variant>,
     # and the pip locks are constrained by the pins it already has (locks/team-constraints.txt).
@@ -217,7 +223,9 @@ class ImageSpec(_Model):
 
     @field_validator("python")
     @classmethod
-    def _python(cls, value: str) -> str:
+    def _python(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not re.fullmatch(r"3\.\d+", value):
             raise ValueError(f"expected a Python minor version like '3.11', got {value!r}")
         if value not in PYTHON_VERSIONS:
@@ -265,6 +273,11 @@ class ImageSpec(_Model):
 
     @model_validator(mode="after")
     def _known_bases_provide_python(self) -> ImageSpec:
+        if self.python is None:
+            if self.extends is None:
+                raise ValueError("python: missing; name the image's Python (e.g. '3.11'); only "
+                                 "a spec that extends an image inherits that image's")
+            return self
         for name, variant in self.variants.items():
             for pattern, provided in _BASE_PYTHONS.items():
                 if re.fullmatch(pattern, variant.base) and provided != self.python:
@@ -278,6 +291,12 @@ class ImageSpec(_Model):
 
     def input_path(self, relative: str) -> Path:
         return (self.folder / relative).resolve()
+
+    @property
+    def python_version(self) -> str | None:
+        """The image's Python: the spec's, or under `extends` the one the last lock recorded
+        for the image it extends (None until then)."""
+        return self.python or team_python(self)
 
     @property
     def lock_command(self) -> str:
@@ -318,6 +337,18 @@ def load_spec(image: str | Path, images_dir: Path = Path("images")) -> ImageSpec
         raise SpecError(f"{path}: " + _describe(exc)) from None
     _check_files(spec)
     return spec
+
+
+def team_python(spec: ImageSpec) -> str | None:
+    """The Python of the image a spec extends, as its last lock recorded it (None: not locked)."""
+    try:
+        with (spec.folder / TEAM_CONSTRAINTS).open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(TEAM_PYTHON_PREFIX):
+                    return line[len(TEAM_PYTHON_PREFIX):].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _describe(exc: ValidationError) -> str:

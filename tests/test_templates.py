@@ -352,6 +352,7 @@ def test_every_answer_combination_generates_working_files(
             source == "local")
     spec = load_spec(project)  # the spec accepts what copier accepted
     assert spec.description == TRICKY_NAME
+    assert spec.python is None and spec.python_version is None  # the team's, once locked
     assert spec.extends == "registry.local:5000/team/devbox/datascience"
     assert ("[pip]" in (project / "image.toml").read_text()) == (manager != "conda")
     workflow = (project / ".github/workflows/devbox.yml").read_text()
@@ -374,7 +375,6 @@ def test_every_answer_combination_generates_working_files(
 @pytest.mark.parametrize(("answer", "message"), [
     ("project_name=   ", "The project name must not be empty"),
     ("project_slug=Bad Slug", "'Bad Slug' is not a valid slug"),
-    ("python_version=2.7", "Invalid choice for 'python_version'"),
     ("data_mount=relative/path", "Use 'volume' or an absolute"),
     ("registry=Bad Registry", "'Bad Registry' is not a registry"),
     ("team_image=team/image:cpu", "is not an image repository name"),
@@ -571,18 +571,24 @@ def test_two_projects_with_the_same_answers_open_side_by_side(
 
 
 @pytest.mark.engine
-def test_a_python_the_team_image_does_not_have_fails_on_key_python(
+def test_the_project_has_the_team_images_python_and_no_other(
         engine, template, team, devcontainers, tmp_path):
-    project = copy_project(template, tmp_path / slug("py312"), project_name=slug("py312"),
-                           team_image=team, python_version="3.12", pip_packages="attrs")
-    result = devcontainers.shell("devbox-build lock .", project)  # the README's first step
+    """The template asks no Python: the project inherits the team image's, recorded by the
+    README's first step. A Python written into image.toml that the team image lacks is refused
+    by the lock and by the build, on key 'python'."""
+    project = copy_project(template, tmp_path / slug("py"), project_name=slug("py"),
+                           team_image=team, pip_packages="attrs")
+    assert "python =" not in (project / "image.toml").read_text()
+    assert devcontainers.shell("devbox-build lock .", project).returncode == 0
+    assert load_spec(project).python_version == "3.11"
+    assert "# python: 3.11" in (project / "locks/team-constraints.txt").read_text()
+
+    spec = project / "image.toml"
+    spec.write_text(spec.read_text().replace("extends =", 'python = "3.12"\nextends ='))
+    result = devcontainers.shell("devbox-build lock .", project)
     assert result.returncode == 2 and "key 'python'" in result.stderr, result.stderr
     assert "provides Python 3.11, not 3.12" in result.stderr and "Traceback" not in result.stderr
-    # And the build, given a spec edited past the lock: refused in the build, on key 'python'.
-    spec = project / "image.toml"
-    spec.write_text(spec.read_text().replace('python = "3.12"', 'python = "3.11"'))
-    assert devcontainers.shell("devbox-build lock .", project).returncode == 0
-    spec.write_text(spec.read_text().replace('python = "3.11"', 'python = "3.12"'))
+    # And the build, past the lock (--allow-stale): refused in the build, on key 'python'.
     result = devcontainers.shell("devbox-build build . --allow-stale", project)
     assert result.returncode == 2 and "key 'python'" in result.stderr, result.stderr[-2000:]
     assert "provides Python 3.11" in result.stderr
