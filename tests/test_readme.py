@@ -1,0 +1,123 @@
+"""Every command this README prints is run here as printed (placeholders filled in), or, for the
+few that cannot end or run on this machine, parsed and named with the test that covers them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.engine
+
+# Placeholders a reader replaces, and what this machine replaces them with.
+PLACEHOLDERS = {
+    "ECR_URI": "123456789012.dkr.ecr.us-east-1.amazonaws.com/datascience:cpu",
+    "ROLE": "arn:aws:iam::123456789012:role/SageMakerImages",
+    "/path/to/devbox-build": str(ROOT),
+    "my/image:1.2": "devbox/datascience:cpu",
+}
+# Printed, not run here, and where they are covered instead.
+NOT_RUN = {
+    "scripts/main": "CI's clean clone runs it (.ci/run: scripts/test; scripts/main by hand)",
+    "scripts/test": ".ci/run runs it",
+    "docker run --rm -p 8888:8888 devbox/datascience:cpu":
+        "a server that does not end; tests/test_contracts.py starts the same container",
+    "docker run --rm -p 8888:8888 -e SAGEMAKER_APP_TYPE=JupyterLab devbox/datascience:cpu":
+        "a server that does not end; the sagemaker-studio check profile starts it",
+    "docker run --rm --gpus all devbox/datascience:gpu nvidia-smi": "needs a GPU",
+    "devbox-conda create scratch 'python-dateutil >=2.9'": "tests/test_conda.py (conda image)",
+    "devbox-conda run scratch python -c 'import dateutil'": "tests/test_conda.py (conda image)",
+    "devbox-conda list; devbox-conda remove scratch": "tests/test_conda.py (conda image)",
+}
+
+
+def printed_commands() -> list[str]:
+    commands = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.splitlines():
+            line = re.split(r"\s+#\s", line)[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def filled(command: str) -> str:
+    for placeholder, value in PLACEHOLDERS.items():
+        command = command.replace(placeholder, value)
+    return command
+
+
+def test_every_printed_command_parses():
+    from devbox_build.cli import cli
+
+    for command in printed_commands():
+        command = filled(command)
+        assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, command
+        for part in re.split(r"\s*(?:&&|;)\s*", command):
+            argv = shlex.split(part)
+            if argv[0] == "devbox-build":
+                group = cli
+                while hasattr(group, "get_command") and argv[1:]:
+                    sub = group.get_command(None, argv[1])
+                    if sub is None:
+                        break
+                    group, argv = sub, argv[1:]
+                group.make_context(argv[0], argv[1:])  # click's parser raises when wrong
+
+
+def run(command: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", filled(command)], cwd=cwd, capture_output=True,
+                          text=True, timeout=900,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                     f"{os.environ['PATH']}", **(env or {})})
+
+
+def test_every_printed_command_runs(engine, default_images, tmp_path):
+    git_identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+                    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    # What the printed commands need around them: a training job folder, a tests folder.
+    (tmp_path / "job" / "code").mkdir(parents=True)
+    (tmp_path / "job" / "code" / "train.py").write_text(
+        "import os, pathlib; pathlib.Path(os.environ['SM_MODEL_DIR'], 'ok').write_text('1')\n")
+    os.chown(tmp_path / "job", 0, 0)
+    (tmp_path / "tests" / "image").mkdir(parents=True)
+    (tmp_path / "tests" / "image" / "test_mine.py").write_text(
+        "def test_python(image_host):\n    assert image_host.run('python -V').rc == 0\n")
+    # The template as a reader has it: a clone (committed work only, as in CI's clean clone).
+    clone = tmp_path / "devbox-build"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    PLACEHOLDERS["/path/to/devbox-build"] = str(clone)
+    tags_before = set(sum((i["RepoTags"] or [] for i in engine.api.images()), []))
+    ran = []
+    try:
+        for command in printed_commands():
+            if command in NOT_RUN:
+                continue
+            # copier asks its questions on a terminal; --defaults takes the defaults instead.
+            command = command.replace("copier copy ", "copier copy --defaults ").replace(
+                "copier update", "copier update --defaults")
+            cwd = ROOT if command.startswith("devbox-build") and " . " not in command else tmp_path
+            if command.startswith(("devbox-build sagemaker", "devbox-build check my/",
+                                   "pytest ", "docker run")):
+                cwd = tmp_path
+            if command.startswith("copier update"):  # in the project the line before cd-ed to
+                cwd = tmp_path / "my-project"
+            result = run(command, cwd, git_identity)
+            assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+            ran.append(command)
+        assert (tmp_path / "job" / "model" / "ok").read_text() == "1"
+        assert json.loads(run("devbox-build inspect devbox/datascience:cpu --json", ROOT).stdout)[
+            "variant"] == "cpu"
+        assert (tmp_path / "my-project" / "locks" / "team-constraints.txt").is_file()
+        assert len(ran) + len(NOT_RUN) == len(printed_commands()), ran
+    finally:
+        for tag in set(sum((i["RepoTags"] or [] for i in engine.api.images()), [])) - tags_before:
+            engine.untag(tag)
