@@ -460,6 +460,56 @@ def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, a
         out.print(request.cli)
 
 
+# -- ec2 ----------------------------------------------------------------------------------------
+
+
+@cli.group("ec2")
+def ec2_group() -> None:
+    """EC2 boxes: a CPU box and a GPU box sharing one data volume (boxes.toml)."""
+
+
+@ec2_group.command("preflight")
+@click.option("--boxes", "boxes_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("boxes.toml"), show_default=True, help="The box definition.")
+@json_option
+def ec2_preflight_command(boxes_path, as_json):
+    """Check the box definition before any AWS call: instance types exist and the gpu role has
+    a GPU, each image's architecture matches its instance, the AMI family's driver is new enough
+    for the image's CUDA, the data volume is in the boxes' availability zone, IMDSv2 with hop
+    limit 2. Offline: only the local engine is asked about the images (when it has them).
+
+    \b
+      devbox-build ec2 preflight --boxes boxes.toml
+    """
+    from .targets.ec2 import ImageFacts, load_box, preflight
+
+    box = load_box(boxes_path)
+    images, unchecked = {}, []
+    try:
+        engine = Engine.connect()
+    except DevboxError:
+        engine = None
+    for role in box.roles:
+        ref = f"{box.image}:{role}"
+        attrs = engine.api.inspect_image(ref) if engine and engine.image_id(ref) else None
+        if attrs is None:
+            unchecked.append(ref)
+            continue
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        images[role] = ImageFacts(ref, attrs.get("Architecture", "amd64"),
+                                  labels.get("devbox.cuda.min-driver"))
+    problems = preflight(box, images)
+    if as_json:
+        out.print_json(data={"ok": not problems, "problems": problems, "unchecked": unchecked})
+    if problems:
+        raise InputError(f"{len(problems)} problem(s) before any AWS call:\n  "
+                         + "\n  ".join(problems))
+    if not as_json:
+        err.print(f"[green]✓[/] {box.name}: preflight passed for {', '.join(box.roles)}"
+                  + (f" (not in this engine, image checks skipped: {', '.join(unchecked)})"
+                     if unchecked else ""))
+
+
 # -- bootstrap-base -----------------------------------------------------------------------------
 
 
