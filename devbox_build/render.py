@@ -22,7 +22,7 @@ import jinja2
 
 from . import __version__, conda, locking
 from .errors import InputError, LockError, SpecError
-from .spec import CONDA_SUBDIRS, ImageSpec
+from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, ImageSpec
 
 VENV = "/opt/venv"  # also named in dockerfile/profile.sh and dockerfile/bin/devbox-train
 # The image's runtime (entrypoint, training runner, healthcheck): context path devbox/bin, in the
@@ -70,6 +70,8 @@ def cuda_facts(spec: ImageSpec, variant: str, installed: dict[str, str]) -> Cuda
     key = f"{spec.path}: key 'variants.{variant}.cuda"
     runtimes = sorted((name, version) for name, version in installed.items()
                       if _CUDA_RUNTIME.fullmatch(name))
+    if not runtimes and spec.extends:
+        return None  # the runtime, and its labels, come with the image it extends
     if not runtimes:
         raise SpecError(f"{key}': the variant's locks install no CUDA runtime (an "
                         "nvidia-cuda-runtime wheel or conda's cuda-cudart): nothing to label")
@@ -201,7 +203,7 @@ def render(
         )
     if spec.python_version is None:
         raise LockError(f"{spec.path}: the Python of {spec.extends} is not known yet (it is "
-                        f"recorded in {spec.folder / 'locks' / 'team-constraints.txt'})",
+                        f"recorded in {spec.folder / TEAM_CONSTRAINTS})",
                         hint=f"run: {spec.lock_command}")
     platform = platform or spec.platforms[0]
     variant_spec = spec.variants[variant]
@@ -236,9 +238,7 @@ def render(
 
     installed = dict(locked_closure)
     for item in conda_layers:
-        installed.update({p.name: p.version for p in conda.locked_packages(
-            spec, next(c for c in conda.stack(spec, variant) if c.name == item["name"]),
-            item["subdir"])})
+        installed.update(item["packages"])
     cuda = cuda_facts(spec, variant, installed)
     labels = {
         "org.opencontainers.image.title": spec.name,
@@ -353,10 +353,11 @@ def _conda_layers(spec: ImageSpec, variant: str, platform: str,
             raise LockError(f"missing lock {path}", hint=f"run: {spec.lock_command}")
         context_path = f"conda/{path.name}"
         context.files[context_path] = path.read_bytes()
+        packages = {p.name: p.version for p in conda.locked_packages(spec, item, subdir)}
         layers.append({
             "kind": "conda", "name": item.name, "layer": item.layer,
             "lock": str(path.relative_to(spec.folder)), "context_path": context_path,
-            "count": len(conda.locked_packages(spec, item, subdir)), "subdir": subdir,
+            "count": len(packages), "subdir": subdir, "packages": packages,
         })
     return layers
 
