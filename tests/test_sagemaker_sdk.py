@@ -45,6 +45,21 @@ FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 
 
+@pytest.fixture(autouse=True)
+def removes_what_the_sdk_started(engine):
+    """The SDKs' local modes leave their compose containers and network behind: remove, by id,
+    every container and network that appeared during the test."""
+    containers = {c["Id"] for c in engine.api.containers(all=True)}
+    networks = {n["Id"] for n in engine.api.networks()}
+    yield
+    for container in engine.api.containers(all=True):
+        if container["Id"] not in containers:
+            engine.remove(container["Id"])
+    for network in engine.api.networks():
+        if network["Id"] not in networks:
+            engine.api.remove_network(network["Id"])
+
+
 def sdk_python(name: str) -> Path:
     """The Python of a virtual environment with that SDK (and moto's server) installed."""
     venv = CACHE / f"sdk-{SDKS[name].replace('==', '-')}"
@@ -206,7 +221,9 @@ def test_v2_code_submitted_to_s3_runs_as_on_the_service(engine, default_images, 
 def test_v3_model_trainer_in_a_local_container(default_images, source, data, tmp_path,
                                                with_source_code):
     image = default_images["cpu"].content_tag
-    (tmp_path / "root").mkdir()
+    # The compose project is named after this folder: a name of its own.
+    root = tmp_path / f"job{uuid.uuid4().hex[:8]}"
+    root.mkdir()
     if not with_source_code:
         # Without SourceCode the SDK starts the image with no command at all (the service
         # passes `train`): the entrypoint must see a training job. The program is named by
@@ -220,19 +237,19 @@ def test_v3_model_trainer_in_a_local_container(default_images, source, data, tmp
         trainer = ModelTrainer(
             training_image={image!r}, role={ROLE!r},
             compute=Compute(instance_type="local_cpu", instance_count=1),
-            training_mode=Mode.LOCAL_CONTAINER, local_container_root={str(tmp_path / "root")!r},
+            training_mode=Mode.LOCAL_CONTAINER, local_container_root={str(root)!r},
             hyperparameters={{"epochs": 5}},
             {"source_code=SourceCode(source_dir=" + repr(str(source)) + ", entry_script='train.py')," if with_source_code else
              "environment={'SAGEMAKER_PROGRAM': '/opt/ml/input/data/train/train.py'},"}
         )
         trainer.train(input_data_config=[InputData(channel_name="train",
                                                    data_source={str(data)!r})], wait=True)
-        print("MODELS", glob.glob({str(tmp_path / "root")!r} + "/**/model*", recursive=True))
+        print("MODELS", glob.glob({str(root)!r} + "/**/model*", recursive=True))
     """, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     models = result.stdout.split("MODELS ", 1)[1]
     assert "model" in models, result.stdout[-3000:]
-    found = [json.loads(p.read_text()) for p in (tmp_path / "root").rglob("model.json")]
+    found = [json.loads(p.read_text()) for p in root.rglob("model.json")]
     if not found:
-        found = [model_in(p) for p in (tmp_path / "root").rglob("model.tar.gz")]
+        found = [model_in(p) for p in root.rglob("model.tar.gz")]
     assert {"epochs": 5, "rows": 3} in found, (found, result.stdout[-3000:])

@@ -724,11 +724,24 @@ def test_a_plain_image_opens_well_in_a_dev_container(
 
 
 @pytest.mark.engine
-def test_this_repository_opens_in_its_own_dev_container(engine, devcontainers, tmp_path):
+def test_this_repository_opens_in_its_own_dev_container(engine, devcontainers, tmp_path,
+                                                        request):
     """.devcontainer/: the image is built by devbox-build (initializeCommand), devbox-build runs
     inside from the workspace, and the host's engine answers there."""
     config = ROOT / ".devcontainer" / "devcontainer.json"
     validate(config)
+    # Its home volume is named by the config, not by this test: remove the one this run makes.
+    volumes = {v["Name"] for v in engine.api.volumes().get("Volumes") or []}
+
+    def remove_new_volumes() -> None:
+        for volume in engine.api.volumes().get("Volumes") or []:
+            if volume["Name"] not in volumes:
+                for container in engine.api.containers(
+                        all=True, filters={"volume": volume["Name"]}):
+                    engine.remove(container["Id"])
+                engine.remove_volume(volume["Name"])
+
+    request.addfinalizer(remove_new_volumes)
     checkout = tmp_path / "devbox-build"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(checkout)], check=True)
     for name in (".devcontainer", "scripts", "images/devbox-dev"):  # uncommitted work too
