@@ -162,11 +162,16 @@ class DevContainers:
         except docker.errors.NotFound:  # removed with its compose project already
             return
         ids = [container_id]
-        if project := labels.get("com.docker.compose.project"):
+        project = labels.get("com.docker.compose.project")
+        if project:
             ids += [c["Id"] for c in self.engine.api.containers(
                 all=True, filters={"label": f"com.docker.compose.project={project}"})]
         for each in dict.fromkeys(ids):
             self.engine.remove(each)
+        if project:  # and the network compose made for the project
+            for network in self.engine.api.networks(
+                    filters={"label": f"com.docker.compose.project={project}"}):
+                self.engine.api.remove_network(network["Id"])
 
     def close(self, volume_prefix: str) -> None:
         for container_id in self.started:
