@@ -272,12 +272,14 @@ class Engine:
         volumes: dict[str, str] | None = None,
         health_interval_s: float | None = None,
         gpus: bool = False,
+        files: dict[str, tuple[bytes, int, int]] | None = None,
     ) -> str:
         """Start a detached container; returns its id. The caller removes it (:meth:`remove`).
 
         ``publish`` ports go to free ports on 127.0.0.1 (see :meth:`published_port`), ``volumes``
-        maps volume names to mount paths, ``health_interval_s`` keeps the image's HEALTHCHECK
-        command but probes more often.
+        maps volume names (or host paths) to mount paths, ``health_interval_s`` keeps the
+        image's HEALTHCHECK command but probes more often, ``files`` (absolute path → (bytes,
+        uid, gid)) are written before the entrypoint starts.
         """
         host_config = self._host_config(publish=publish, tmpfs=tmpfs, volumes=volumes,
                                         gpus=gpus)
@@ -294,6 +296,9 @@ class Engine:
         except docker.errors.ImageNotFound:
             raise EngineError(f"no image {ref!r} in the engine") from None
         try:
+            for path, (data, uid, gid) in (files or {}).items():
+                folder, name = path.rsplit("/", 1)
+                self.copy_into(container["Id"], folder or "/", {name: data}, uid=uid, gid=gid)
             self.api.start(container["Id"])
         except docker.errors.APIError as exc:
             self.remove(container["Id"])

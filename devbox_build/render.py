@@ -22,14 +22,17 @@ import jinja2
 
 from . import __version__, conda, locking
 from .errors import InputError, LockError, SpecError
-from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, ImageSpec
+from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, Idle, ImageSpec
 
 VENV = "/opt/venv"  # also named in dockerfile/profile.sh and dockerfile/bin/devbox-train
 # The image's runtime (entrypoint, training runner, healthcheck): context path devbox/bin, in the
 # image /opt/devbox/bin, on PATH.
 RUNTIME_BIN = "devbox/bin"
 RUNTIME_COMMANDS = ("devbox-entrypoint", "devbox-train", "devbox-healthcheck",
-                    "devbox-devcontainer-setup")
+                    "devbox-devcontainer-setup", "devbox-idle", "devbox-restore", "devbox-cron")
+# What every start of a container runs (the entrypoint runs the same two): put back what the home
+# volume and git keep, then start the idle watcher when an action is set.
+START_HOOKS = "/opt/devbox/bin/devbox-restore; /opt/devbox/bin/devbox-idle watch --detach"
 # The conda layer's installer (py-rattler and its script): context path, in the image
 # /opt/devbox/conda.
 CONDA_INSTALLER = "conda-installer"
@@ -275,6 +278,10 @@ def render(
         "cuda": {"version": cuda.version, "min_driver": cuda.min_driver,
                  "runtime": cuda.runtime} if cuda else None,
         "extends": variant_spec.base if spec.extends else None,
+        # The idle watcher's rules (finalize.py writes /etc/devbox/idle.toml); under `extends`
+        # without [idle], the image below keeps its own.
+        "idle": None if spec.extends and spec.idle is None
+        else (spec.idle or Idle()).model_dump(),
     }
     context.files["devbox/build-info.json"] = (
         json.dumps(build_info, indent=2, sort_keys=True) + "\n"
@@ -322,6 +329,8 @@ def devcontainer_metadata(spec: ImageSpec, variant: str) -> str:
         # Hands the environments and /data to a remapped host group; says what to do about a
         # workspace the user cannot write (a root host user).
         "onCreateCommand": "/opt/devbox/bin/devbox-devcontainer-setup",
+        # A dev container's entrypoint is the CLI's own, so the image's start hooks run here.
+        "postStartCommand": START_HOOKS,
         "customizations": {"vscode": {
             "extensions": VSCODE_EXTENSIONS,
             "settings": {"python.defaultInterpreterPath": f"{VENV}/bin/python",

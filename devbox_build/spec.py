@@ -170,6 +170,30 @@ class Variant(_Model):
     cuda: Cuda | None = None
 
 
+# A duration the image's idle watcher reads: '0' or 'off' (never), seconds, or 90s / 30m / 2h.
+Duration = Annotated[str, _pattern(r"0|off|\d+|(\d+[smhd])+",
+                                   "a duration like '90s', '30m', '2h' or 'off'")]
+ProcessName = Annotated[str, _pattern(r"[A-Za-z0-9._+-]{1,64}",
+                                      "a process name (letters, digits, '.', '_', '+', '-')")]
+Percent = Annotated[float, Field(ge=0, le=100)]
+
+
+class Idle(_Model):
+    """Idle auto-stop, written to /etc/devbox/idle.toml for the image's watcher (devbox-idle).
+
+    Off by default (action "none"): a laptop keeps running; a dev container's template answer
+    or an EC2 launch turns the action on through DEVBOX_IDLE_ACTION / DEVBOX_IDLE_TIMEOUT."""
+
+    timeout: Duration = "1h"
+    action: Literal["none", "stop", "poweroff"] = "none"
+    interval: Duration = "60s"
+    warn_before: Duration = "5m"
+    cpu_percent: Percent = 5.0
+    gpu_percent: Percent = 10.0
+    # Process names whose CPU and disk use is not the user's work (a metrics agent, a sync).
+    ignore: list[ProcessName] = []
+
+
 class ImageSpec(_Model):
     """A whole ``image.toml``."""
 
@@ -193,6 +217,8 @@ class ImageSpec(_Model):
     env: dict[EnvName, Text] = {}
     labels: dict[LabelKey, Text] = {}
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = []
+    # Unset under `extends`: the image below keeps its rules.
+    idle: Idle | None = None
     # Default arguments to the image's entrypoint (CMD). Empty: the IDE server when the image has
     # one (JupyterLab), else a shell.
     command: list[str] = []

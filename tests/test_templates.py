@@ -384,6 +384,7 @@ def test_every_answer_combination_generates_working_files(
     ("registry=Bad Registry", "'Bad Registry' is not a registry"),
     ("team_image=team/image:cpu", "is not an image repository name"),
     ("image_source=prebuilt", "A prebuilt image comes from a registry"),
+    ("idle_timeout=soon", "'soon' is not a duration"),
 ])
 def test_bad_answers_are_refused_with_a_clear_message(template, tmp_path, answer, message):
     result = copier("copy", "--defaults", "--vcs-ref", "1.0.0", "--data", answer,
@@ -573,6 +574,33 @@ def test_two_projects_with_the_same_answers_open_side_by_side(
     out = devcontainers.exec_printed(run, projects[1], "WHO=bob " + PROBES["postgres"])
     assert "seen: bob" in out, out
     assert engine.state(first)["Running"]  # and the first project is untouched
+
+
+@pytest.mark.engine
+def test_the_idle_answer_stops_the_dev_container_by_itself(
+        engine, template, team, devcontainers, tmp_path):
+    """idle_timeout: the image's label starts the watcher (postStartCommand), since a dev
+    container's entrypoint is the CLI's; the container, idle, stops itself. The README's
+    inline idle and restore commands work in it first."""
+    project = copy_project(template, tmp_path / slug("idle"), project_name=slug("idle"),
+                           team_image=team, pip_packages="attrs", idle_timeout="8s")
+    os.chown(project, 1000, 100)
+    config = configs(project)["cpu"]
+    assert validate(config)["containerEnv"]["DEVBOX_IDLE_TIMEOUT"] == "8s"
+    assert devcontainers.shell("devbox-build lock .", project).returncode == 0
+    readme = (project / "README.md").read_text()
+    inline = [c for c in re.findall(r"`(devbox-(?:idle|restore) [^`]+)`", readme)]
+    assert inline == ["devbox-restore --check", "devbox-idle status",
+                      "devbox-idle keep-alive --for 2h"], inline
+    # The README's commands, in the container, while the keep-alive holds it up.
+    container = devcontainers.up(project, config)
+    out = devcontainers.exec(project, config, " && ".join(
+        [inline[2], inline[1], f"{inline[0]}; echo check-exit=$?"]))
+    assert "kept alive until" in out and "action: stop after 8 s idle" in out, out
+    assert "check-exit=" in out and "Traceback" not in out, out
+    devcontainers.exec(project, config, "rm /tmp/devbox-keep-alive")
+    assert engine.wait(container, timeout=300) in (0, 143), engine.logs(container)[-3000:]
+    assert ": stop; last activity" in engine.logs(container), engine.logs(container)[-3000:]
 
 
 @pytest.mark.engine

@@ -88,6 +88,31 @@ def make_data_folder(info: dict) -> None:
     data.chmod(0o2775)
 
 
+def write_idle_rules(info: dict) -> None:
+    """/etc/devbox/idle.toml, the rules devbox-idle reads. Values were validated by the spec;
+    JSON strings and numbers are TOML as well."""
+    rules = info.get("idle")
+    if rules is None:
+        return  # an image that extends another keeps the rules of the image below
+    lines = ["# Written by devbox-build from the image spec's [idle]. DEVBOX_IDLE_* variables",
+             "# override these at run time; `devbox-idle status` shows what applies.", "[idle]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in sorted(rules.items())]
+    Path("/etc/devbox").mkdir(exist_ok=True)
+    Path("/etc/devbox/idle.toml").write_text("\n".join(lines) + "\n")
+
+
+def let_pip_install_for_the_user(info: dict) -> None:
+    """`pip install` by the user goes to ~/.local (PIP_USER=1 in the image), which lives on the
+    home volume and so outlives the container. A virtual environment hides the user site unless
+    it includes the system site (Debian's, empty unless the spec adds python3-* packages)."""
+    if info.get("extends"):
+        return  # the environment below was opened already
+    config = Path(os.environ["VIRTUAL_ENV"], "pyvenv.cfg")
+    text = config.read_text()
+    config.write_text(re.sub(r"include-system-site-packages = false",
+                             "include-system-site-packages = true", text))
+
+
 def apt_packages() -> list[dict]:
     out = subprocess.run(
         ["dpkg-query", "-W", "-f", "${Package}\t${Version}\n"],
@@ -153,6 +178,8 @@ def main() -> int:
     }
     restore_path_for_login_shells()
     make_data_folder(info)
+    write_idle_rules(info)
+    let_pip_install_for_the_user(info)
     (DEVBOX / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(
         f"devbox-build: manifest written: {len(manifest['packages']['pip'])} pip, "
