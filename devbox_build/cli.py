@@ -21,7 +21,7 @@ from rich.table import Table
 from . import __version__, locking, refs
 from .build import BuildOptions, BuildResult, base_image_id, build_contexts, prepare, resolve_variants
 from .engine import Engine, Step
-from .errors import ChecksFailed, DevboxError, InputError, Interrupted, LockError
+from .errors import ChecksFailed, CloudError, DevboxError, InputError, Interrupted, LockError
 from .manifest import read_manifest
 from .render import BuildContext, host_ca_certificates, render
 from .spec import load_spec
@@ -84,7 +84,8 @@ def cli() -> None:
     \b
     Exit codes: 0 ok, 1 checks failed, 2 bad input (spec, flag, reference),
     3 lock missing, stale, edited or unwritable, 4 engine unreachable or refused,
-    5 build step failed, 130 Ctrl-C, 143 SIGTERM (nothing new is tagged).
+    5 build step failed, 6 AWS refused or unreachable (ec2), 130 Ctrl-C, 143 SIGTERM
+    (nothing new is tagged).
     """
 
 
@@ -508,6 +509,158 @@ def ec2_preflight_command(boxes_path, as_json):
         err.print(f"[green]✓[/] {box.name}: preflight passed for {', '.join(box.roles)}"
                   + (f" (not in this engine, image checks skipped: {', '.join(unchecked)})"
                      if unchecked else ""))
+
+
+def _checked_box(boxes_path: Path):
+    """The box definition, after the offline preflight (every ec2 command runs it first)."""
+    from .targets.ec2 import load_box, preflight
+
+    box = load_box(boxes_path)
+    problems = preflight(box, {})
+    if problems:
+        raise InputError(f"{len(problems)} problem(s) before any AWS call:\n  "
+                         + "\n  ".join(problems), hint=f"devbox-build ec2 preflight --boxes {boxes_path}")
+    return box
+
+
+def _fleet(box):
+    from .targets.ec2 import Fleet
+
+    return Fleet(box, say=lambda message: err.print(f"  {escape(message)}"))
+
+
+boxes_option = click.option(
+    "--boxes", "boxes_path", type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("boxes.toml"), show_default=True, help="The box definition.")
+role_option = click.option("--role", type=click.Choice(["cpu", "gpu"]), required=True,
+                           help="Which box: the cheap CPU one or the GPU one.")
+
+
+def _print_status(status: dict, as_json: bool) -> None:
+    if as_json:
+        out.print_json(data=status)
+        return
+    volume = status["volume"]
+    out.print(f"{status['box']} ({status['region']}): data volume "
+              + (f"{volume['volume_id']} {volume['size_gb']} GB, {volume['state']}"
+                 + (f", attached to {volume['attached_to']}" if volume["attached_to"] else "")
+                 if volume else "not created yet"))
+    for role, instance in status["roles"].items():
+        out.print(f"  {role}: " + ("no instance" if instance is None else (
+            f"{instance['instance_id']} {instance['instance_type']}"
+            f"{' spot' if instance['spot'] else ''}, {instance['state']}"
+            f"{', has the data volume' if instance['has_data_volume'] else ''}")))
+
+
+@ec2_group.command("user-data")
+@boxes_option
+@role_option
+@click.option("--volume-id", default="vol-00000000000000000", show_default=True,
+              help="The data volume's id (`ec2 up` passes the real one).")
+def ec2_user_data_command(boxes_path, role, volume_id):
+    """Print the cloud-init user data a box boots with. Every boot: Docker (and the NVIDIA
+    container toolkit where the AMI lacks it), ECR login through the credential helper, the
+    data volume found by its id, formatted only if it has no filesystem, mounted and grown, then
+    the image with --gpus all on GPU, home and /data on the volume, JupyterLab on 127.0.0.1, the
+    idle watcher powering the instance off.
+
+    \b
+      devbox-build ec2 user-data --role gpu > user-data.yml
+    """
+    from .targets.ec2 import user_data
+
+    box = _checked_box(boxes_path)
+    click.echo(user_data(box, role, f"{box.image}:{role}", volume_id), nl=False)
+
+
+@ec2_group.command("up")
+@boxes_option
+@role_option
+@click.option("--wait-image/--no-wait-image", default=True, show_default=True,
+              help="Wait until the boot script says the image answers (serial console).")
+@json_option
+def ec2_up_command(boxes_path, role, wait_image, as_json):
+    """Start the role's box (create it, and the data volume, the first time) with the data
+    volume attached; a second `up` finds both by their tags. Refuses while the other box holds
+    the volume: use `ec2 move`.
+
+    \b
+      devbox-build ec2 up --role cpu
+    """
+    box = _checked_box(boxes_path)
+    fleet = _fleet(box)
+    started = time.monotonic()
+    status = fleet.up(role, f"{box.image}:{role}")
+    instance = status["roles"][role]
+    if wait_image and not fleet.wait_for_image(role):
+        raise CloudError(f"{instance['instance_id']} runs, but the image did not answer in 15 "
+                         "minutes", hint="see its serial console: aws ec2 get-console-output "
+                         f"--instance-id {instance['instance_id']}")
+    _print_status(status, as_json)
+    if not as_json:
+        err.print(f"[green]✓[/] the {role} box is up in {time.monotonic() - started:.0f} s. "
+                  "Connect (VS Code Remote-SSH, or ssh; JupyterLab at http://127.0.0.1:8888):")
+        out.print(f"devbox-build ec2 ssh-config --role {role} --boxes {boxes_path} >> ~/.ssh/config")
+        out.print(f"ssh devbox-{box.name}-{role}")
+
+
+@ec2_group.command("down")
+@boxes_option
+@click.option("--role", type=click.Choice(["cpu", "gpu"]), help="Only this box (default: both).")
+@json_option
+def ec2_down_command(boxes_path, role, as_json):
+    """Stop the box(es). Nothing is deleted: the data volume and the instances stay, and the
+    next `up` starts them again.
+
+    \b
+      devbox-build ec2 down
+    """
+    _print_status(_fleet(_checked_box(boxes_path)).down(role), as_json)
+
+
+@ec2_group.command("move")
+@boxes_option
+@click.option("--to", "to", type=click.Choice(["cpu", "gpu"]), required=True,
+              help="The box that gets the data volume.")
+@json_option
+def ec2_move_command(boxes_path, to, as_json):
+    """Move your work to the other box: stop the current one, detach the data volume, attach
+    it to the other box and start that one (created the first time).
+
+    \b
+      devbox-build ec2 move --to gpu      # train
+      devbox-build ec2 move --to cpu      # back to the cheap box
+    """
+    box = _checked_box(boxes_path)
+    _print_status(_fleet(box).move(to, f"{box.image}:{to}"), as_json)
+
+
+@ec2_group.command("status")
+@boxes_option
+@json_option
+def ec2_status_command(boxes_path, as_json):
+    """Each box's instance and state, and where the data volume is attached."""
+    _print_status(_fleet(_checked_box(boxes_path)).status(), as_json)
+
+
+@ec2_group.command("ssh-config")
+@boxes_option
+@role_option
+def ec2_ssh_config_command(boxes_path, role):
+    """Print an ~/.ssh/config entry for the box, through SSM Session Manager (no inbound port,
+    no public IP), forwarding JupyterLab's port: VS Code Remote-SSH (debugger included) or a
+    local notebook client then works as on the box. Needs the AWS CLI's session-manager-plugin.
+
+    \b
+      devbox-build ec2 ssh-config --role gpu >> ~/.ssh/config
+    """
+    from .targets.ec2 import ssh_config
+
+    box = _checked_box(boxes_path)
+    instance = _fleet(box).instance(role)
+    if instance is None:
+        raise InputError(f"{box.name} has no {role} box yet", hint=f"run: devbox-build ec2 up --role {role}")
+    click.echo(ssh_config(box, role, instance["InstanceId"]), nl=False)
 
 
 # -- bootstrap-base -----------------------------------------------------------------------------

@@ -72,6 +72,12 @@ class BuildFailed(DevboxError):
     exit_code = 5
 
 
+class CloudError(DevboxError):
+    """AWS refused a request or did not answer (credentials, quota, a missing resource)."""
+
+    exit_code = 6
+
+
 class ChecksFailed(DevboxError):
     """Checks ran and at least one failed."""
 

@@ -7,6 +7,7 @@
 #   - the Dev Container CLI (npm @devcontainers/cli, in .devbox/node) and docker-compose, which
 #     the template tests use in place of VS Code, and Debian's docker-registry for a loopback
 #     registry
+#   - cloud-init's package, unpacked (not installed) for its schema check of the EC2 user data
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE_IMAGE="${DEVBOX_BASE_IMAGE:-debian:bookworm-slim}"
@@ -93,7 +94,20 @@ provision_registry() {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null
 }
 
+provision_cloud_init() {
+  # cloud-init's own `schema` command checks the EC2 user data. Only its package is unpacked
+  # into .devbox/cloud-init (not installed: it would run on this machine's next boot).
+  [ -d "$STATE/cloud-init/usr/lib/python3/dist-packages/cloudinit" ] && return 0
+  log "cloud-init: unpacking Debian's package into .devbox/cloud-init (for its schema check)"
+  local scratch
+  scratch="$(mktemp -d)"
+  (cd "$scratch" && apt-get download -qq cloud-init >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get download -qq cloud-init >/dev/null; }) \
+    && dpkg -x "$scratch"/cloud-init_*.deb "$STATE/cloud-init"
+  rm -rf "$scratch"
+}
+
 provision() {
   provision_python && provision_engine && provision_base_image && provision_ca_certificates \
-    && provision_devcontainer_cli && provision_registry
+    && provision_devcontainer_cli && provision_registry && provision_cloud_init
 }

@@ -33,6 +33,9 @@ NOT_RUN = {
     "docker run --rm -p 8888:8888 -e SAGEMAKER_APP_TYPE=JupyterLab devbox/datascience:cpu":
         "a server that does not end; the sagemaker-studio check profile starts it",
     "docker run --rm --gpus all devbox/datascience:gpu nvidia-smi": "needs a GPU",
+    "docker run --rm -e DEVBOX_IDLE_TIMEOUT=2h -e DEVBOX_IDLE_ACTION=stop -p 8888:8888 "
+    "devbox/datascience:cpu": "a server that stops after 2 h idle; tests/test_idle.py runs the "
+                              "same container with the timeout at 6 s",
     "devbox-conda create scratch 'python-dateutil >=2.9'": "tests/test_conda.py (conda image)",
     "devbox-conda run scratch python -c 'import dateutil'": "tests/test_conda.py (conda image)",
     "devbox-conda list; devbox-conda remove scratch": "tests/test_conda.py (conda image)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from devbox_build import credentials
@@ -97,3 +98,13 @@ def test_no_private_key_in_the_ca_store(image_root_host):
     ).stdout.split()
     assert not listed, ("private keys in the CA store (files named, contents not shown): "
                         + ", ".join(listed))
+
+
+def test_idle_watcher_reads_its_rules(image_host):
+    """devbox-idle is in the image and reads /etc/devbox/idle.toml: every laptop, EC2 box and
+    Studio space can stop itself when idle, and never under busy work"""
+    result = image_host.run("devbox-idle status --json")
+    assert result.rc == 0, f"devbox-idle status failed: {result.stderr.strip()[-300:]}"
+    status = json.loads(result.stdout)
+    assert status["action"] in ("none", "stop", "poweroff"), status
+    assert image_host.file("/etc/devbox/idle.toml").exists, "no /etc/devbox/idle.toml"
