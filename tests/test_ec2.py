@@ -5,16 +5,10 @@ passes cloud-init's schema and shellcheck."""
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,6 +18,7 @@ import yaml
 from devbox_build.targets.ec2 import ImageFacts, architecture, load_box, preflight
 
 from .conftest import ROOT, assert_clean_error, cli
+from .support.aws import VOLUME_ID, Imds, MotoServer, StandInInstance
 
 GOOD = (ROOT / "boxes.toml").read_text()
 CPU = ImageFacts("devbox/datascience:cpu", "amd64", None)
@@ -94,43 +89,16 @@ def test_cli_checks_the_local_images(engine, default_images):
 
 
 @pytest.fixture
-def aws(tmp_path):
-    """moto's EC2/SSM server on loopback, and the environment that points boto3 at it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
-                                "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + 60
-    while True:  # until it answers (a state), bounded
-        try:
-            opener.open(f"{url}/moto-api/", timeout=2).close()
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.1)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    yield env
-    process.terminate()
-    process.wait(timeout=30)
-
-
-def client(aws: dict, service: str = "ec2"):
-    import boto3
-
-    return boto3.client(service, region_name="us-east-1", endpoint_url=aws["AWS_ENDPOINT_URL"],
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+def aws():
+    """moto's EC2/SSM server on loopback (its ``env`` points boto3 and the CLI at it)."""
+    with MotoServer() as server:
+        yield server
 
 
 def moto_boxes(tmp_path, aws, extra: str = "") -> Path:
     """The committed box definition, with the GPU role on an AMI moto knows (moto publishes
     Amazon Linux's SSM parameter, which the CPU role resolves, but not the DLAMI's)."""
-    ami = next(i["ImageId"] for i in client(aws).describe_images(Owners=["amazon"])["Images"]
+    ami = next(i["ImageId"] for i in aws.client().describe_images(Owners=["amazon"])["Images"]
                if i.get("Platform") != "windows")
     path = tmp_path / "boxes.toml"
     path.write_text(GOOD.replace('ami_family = "dlami-base-gpu-al2023"',
@@ -139,7 +107,7 @@ def moto_boxes(tmp_path, aws, extra: str = "") -> Path:
 
 
 def ec2(aws, *args):
-    result = cli("ec2", *args, env=aws)
+    result = cli("ec2", *args, env=aws.env)
     assert "Traceback" not in result.stderr, result.stderr
     return result
 
@@ -161,7 +129,7 @@ def test_up_move_down_keep_one_volume_and_find_what_they_made(tmp_path, aws):
     assert first["volume"]["attached_to"] == gpu["instance_id"], first
 
     # What EC2 got: IMDSv2 with 2 hops, shutdown = stop, the boot script for this volume.
-    api = client(aws)
+    api = aws.client()
     described = api.describe_instances(InstanceIds=[gpu["instance_id"]])
     instance = described["Reservations"][0]["Instances"][0]
     assert instance["MetadataOptions"]["HttpTokens"] == "required"
@@ -289,134 +257,48 @@ def test_no_box_value_can_change_the_boot_script(tmp_path):
     assert "IMAGE=devbox/datascience:cpu\n" in script and "MOUNT=/mnt/devbox\n" in script
 
 
-# -- the boot script on a stand-in instance: a privileged container, a loop device for the EBS
-# -- volume, an IMDS stand-in on loopback, the host's engine for Docker --------------------------
-
-VOLUME_ID = "vol-0123456789abcdef0"
-
-
-class Imds(http.server.BaseHTTPRequestHandler):
-    """IMDSv2 as EC2 serves it: a PUT for a token first, then GETs that carry it."""
-
-    token = "stand-in-token"
-    answers = {"instance-id": "i-0standin000000000", "placement/availability-zone": "us-east-1a",
-               "placement/region": "us-east-1"}
-    seen: list[str] = []
-
-    def do_PUT(self):
-        self.seen.append(f"PUT {self.path}")
-        ok = (self.path == "/latest/api/token"
-              and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"))
-        self._answer(200 if ok else 400, self.token if ok else "")
-
-    def do_GET(self):
-        self.seen.append(f"GET {self.path}")
-        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
-            return self._answer(401, "")
-        key = self.path.removeprefix("/latest/meta-data/")
-        self._answer(200 if key in self.answers else 404, self.answers.get(key, ""))
-
-    def _answer(self, code: int, body: str):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, *args):
-        pass
-
-
-def boot(engine, image: str, tmp_path: Path, mount: str, imds_port: int) -> str:
-    """One boot of the stand-in instance. As EC2 attaches the volume before the instance sees it,
-    the test attaches the 'EBS volume' (a loop device on the host) and hands the instance that
-    device, linked where udev links an EBS NVMe device; the instance then runs the boot script.
-    No --privileged (this host's engine cannot grant every capability): SYS_ADMIN to mount, the
-    one device."""
-    import docker
-
-    device = subprocess.run(["losetup", "-f", "--show", str(tmp_path / "ebs.img")],
-                            capture_output=True, text=True, check=True).stdout.strip()
-    stand_in = engine.api.create_container(
-        image, entrypoint=["sleep", "infinity"], user="root",
-        host_config=engine.api.create_host_config(
-            cap_add=["SYS_ADMIN"], devices=[f"{device}:{device}:rwm"], network_mode="host",
-            security_opt=["apparmor=unconfined"], mounts=[
-                docker.types.Mount(mount, mount, type="bind", propagation="rshared"),
-                docker.types.Mount("/var/run/docker.sock", "/var/run/docker.sock", type="bind"),
-                docker.types.Mount("/usr/local/bin/docker", shutil.which("docker"), type="bind",
-                                   read_only=True),
-                docker.types.Mount("/stand-in", str(tmp_path), type="bind")]))["Id"]
-    try:
-        engine.api.start(stand_in)
-        script = (
-            "set -e; mkdir -p /dev/disk/by-id;"
-            f" ln -s {device} /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
-            f"{VOLUME_ID.replace('-', '')};"
-            f" DEVBOX_IMDS_ENDPOINT=http://127.0.0.1:{imds_port} bash /stand-in/devbox-box 2>&1;"
-            f" umount {mount}")  # the instance stops: its mount goes; the container keeps its own
-        exec_id = engine.api.exec_create(stand_in, ["bash", "-c", script])
-        out = engine.api.exec_start(exec_id).decode(errors="replace")
-        code = engine.api.exec_inspect(exec_id)["ExitCode"]
-    finally:
-        engine.remove(stand_in)
-        subprocess.run(["losetup", "-d", device], check=False)  # detached (autoclear when unused)
-    assert code == 0, out
-    return out
+# -- the boot script on a stand-in instance (tests/support/aws.py) ------------------------------
 
 
 @pytest.mark.engine
 def test_the_boot_script_formats_once_mounts_and_starts_the_image(engine, default_images,
                                                                    tmp_path):
+    from devbox_build.targets.ec2 import user_data
+
     image = default_images["cpu"].content_tag
     name = f"t{uuid.uuid4().hex[:10]}"
     mount = f"/mnt/devbox-{name}"
     boxes = tmp_path / "boxes.toml"
     boxes.write_text(GOOD.replace('name = "datascience"', f'name = "{name}"').replace(
         "[volume]\n", f'[volume]\nmount_point = "{mount}"\n'))
-    from devbox_build.targets.ec2 import user_data
-
     document = yaml.safe_load(user_data(load_box(boxes), "cpu", image, VOLUME_ID))
-    (tmp_path / "devbox-box").write_text(document["write_files"][0]["content"])
-    with open(tmp_path / "ebs.img", "wb") as disk:
-        disk.truncate(256 << 20)  # sparse: a blank 256 MB volume
-    os.chmod(tmp_path, 0o755)
-    # The host sees the stand-in's mount (the script starts the image on the host's engine,
-    # with the volume as its home): a shared mount point at the same path on both sides.
-    os.makedirs(mount)
-    subprocess.run(["mount", "--bind", mount, mount], check=True)
-    subprocess.run(["mount", "--make-rshared", mount], check=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     container = f"devbox-{name}"
+    (tmp_path / "instance").mkdir()
     try:
-        first = boot(engine, image, tmp_path, mount, server.server_address[1])
-        assert "formatting /dev/loop" in first, first
-        assert f"ready: {image} as {container}" in first and "(health: healthy)" in first, first
-        assert Imds.seen[0] == "PUT /latest/api/token", Imds.seen
-        attrs = engine.api.inspect_container(container)
-        assert attrs["HostConfig"]["PortBindings"]["8888/tcp"] == [
-            {"HostIp": "127.0.0.1", "HostPort": "8888"}], attrs["HostConfig"]["PortBindings"]
-        assert "DEVBOX_IDLE_ACTION=poweroff" in attrs["Config"]["Env"]
-        # Home is the volume: a file written there from the container is on the 'EBS volume'.
-        exec_id = engine.api.exec_create(container, ["sh", "-c", "echo kept > ~/notes.txt"])
-        engine.api.exec_start(exec_id)
-        assert engine.api.exec_inspect(exec_id)["ExitCode"] == 0
-        engine.api.stop(container, timeout=10)  # the instance stops: the volume is let go
+        with StandInInstance(engine, image, tmp_path / "instance", mount,
+                             document["write_files"][0]["content"]) as instance:
+            first = instance.boot()
+            assert "formatting /dev/loop" in first, first
+            assert f"ready: {image} as {container}" in first, first
+            assert "(health: healthy)" in first, first
+            assert Imds.seen[0] == "PUT /latest/api/token", Imds.seen
+            attrs = engine.api.inspect_container(container)
+            assert attrs["HostConfig"]["PortBindings"]["8888/tcp"] == [
+                {"HostIp": "127.0.0.1", "HostPort": "8888"}], attrs["HostConfig"]["PortBindings"]
+            assert "DEVBOX_IDLE_ACTION=poweroff" in attrs["Config"]["Env"]
+            # Home is the volume: a file written there from the container is on the volume.
+            exec_id = engine.api.exec_create(container, ["sh", "-c", "echo kept > ~/notes.txt"])
+            engine.api.exec_start(exec_id)
+            assert engine.api.exec_inspect(exec_id)["ExitCode"] == 0
+            engine.api.stop(container, timeout=10)  # the instance stops
 
-        second = boot(engine, image, tmp_path, mount, server.server_address[1])
-        assert "formatting" not in second, second
-        assert "(health: healthy)" in second, second
-        exec_id = engine.api.exec_create(container, ["cat", "/home/sagemaker-user/notes.txt"])
-        assert engine.api.exec_start(exec_id).decode().strip() == "kept"
+            second = instance.boot()
+            assert "formatting" not in second, second
+            assert "(health: healthy)" in second, second
+            exec_id = engine.api.exec_create(container, ["cat", "/home/sagemaker-user/notes.txt"])
+            assert engine.api.exec_start(exec_id).decode().strip() == "kept"
     finally:
-        server.shutdown()
         try:
             engine.remove(engine.api.inspect_container(container)["Id"])
         except Exception:  # never started
             pass
-        subprocess.run(["umount", "-l", mount], check=False)
-        subprocess.run(["umount", "-l", mount], check=False)
-        shutil.rmtree(mount, ignore_errors=True)  # unmounted above: only the empty mount point
-        for line in subprocess.run(["losetup", "-j", str(tmp_path / "ebs.img")],
-                                   capture_output=True, text=True).stdout.splitlines():
-            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)

@@ -1,0 +1,160 @@
+"""AWS without AWS: moto's server on loopback, and a stand-in EC2 instance for the boot script.
+
+Used by tests/test_ec2.py and benchmarks/ec2.py.
+"""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+# The 'EBS volume' the stand-in instance boots with.
+VOLUME_ID = "vol-0123456789abcdef0"
+
+
+class MotoServer:
+    """`moto_server` on loopback; ``env`` points boto3 (and the CLI) at it."""
+
+    def __enter__(self) -> MotoServer:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 60
+        while True:  # until it answers (a state), bounded
+            try:
+                opener.open(f"{self.url}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                    "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        return self
+
+    def client(self, service: str = "ec2"):
+        import boto3
+
+        return boto3.client(service, region_name="us-east-1", endpoint_url=self.url,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def __exit__(self, *_exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+class Imds(http.server.BaseHTTPRequestHandler):
+    """IMDSv2 as EC2 serves it: a PUT for a token first, then GETs that carry it."""
+
+    token = "stand-in-token"
+    answers = {"instance-id": "i-0standin000000000", "placement/availability-zone": "us-east-1a",
+               "placement/region": "us-east-1"}
+    seen: list[str] = []
+
+    def do_PUT(self):
+        self.seen.append(f"PUT {self.path}")
+        ok = (self.path == "/latest/api/token"
+              and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"))
+        self._answer(200 if ok else 400, self.token if ok else "")
+
+    def do_GET(self):
+        self.seen.append(f"GET {self.path}")
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            return self._answer(401, "")
+        key = self.path.removeprefix("/latest/meta-data/")
+        self._answer(200 if key in self.answers else 404, self.answers.get(key, ""))
+
+    def _answer(self, code: int, body: str):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+class StandInInstance:
+    """An EC2 instance stood in for by a container of ``image`` (it has bash, util-linux,
+    e2fsprogs, curl): the 'EBS volume' is a sparse file attached as a loop device on the host
+    (as EC2 attaches a volume before the instance sees it) and linked where udev links an EBS
+    NVMe device; IMDSv2 answers on loopback; Docker is this host's engine, and the volume's
+    mount point is shared with the host at the same path, so the image the script starts gets
+    the volume as its home. No --privileged (not every engine can grant every capability):
+    SYS_ADMIN to mount, and the one device."""
+
+    def __init__(self, engine, image: str, folder: Path, mount: str, script: str) -> None:
+        self.engine, self.image, self.folder, self.mount = engine, image, folder, mount
+        (folder / "devbox-box").write_text(script)
+        folder.chmod(0o755)
+        with open(folder / "ebs.img", "wb") as disk:
+            disk.truncate(256 << 20)  # sparse: a blank 256 MB volume
+
+    def __enter__(self) -> StandInInstance:
+        Path(self.mount).mkdir(parents=True)
+        subprocess.run(["mount", "--bind", self.mount, self.mount], check=True)
+        subprocess.run(["mount", "--make-rshared", self.mount], check=True)
+        self.imds = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
+        threading.Thread(target=self.imds.serve_forever, daemon=True).start()
+        return self
+
+    def boot(self) -> str:
+        """One boot: attach, run the boot script, stop (unmount, detach). Its output."""
+        import docker
+
+        device = subprocess.run(["losetup", "-f", "--show", str(self.folder / "ebs.img")],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        api = self.engine.api
+        stand_in = api.create_container(
+            self.image, entrypoint=["sleep", "infinity"], user="root",
+            host_config=api.create_host_config(
+                cap_add=["SYS_ADMIN"], devices=[f"{device}:{device}:rwm"], network_mode="host",
+                security_opt=["apparmor=unconfined"], mounts=[
+                    docker.types.Mount(self.mount, self.mount, type="bind",
+                                       propagation="rshared"),
+                    docker.types.Mount("/var/run/docker.sock", "/var/run/docker.sock",
+                                       type="bind"),
+                    docker.types.Mount("/usr/local/bin/docker", shutil.which("docker"),
+                                       type="bind", read_only=True),
+                    docker.types.Mount("/stand-in", str(self.folder), type="bind")]))["Id"]
+        try:
+            api.start(stand_in)
+            script = (
+                "set -e; mkdir -p /dev/disk/by-id;"
+                f" ln -s {device} /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
+                f"{VOLUME_ID.replace('-', '')};"
+                f" DEVBOX_IMDS_ENDPOINT=http://127.0.0.1:{self.imds.server_address[1]}"
+                " bash /stand-in/devbox-box 2>&1;"
+                f" umount {self.mount}")  # the instance stops; the container keeps its mount
+            exec_id = api.exec_create(stand_in, ["bash", "-c", script])
+            out = api.exec_start(exec_id).decode(errors="replace")
+            code = api.exec_inspect(exec_id)["ExitCode"]
+        finally:
+            self.engine.remove(stand_in)
+            subprocess.run(["losetup", "-d", device], check=False)  # autoclear when unused
+        if code != 0:
+            raise AssertionError(f"the boot script failed ({code}):\n{out}")
+        return out
+
+    def __exit__(self, *_exc) -> None:
+        self.imds.shutdown()
+        for _ in range(2):  # the bind and the propagated mount
+            subprocess.run(["umount", "-l", self.mount], capture_output=True, check=False)
+        shutil.rmtree(self.mount, ignore_errors=True)  # only the mount point is left
+        for line in subprocess.run(["losetup", "-j", str(self.folder / "ebs.img")],
+                                   capture_output=True, text=True).stdout.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
