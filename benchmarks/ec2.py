@@ -9,7 +9,7 @@ Measured here, min / median over the rounds:
   ec2 up (CLI), again        the same box found by its tags, nothing to do
   boot script, first boot    on a stand-in instance (tests/support/aws.py): blank volume
                              formatted and mounted, the image started with the volume as home,
-                             until its healthcheck says JupyterLab answers
+                             until JupyterLab answers
   boot script, next boot     the same, no format, the container started again
 The estimate for real EC2 adds what cannot be measured here: instance start, and the image pull
 at the given bandwidth for the image's compressed size (measured: the layers gzipped).
@@ -141,8 +141,8 @@ def main() -> None:
     print("|---|---|")
     print(f"| `ec2 up`, first (moto) | {cell([m[0] for m in moto])} |")
     print(f"| `ec2 up`, again (moto) | {cell([m[1] for m in moto])} |")
-    print(f"| boot script, first boot (stand-in, to healthy) | {cell([b[0] for b in boots])} |")
-    print(f"| boot script, next boot (stand-in, to healthy) | {cell([b[1] for b in boots])} |")
+    print(f"| boot script, first boot (stand-in, until JupyterLab answers) | {cell([b[0] for b in boots])} |")
+    print(f"| boot script, next boot (stand-in, until JupyterLab answers) | {cell([b[1] for b in boots])} |")
     size = compressed_mb(engine)
     first_boot = statistics.median(b[0] for b in boots)
     estimate = INSTANCE_START_S + size / PULL_MB_PER_S + first_boot

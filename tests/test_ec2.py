@@ -279,8 +279,7 @@ def test_the_boot_script_formats_once_mounts_and_starts_the_image(engine, defaul
                              document["write_files"][0]["content"]) as instance:
             first = instance.boot()
             assert "formatting /dev/loop" in first, first
-            assert f"ready: {image} as {container}" in first, first
-            assert "(health: healthy)" in first, first
+            assert f"ready: {image} as {container}, JupyterLab answers" in first, first
             assert Imds.seen[0] == "PUT /latest/api/token", Imds.seen
             attrs = engine.api.inspect_container(container)
             assert attrs["HostConfig"]["PortBindings"]["8888/tcp"] == [
@@ -294,7 +293,7 @@ def test_the_boot_script_formats_once_mounts_and_starts_the_image(engine, defaul
 
             second = instance.boot()
             assert "formatting" not in second, second
-            assert "(health: healthy)" in second, second
+            assert "JupyterLab answers" in second, second
             exec_id = engine.api.exec_create(container, ["cat", "/home/sagemaker-user/notes.txt"])
             assert engine.api.exec_start(exec_id).decode().strip() == "kept"
     finally:
