@@ -18,9 +18,9 @@ from typing import Protocol
 
 from . import locking, refs
 from .engine import Built, Engine, Output, Step, StepFailed
-from .errors import BuildFailed, DevboxError, InputError, LockError, SpecError
+from .errors import BuildFailed, DevboxError, EngineError, InputError, LockError, SpecError
 from .render import PYTHON_MISMATCH_MARKER, BuildContext, render
-from .spec import ImageSpec
+from .spec import PLATFORMS, ImageSpec
 
 # Docker's predefined proxy build args: passed through from the caller's environment, never
 # declared in the Dockerfile, so their values stay out of the image and its history.
@@ -78,9 +78,14 @@ class BuildOptions:
     ca_certificates: tuple[str, ...] = ()
     network_mode: str | None = None
     no_cache: bool = False
+    # The platform to build; default: the engine's own, which the spec must lock.
+    platform: str | None = None
 
     def __post_init__(self) -> None:
         # Every name an engine call will use is checked before any engine work.
+        if self.platform is not None and self.platform not in PLATFORMS:
+            raise InputError(f"--platform: {self.platform!r} is not one of "
+                             f"{', '.join(PLATFORMS)}")
         for tag in self.tags:
             refs.check_tag(tag, "--tag")
         if self.registry is not None:
@@ -134,32 +139,74 @@ def check_locks(spec: ImageSpec, platform: str, variants: list[str], allow_stale
         )
 
 
-def base_image_id(engine: Engine, spec: ImageSpec, variant: str) -> str:
+def base_image_id(engine: Engine, spec: ImageSpec, variant: str, platform: str) -> str:
+    """The base's image id, pulled for ``platform`` when missing; a base of another platform is
+    refused (its Python would run the wrong wheels)."""
     base = spec.variants[variant].base
-    if image_id := engine.image_id(base):
-        return image_id
-    try:
-        return engine.pull(base)
-    except DevboxError as exc:
-        raise SpecError(
-            f"{spec.path}: key 'variants.{variant}.base': base image {base!r} is not in the "
-            f"engine and could not be pulled ({exc.message.removeprefix(f'cannot pull {base}: ')})",
-            hint=f"build the image it extends first (devbox-build build <its spec>) or pull it"
-            if spec.extends else f"without a registry, build it from a Debian mirror: "
-            f"devbox-build bootstrap-base --tag {base}",
-        ) from None
+    image_id = engine.image_id(base)
+    if image_id is None:
+        try:
+            image_id = engine.pull(base, platform)
+        except DevboxError as exc:
+            raise _missing_base(spec, variant, base, exc) from None
+    found = engine.image_platform(base)
+    if found != platform:
+        raise SpecError(f"{spec.path}: key 'variants.{variant}.base': {base} in this engine is "
+                        f"{found}, but this build is for {platform}",
+                        hint=f"pull it for that platform: docker pull --platform {platform} {base}")
+    return image_id
+
+
+def _missing_base(spec: ImageSpec, variant: str, base: str, exc: DevboxError) -> SpecError:
+    return SpecError(
+        f"{spec.path}: key 'variants.{variant}.base': base image {base!r} is not in the "
+        f"engine and could not be pulled ({exc.message.removeprefix(f'cannot pull {base}: ')})",
+        hint=f"build the image it extends first (devbox-build build <its spec>) or pull it"
+        if spec.extends else f"without a registry, build it from a Debian mirror: "
+        f"devbox-build bootstrap-base --tag {base}",
+    )
 
 
 def prepare(spec: ImageSpec, variants: list[str], options: BuildOptions) -> list[BuildContext]:
     """Everything a build needs that the engine does not: the lock gate and each variant's
-    context. Every input problem (lock, CA file, variant) is raised here, before any engine call."""
-    platform = spec.platforms[0]
+    context, for every platform the build may choose (--platform, else each one the spec
+    locks; build_contexts picks the engine's). Every input problem (lock, CA file, variant,
+    platform) is raised here, before any engine call."""
     if options.push and not options.registry and not refs.names_registry(spec.repository):
         raise InputError("--push needs a registry: pass --registry HOST[/NAMESPACE], or name "
                          "one in the spec's repository (HOST[:PORT]/name)")
-    check_locks(spec, platform, variants, options.allow_stale)
-    return [render(spec, variant, platform=platform,
-                   ca_certificates=list(options.ca_certificates)) for variant in variants]
+    if options.platform and options.platform not in spec.platforms:
+        raise InputError(f"{spec.path}: key 'platforms': --platform {options.platform}, but the "
+                         f"spec locks only {', '.join(spec.platforms)}",
+                         hint=f"add \"{options.platform}\" to platforms, then: {spec.lock_command}")
+    platforms = [options.platform] if options.platform else list(spec.platforms)
+    contexts = []
+    for platform in platforms:
+        check_locks(spec, platform, variants, options.allow_stale)
+        contexts += [render(spec, variant, platform=platform,
+                            ca_certificates=list(options.ca_certificates)) for variant in variants]
+    return contexts
+
+
+def choose_platform(contexts: list[BuildContext], engine: Engine, options: BuildOptions) -> str:
+    """The platform to build: --platform, else the engine's own, which the spec must lock.
+    A platform the engine cannot run (no emulation registered) is refused before the build."""
+    spec = contexts[0].spec
+    native = engine.platform()
+    platform = options.platform or native
+    if platform not in {c.platform for c in contexts}:
+        raise InputError(
+            f"{spec.path}: key 'platforms': this engine runs {native}, and the spec locks only "
+            f"{', '.join(spec.platforms)}",
+            hint=f"add \"{native}\" to platforms and run: {spec.lock_command}; or build "
+                 f"another platform under emulation with --platform {spec.platforms[0]}")
+    if platform != native and not engine.can_emulate(platform):
+        raise EngineError(
+            f"this engine runs {native} and cannot run {platform} build steps: no emulation "
+            "for it is registered (binfmt_misc)",
+            hint="build on a machine of that platform, or register QEMU's binfmt handlers "
+                 "(Debian: apt-get install qemu-user-static binfmt-support)")
+    return platform
 
 
 def build(
@@ -179,12 +226,14 @@ def build_contexts(
     options: BuildOptions,
     progress: Progress | None = None,
 ) -> list[BuildResult]:
-    """Build prepared contexts: content tag → engine build (or nothing) → all tags → push."""
+    """Build prepared contexts for the chosen platform: content tag → engine build (or
+    nothing) → all tags → push."""
     progress = progress or SilentProgress()
+    platform = choose_platform(contexts, engine, options)
     results = []
-    for context in contexts:
+    for context in (c for c in contexts if c.platform == platform):
         spec, variant = context.spec, context.variant
-        digest = context.digest(base_image_id(engine, spec, variant))
+        digest = context.digest(base_image_id(engine, spec, variant, platform))
         content_tag, *human_tags = tags_for(spec, variant, options, digest)
         started = time.monotonic()
         image_id = None if options.no_cache else engine.image_id(content_tag)
@@ -251,6 +300,7 @@ def _run_build(
     try:
         for event in engine.build(
             context.tar(),
+            platform=context.platform,
             buildargs=buildargs,
             network_mode=options.network_mode,
             nocache=options.no_cache,

@@ -225,11 +225,13 @@ class RichProgress:
 @click.option("--network", "network_mode", envvar="DEVBOX_NETWORK",
               help="Network for build steps (e.g. host, to reach a channel or index on the host's loopback).")
 @click.option("--no-cache", is_flag=True, help="Rebuild every layer, ignoring the engine's cache.")
+@click.option("--platform", help="linux/amd64 or linux/arm64 (default: the engine's own; the "
+              "spec must lock it). Another platform needs emulation registered in the engine.")
 @click.option("-v", "--verbose", is_flag=True, help="Stream every line of build output.")
 @images_dir_option
 @json_option
 def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, no_host_ca,
-                  network_mode, no_cache, verbose, images_dir, as_json):
+                  network_mode, no_cache, platform, verbose, images_dir, as_json):
     """Build IMAGE's variants; a build whose content is unchanged is a no-op.
 
     Every build is tagged REPOSITORY:VARIANT-<content hash> (the hash of spec, locks, template
@@ -248,6 +250,7 @@ def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, n
     options = BuildOptions(
         tags=tags, registry=registry, push=push, allow_stale=allow_stale,
         ca_certificates=ca_files, network_mode=network_mode, no_cache=no_cache,
+        platform=platform,
     )
     contexts = prepare(spec, variants, options)
     err.print(f"[dim]CA certificates: {len(ca_files)} from {escape(ca_origin)}[/]")

@@ -94,13 +94,35 @@ class Engine:
         except docker.errors.ImageNotFound:
             raise EngineError(f"no image {ref!r} in the engine") from None
 
-    def pull(self, ref: str) -> str:
-        """Pull ``ref``; raises DevboxError with the engine's reason when it cannot."""
+    def pull(self, ref: str, platform: str | None = None) -> str:
+        """Pull ``ref`` (for ``platform``); raises DevboxError with the engine's reason."""
         try:
-            self.client.images.pull(ref)
+            self.client.images.pull(ref, platform=platform)
         except docker.errors.APIError as exc:
             raise EngineError(f"cannot pull {ref}: {_reason(exc)}") from None
         return self.api.inspect_image(ref)["Id"]
+
+    def image_platform(self, ref: str) -> str:
+        """An image's platform as Docker names it: linux/amd64, linux/arm64."""
+        attrs = self.api.inspect_image(ref)
+        return f"{attrs.get('Os', 'linux')}/{attrs.get('Architecture', 'amd64')}"
+
+    # -- the engine itself ------------------------------------------------------------------------
+
+    def platform(self) -> str:
+        """The platform this engine's containers run natively."""
+        version = self.api.version()
+        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(version["Arch"], version["Arch"])
+        return f"{version['Os']}/{arch}"
+
+    def can_emulate(self, platform: str) -> bool:
+        """Whether build steps of a foreign ``platform`` can run: QEMU's binfmt handler for it
+        is registered with the kernel. Known only for an engine on this machine; a remote one
+        is given the benefit of the doubt (the build then fails on its first RUN)."""
+        if not self.api.base_url.startswith(("http+unix://", "http+docker://localhost")):
+            return True
+        machine = {"linux/arm64": "aarch64", "linux/amd64": "x86_64"}[platform]
+        return os.path.exists(f"/proc/sys/fs/binfmt_misc/qemu-{machine}")
 
     def tag(self, image_id: str, ref: str) -> None:
         repository, _, tag = ref.rpartition(":")
@@ -162,6 +184,7 @@ class Engine:
         self,
         context: BinaryIO,
         *,
+        platform: str | None = None,
         buildargs: dict[str, str] | None = None,
         network_mode: str | None = None,
         nocache: bool = False,
@@ -181,6 +204,7 @@ class Engine:
             nocache=nocache,
             buildargs=buildargs or {},
             network_mode=network_mode,
+            platform=platform,  # FROM pulls and every step run for it, on any builder
         )
         try:
             for chunk in stream:

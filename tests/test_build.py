@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -249,6 +252,66 @@ def test_python_the_base_cannot_provide_is_a_spec_error(engine, stack):
         assert result.returncode == 2
     finally:
         engine.untag(alias)
+
+
+def test_a_base_of_another_platform_is_refused_before_the_build(engine, stack):
+    """The arm64-laptop trap, the other way round: a base image whose platform is not the
+    build's would get wheels locked for another architecture. Refused on key 'base'."""
+    foreign = "devbox-test/foreign-platform-base:1"
+    engine.api.load_image(_image_archive(foreign, "arm64"))
+    try:
+        spec_file = stack / "image.toml"
+        spec_file.write_text(spec_file.read_text().replace(
+            'base = "debian:bookworm-slim"', f'base = "{foreign}"', 1))
+        result = cli("build", str(stack), "--variant", "cpu", env=CA)
+        assert_clean_error(result, "key 'variants.cpu.base'", "is linux/arm64, but this build "
+                           "is for linux/amd64")
+        assert result.returncode == 2
+    finally:
+        engine.remove_image(foreign)
+
+
+def _image_archive(ref: str, architecture: str) -> bytes:
+    """A `docker save` archive of an empty image of another architecture (nothing to run)."""
+    def member(archive, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+    layer = io.BytesIO()
+    tarfile.open(fileobj=layer, mode="w").close()
+    layer = layer.getvalue()
+    config = json.dumps({"architecture": architecture, "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [
+                             "sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode()
+    name = hashlib.sha256(config).hexdigest() + ".json"
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        member(archive, "layer.tar", layer)
+        member(archive, name, config)
+        member(archive, "manifest.json", json.dumps(
+            [{"Config": name, "RepoTags": [ref], "Layers": ["layer.tar"]}]).encode())
+    return out.getvalue()
+
+
+def test_a_platform_the_engine_cannot_run_is_refused_or_built(engine, stack):
+    """A spec that locks amd64 and arm64, built for the platform that is not this engine's:
+    refused (exit 4, before any step) without emulation; built, for that platform, with it."""
+    spec_file = stack / "image.toml"
+    spec_file.write_text(spec_file.read_text().replace(
+        'python = "3.11"', 'python = "3.11"\nplatforms = ["linux/amd64", "linux/arm64"]'))
+    assert cli("lock", str(stack)).returncode == 0
+    native = engine.platform()
+    foreign = "linux/arm64" if native == "linux/amd64" else "linux/amd64"
+    result = cli("build", str(stack), "--variant", "cpu", "--platform", foreign, env=CA)
+    if engine.can_emulate(foreign):
+        assert result.returncode == 0, result.stderr[-3000:]
+        built = load(stack).repository + ":cpu"
+        assert engine.image_platform(built) == foreign
+    else:
+        assert_clean_error(result, f"this engine runs {native} and cannot run {foreign}",
+                           "binfmt")
+        assert result.returncode == 4
 
 
 def test_no_engine_reachable(stack):

@@ -12,14 +12,15 @@ The scenarios run side by side, one container each, so the whole set costs about
 from __future__ import annotations
 
 import concurrent.futures
+import http.cookiejar
 import json
+import os
 import re
 import secrets
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import websocket
@@ -47,27 +48,38 @@ FAKE_NVIDIA_SMI = ("#!/bin/sh\n# A GPU at 87% while /tmp/gpu-busy exists, idle o
                    "if [ -e /tmp/gpu-busy ]; then echo '0, 87'; else echo '0, 0'; fi\n")
 
 
-def _http(method: str, url: str, token: str, body: dict | None = None):
-    request = urllib.request.Request(
-        url, method=method, data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=60) as response:
-        return json.load(response) if response.status != 204 else None
-
-
 @dataclass
 class Box:
     """One scenario's container, with the activity it holds and how to end it."""
 
     engine: Engine
     id: str
-    token: str
+    token: str  # empty in Studio mode: Studio authenticates; the server checks _xsrf on writes
     closers: list = field(default_factory=list)
+    cookies: http.cookiejar.CookieJar = field(default_factory=http.cookiejar.CookieJar)
 
     @property
     def base(self) -> str:
-        return f"127.0.0.1:{self.engine.published_port(self.id, 8888)}/"
+        prefix = "/" if self.token else "/jupyterlab/default/"
+        return f"127.0.0.1:{self.engine.published_port(self.id, 8888)}{prefix}"
+
+    def api(self, method: str, path: str, body: dict | None = None):
+        """A REST call as JupyterLab's frontend makes it: the token on a laptop; in Studio
+        mode the page's _xsrf cookie, sent back as X-XSRFToken."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPCookieProcessor(self.cookies))
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"token {self.token}"
+        elif method != "GET":
+            if not any(c.name == "_xsrf" for c in self.cookies):
+                opener.open(f"http://{self.base}lab", timeout=60).close()
+            headers["X-XSRFToken"] = next(c.value for c in self.cookies if c.name == "_xsrf")
+        request = urllib.request.Request(
+            f"http://{self.base}{path}", method=method, headers=headers,
+            data=None if body is None else json.dumps(body).encode())
+        with opener.open(request, timeout=60) as response:
+            return json.load(response) if response.status != 204 else None
 
     def state(self) -> dict:
         text = self.engine.copy_out(self.id, STATE).get("state.json")
@@ -102,7 +114,7 @@ class Box:
         deadline = time.monotonic() + 180
         while True:
             try:
-                _http("GET", f"http://{self.base}api/status", self.token)
+                self.api("GET", "api/status")
                 return
             except OSError:
                 assert self.running(), self.logs()[-3000:]
@@ -110,9 +122,11 @@ class Box:
                 time.sleep(0.3)
 
     def socket(self, path: str) -> websocket.WebSocket:
+        cookie = "; ".join(f"{c.name}={c.value}" for c in self.cookies)
         channel = websocket.create_connection(
-            f"ws://{self.base}{path}?token={self.token}", timeout=120, http_proxy_host=None,
-            http_no_proxy=["127.0.0.1"])
+            f"ws://{self.base}{path}" + (f"?token={self.token}" if self.token else ""),
+            timeout=120, http_proxy_host=None, http_no_proxy=["127.0.0.1"],
+            **({"cookie": cookie} if cookie else {}))
         self.closers.append(channel.close)
         return channel
 
@@ -134,15 +148,16 @@ class Box:
                 return channel
 
     def terminal(self) -> websocket.WebSocket:
-        name = _http("POST", f"http://{self.base}api/terminals", self.token)["name"]
+        name = self.api("POST", "api/terminals")["name"]
         return self.socket(f"terminals/websocket/{name}")
 
 
-def start_box(engine: Engine, ref: str, *, jupyter: bool,
+def start_box(engine: Engine, ref: str, *, jupyter: bool, studio: bool = False,
               binds: dict[str, str] | None = None) -> Box:
-    token = secrets.token_hex(16)
+    token = "" if studio else secrets.token_hex(16)
     environment = {"DEVBOX_IDLE_TIMEOUT": f"{TIMEOUT:g}s", "DEVBOX_IDLE_ACTION": "stop",
-                   "DEVBOX_IDLE_INTERVAL": f"{INTERVAL:g}s", "JUPYTER_TOKEN": token}
+                   "DEVBOX_IDLE_INTERVAL": f"{INTERVAL:g}s",
+                   **({"SAGEMAKER_APP_TYPE": "JupyterLab"} if studio else {"JUPYTER_TOKEN": token})}
     # Kept alive while the scenario sets its activity up; the scenario then removes this.
     keep = (f"{time.time() + 900:.0f}\n".encode(), *USER)
     container = engine.start(
@@ -195,11 +210,11 @@ def assert_stops_in_time(box: Box) -> str:
 
 # ---- the scenarios: each returns once its container stopped by itself after the activity
 
-def kernel_busy_in_a_silent_cell(engine: Engine, ref: str) -> None:
-    box = start_box(engine, ref, jupyter=True)
+def kernel_busy_in_a_silent_cell(engine: Engine, ref: str, studio: bool = False) -> None:
+    box = start_box(engine, ref, jupyter=True, studio=studio)
     try:
         box.wait_for_server()
-        kernel = _http("POST", f"http://{box.base}api/kernels", box.token, {})["id"]
+        kernel = box.api("POST", "api/kernels", {})["id"]
         box.run_cell(kernel, UNTIL_STOPPED).close()  # the browser tab is gone; the cell runs on
         box.closers.clear()
         hold_then_release(box, "jupyter", f"touch {STOP_FILE}")
@@ -211,7 +226,7 @@ def session_with_an_open_websocket_and_a_running_cell(engine: Engine, ref: str) 
     box = start_box(engine, ref, jupyter=True)
     try:
         box.wait_for_server()
-        session = _http("POST", f"http://{box.base}api/sessions", box.token, {
+        session = box.api("POST", "api/sessions", {
             "path": "work.ipynb", "type": "notebook", "name": "work.ipynb",
             "kernel": {"name": "python3"}})
         box.run_cell(session["kernel"]["id"], UNTIL_STOPPED)  # kept open, as a tab would
@@ -311,6 +326,8 @@ def test_busy_containers_are_never_stopped_and_idle_ones_are(engine, default_ima
     tmp_path.chmod(0o755)
     scenarios = {
         "a kernel busy in a long cell with no output": kernel_busy_in_a_silent_cell,
+        "the same, in SageMaker Studio mode (no token, base URL /jupyterlab/default)":
+            lambda e, r: kernel_busy_in_a_silent_cell(e, r, studio=True),
         "a Jupyter session with an open websocket and a running cell":
             session_with_an_open_websocket_and_a_running_cell,
         "an open terminal running a command": terminal_running_a_command,
@@ -396,3 +413,24 @@ def subprocess_parse(engine: Engine, ref: str, stamp: bytes) -> str:
         "print(C().read_last_active_timestamp('/tmp/t'))"), stamp.decode()])
     assert code == 0, out
     return out.strip().splitlines()[-1]
+
+
+def test_poweroff_asks_the_host_then_stops_the_container(engine, default_images, tmp_path):
+    """On an EC2 box the action is poweroff: the watcher writes the request into the host
+    channel (a folder the boot script binds at /run/devbox/host; a systemd path unit powers the
+    instance off), and the container stops."""
+    channel = tmp_path / "host"
+    channel.mkdir()
+    os.chown(channel, *USER)
+    container = engine.start(default_images["cpu"].content_tag, ["sleep", "infinity"],
+                             environment={"DEVBOX_IDLE_TIMEOUT": "3s",
+                                          "DEVBOX_IDLE_ACTION": "poweroff",
+                                          "DEVBOX_IDLE_INTERVAL": "1s"},
+                             volumes={str(channel): "/run/devbox/host"})
+    try:
+        assert engine.wait(container, timeout=180) in (0, 143), engine.logs(container)
+        request = json.loads((channel / "poweroff").read_text())
+        assert request["reason"] == "idle" and request["idle_for_seconds"] >= 3, request
+        assert "asked the host to power off" in engine.logs(container)
+    finally:
+        engine.remove(container)
