@@ -139,9 +139,11 @@ def check_locks(spec: ImageSpec, platform: str, variants: list[str], allow_stale
         )
 
 
-def base_image_id(engine: Engine, spec: ImageSpec, variant: str, platform: str) -> str:
-    """The base's image id, pulled for ``platform`` when missing; a base of another platform is
-    refused (its Python would run the wrong wheels)."""
+def base_image_id(engine: Engine, spec: ImageSpec, variant: str,
+                  platform: str | None = None) -> str:
+    """The base's image id, pulled (for ``platform``) when missing. With a platform, a base of
+    another one is refused: wheels locked for one architecture would land in another's base.
+    Without one (reading a base's manifest), any platform will do."""
     base = spec.variants[variant].base
     image_id = engine.image_id(base)
     if image_id is None:
@@ -150,7 +152,7 @@ def base_image_id(engine: Engine, spec: ImageSpec, variant: str, platform: str) 
         except DevboxError as exc:
             raise _missing_base(spec, variant, base, exc) from None
     found = engine.image_platform(base)
-    if found != platform:
+    if platform and found != platform:
         raise SpecError(f"{spec.path}: key 'variants.{variant}.base': {base} in this engine is "
                         f"{found}, but this build is for {platform}",
                         hint=f"pull it for that platform: docker pull --platform {platform} {base}")

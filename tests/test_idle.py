@@ -19,13 +19,16 @@ import re
 import secrets
 import time
 import urllib.request
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
 import websocket
 
 from devbox_build.engine import Engine
+
+from .support.jupyter import execute_request
 
 pytestmark = pytest.mark.engine
 
@@ -133,13 +136,8 @@ class Box:
     def run_cell(self, kernel: str, code: str) -> websocket.WebSocket:
         """Send ``code`` to the kernel and return once the kernel says it is busy with it."""
         channel = self.socket(f"api/kernels/{kernel}/channels")
-        msg_id = uuid.uuid4().hex
-        channel.send(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
-                       "session": uuid.uuid4().hex, "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell",
-            "content": {"code": code, "silent": False, "store_history": False,
-                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}}))
+        msg_id, frame = execute_request(code)
+        channel.send(frame)
         while True:
             message = json.loads(channel.recv())
             if (message.get("parent_header", {}).get("msg_id") == msg_id
@@ -210,97 +208,76 @@ def assert_stops_in_time(box: Box) -> str:
 
 # ---- the scenarios: each returns once its container stopped by itself after the activity
 
-def kernel_busy_in_a_silent_cell(engine: Engine, ref: str, studio: bool = False) -> None:
-    box = start_box(engine, ref, jupyter=True, studio=studio)
+@contextmanager
+def scenario_box(engine: Engine, ref: str, **options) -> Iterator[Box]:
+    box = start_box(engine, ref, **options)
     try:
+        yield box
+    finally:
+        engine.remove(box.id)
+
+
+def kernel_busy_in_a_silent_cell(engine: Engine, ref: str, studio: bool = False) -> None:
+    with scenario_box(engine, ref, jupyter=True, studio=studio) as box:
         box.wait_for_server()
         kernel = box.api("POST", "api/kernels", {})["id"]
         box.run_cell(kernel, UNTIL_STOPPED).close()  # the browser tab is gone; the cell runs on
         box.closers.clear()
         hold_then_release(box, "jupyter", f"touch {STOP_FILE}")
-    finally:
-        engine.remove(box.id)
 
 
 def session_with_an_open_websocket_and_a_running_cell(engine: Engine, ref: str) -> None:
-    box = start_box(engine, ref, jupyter=True)
-    try:
+    with scenario_box(engine, ref, jupyter=True) as box:
         box.wait_for_server()
         session = box.api("POST", "api/sessions", {
             "path": "work.ipynb", "type": "notebook", "name": "work.ipynb",
             "kernel": {"name": "python3"}})
         box.run_cell(session["kernel"]["id"], UNTIL_STOPPED)  # kept open, as a tab would
         hold_then_release(box, "jupyter", f"touch {STOP_FILE}")
-    finally:
-        engine.remove(box.id)
 
 
 def terminal_running_a_command(engine: Engine, ref: str) -> None:
-    box = start_box(engine, ref, jupyter=True)
-    try:
+    with scenario_box(engine, ref, jupyter=True) as box:
         box.wait_for_server()
         terminal = box.terminal()
         terminal.send(json.dumps(["stdin", "python3 /tmp/until_stopped.py\r"]))
         hold_then_release(box, "session", f"touch {STOP_FILE}")
-    finally:
-        engine.remove(box.id)
 
 
-def nohup_training_without_kernel_or_terminal(engine: Engine, ref: str) -> None:
-    box = start_box(engine, ref, jupyter=False)
-    try:
-        box.exec("nohup python /tmp/train.py >/tmp/train.log 2>&1 &")
+def background_program(engine: Engine, ref: str, program: str) -> None:
+    """`nohup python PROGRAM &`: no kernel, no terminal, no session; only its work counts."""
+    with scenario_box(engine, ref, jupyter=False) as box:
+        box.exec(f"nohup python /tmp/{program} >/tmp/{program}.log 2>&1 &")
         hold_then_release(box, "process", f"touch {STOP_FILE}")
-    finally:
-        engine.remove(box.id)
-
-
-def download_writing_a_file(engine: Engine, ref: str) -> None:
-    box = start_box(engine, ref, jupyter=False)
-    try:
-        box.exec("nohup python /tmp/download.py >/tmp/download.log 2>&1 &")
-        hold_then_release(box, "process", f"touch {STOP_FILE}")
-    finally:
-        engine.remove(box.id)
 
 
 def attached_docker_exec_shell(engine: Engine, ref: str) -> None:
-    box = start_box(engine, ref, jupyter=False)
-    try:
+    with scenario_box(engine, ref, jupyter=False) as box:
         exec_id = engine.api.exec_create(box.id, ["bash"], tty=True, stdin=True, user="1000")
         shell = engine.api.exec_start(exec_id, socket=True, tty=True)
         # Leaving the shell is the release.
         box.closers += [lambda: shell._sock.sendall(b"exit\r"), shell.close]
         hold_then_release(box, "session", None)
-    finally:
-        engine.remove(box.id)
 
 
 def keep_alive_command(engine: Engine, ref: str) -> None:
-    box = start_box(engine, ref, jupyter=False)
-    try:
+    with scenario_box(engine, ref, jupyter=False) as box:
         box.exec("rm /tmp/devbox-keep-alive && devbox-idle keep-alive --for 10m")
         hold_then_release(box, "keep-alive", "rm /tmp/devbox-keep-alive",
                           keep_alive_is_the_activity=True)
-    finally:
-        engine.remove(box.id)
 
 
 def gpu_busy(engine: Engine, ref: str, fake_nvidia_smi: str) -> None:
-    box = start_box(engine, ref, jupyter=False,
-                    binds={fake_nvidia_smi: "/usr/local/bin/nvidia-smi"})
-    try:
+    with scenario_box(engine, ref, jupyter=False,
+                      binds={fake_nvidia_smi: "/usr/local/bin/nvidia-smi"}) as box:
         box.exec("touch /tmp/gpu-busy")
         hold_then_release(box, "gpu", "rm /tmp/gpu-busy")
-    finally:
-        engine.remove(box.id)
 
 
 def idle_with_an_open_terminal_is_warned_then_stopped(engine: Engine, ref: str) -> None:
     """An open Jupyter terminal whose shell waits at its prompt is not work: the container
     stops, and the terminal (and the container's log) got the warning first."""
-    box = start_box(engine, ref, jupyter=True)
-    try:
+    with scenario_box(engine, ref, jupyter=True) as box:
         box.wait_for_server()
         terminal = box.terminal()
         box.exec("rm /tmp/devbox-keep-alive")
@@ -313,8 +290,6 @@ def idle_with_an_open_terminal_is_warned_then_stopped(engine: Engine, ref: str) 
         assert re.search(r"will stop in \d+ s", seen), seen
         logs = assert_stops_in_time(box)
         assert logs.index("devbox-idle: warning:") < logs.index(": stop; last activity"), logs
-    finally:
-        engine.remove(box.id)
 
 
 def test_busy_containers_are_never_stopped_and_idle_ones_are(engine, default_images,
@@ -332,8 +307,8 @@ def test_busy_containers_are_never_stopped_and_idle_ones_are(engine, default_ima
             session_with_an_open_websocket_and_a_running_cell,
         "an open terminal running a command": terminal_running_a_command,
         "nohup python train.py & (no kernel, no terminal)":
-            nohup_training_without_kernel_or_terminal,
-        "a download writing a file": download_writing_a_file,
+            lambda e, r: background_program(e, r, "train.py"),
+        "a download writing a file": lambda e, r: background_program(e, r, "download.py"),
         "an attached docker exec shell session": attached_docker_exec_shell,
         "devbox-idle keep-alive": keep_alive_command,
         "GPU busy (nvidia-smi)": lambda e, r: gpu_busy(e, r, str(fake)),

@@ -20,6 +20,8 @@ import websocket
 
 from devbox_build.checks.image import ImageUnderTest, running
 
+from .support.jupyter import execute_request
+
 pytestmark = pytest.mark.engine
 
 PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()\n"
@@ -47,14 +49,8 @@ def execute_through_the_server(base: str, code: str, token: str | None) -> list[
         timeout=120, http_proxy_host=None, http_no_proxy=["127.0.0.1"],
         **({"cookie": cookie} if cookie else {}))
     try:
-        msg_id = uuid.uuid4().hex
-        channel.send(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
-                       "session": uuid.uuid4().hex, "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell",
-            "content": {"code": code, "silent": False, "store_history": False,
-                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-        }))
+        msg_id, frame = execute_request(code)
+        channel.send(frame)
         replies = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

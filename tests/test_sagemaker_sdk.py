@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
 import textwrap
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from .conftest import IN_CI, TINY
+from .support.aws import MotoServer
 
 pytestmark = pytest.mark.engine
 
@@ -61,13 +59,13 @@ def removes_what_the_sdk_started(engine):
 
 
 def sdk_python(name: str) -> Path:
-    """The Python of a virtual environment with that SDK (and moto's server) installed."""
+    """The Python of a virtual environment with that SDK installed."""
     venv = CACHE / f"sdk-{SDKS[name].replace('==', '-')}"
     python = venv / "bin" / "python"
     if not (venv / ".ready").exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         result = subprocess.run([str(python), "-m", "pip", "install", "-q",
-                                 "--disable-pip-version-check", SDKS[name], "moto[server]"],
+                                 "--disable-pip-version-check", SDKS[name]],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             message = f"cannot install {SDKS[name]}: {result.stderr[-1500:]}"
@@ -144,29 +142,10 @@ def test_v2_estimator_entry_point_in_local_mode(default_images, source, data, tm
 
 
 @pytest.fixture
-def moto_s3(tmp_path):
-    """moto's server on loopback (the SDK environment's moto_server)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = sdk_python("v2").parent / "moto_server"
-    process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + 60
-    while True:  # until it answers (a state), bounded
-        try:
-            opener.open(f"{url}/moto-api/", timeout=2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+def moto_s3():
+    """moto's server on loopback (tests/support/aws.py)."""
+    with MotoServer() as server:
+        yield server.url
 
 
 def test_v2_code_submitted_to_s3_runs_as_on_the_service(engine, default_images, source, data,
