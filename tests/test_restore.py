@@ -40,6 +40,17 @@ def wheel(name: str) -> tuple[str, bytes]:
     return f"{name}-1.0-py3-none-any.whl", buffer.getvalue()
 
 
+def hooks_done(engine: Engine, container: str) -> str:
+    """Once the entrypoint has run its start hooks and started the command (a state: the
+    command's process exists), so nothing the test does races the hooks."""
+    deadline = time.monotonic() + 120
+    while not any("sleep infinity" in " ".join(p) for p in
+                  engine.api.top(container)["Processes"] or []):
+        assert time.monotonic() < deadline, engine.logs(container)
+        time.sleep(0.2)
+    return container
+
+
 def shell(engine: Engine, container: str, script: str) -> tuple[int, str]:
     exec_id = engine.api.exec_create(container, ["bash", "-lc", script], user="1000")
     out = engine.api.exec_start(exec_id).decode(errors="replace")
@@ -68,8 +79,9 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
     ref = default_images["cpu"].content_tag
     volume = engine.create_volume(f"devbox-test-home-{uuid.uuid4().hex[:12]}")
     wheels = dict(wheel(n) for n in ("devbox_hello", "devbox_other"))
-    first = engine.start(ref, ["sleep", "infinity"], volumes={volume: HOME},
-                         files={f"/tmp/{n}": (data, *USER) for n, data in wheels.items()})
+    first = hooks_done(engine, engine.start(
+        ref, ["sleep", "infinity"], volumes={volume: HOME},
+        files={f"/tmp/{n}": (data, *USER) for n, data in wheels.items()}))
     second = None
     try:
         code, out = shell(engine, first, SET_UP)
@@ -88,8 +100,9 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
         engine.remove(first)
 
         started = time.time()
-        second = engine.start(ref, ["sleep", "infinity"], volumes={volume: HOME},
-                              environment={"DEVBOX_DOTFILES": f"{HOME}/dotfiles-src"})
+        second = hooks_done(engine, engine.start(
+            ref, ["sleep", "infinity"], volumes={volume: HOME},
+            environment={"DEVBOX_DOTFILES": f"{HOME}/dotfiles-src"}))
         deadline = time.monotonic() + 120
         while True:  # the cron job has run in the new container: a state, not a sleep
             ran = engine.copy_out(second, f"{HOME}/cron-ran").get("cron-ran", b"").split()
@@ -112,7 +125,7 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
         assert kernels["conda-scratch"]["spec"]["argv"][0] == (
             f"{HOME}/.conda/envs/scratch/bin/python"), kernels
         logs = engine.logs(second)
-        assert "permission(s) fixed" in logs, logs
+        assert "~/.ssh: 2 permission(s) fixed" in logs, logs
         assert "kernel registered for scratch" in logs, logs
 
         # The kernel the hook registered really starts (Jupyter's own client).
