@@ -13,6 +13,10 @@ exactly what the image installs, and a layer installs only what its lock adds to
 Constraining every lock by the one below is what lets the GPU variant share the CPU variant's pip
 layer byte for byte: accelerator inputs cannot move a shared pin.
 
+Each pin records the wheel this platform installs and its size (``# wheel: <bytes> <file>``, read
+from the index when locking), and the packages that need it (the resolver's ``# via``): what
+layers.py groups the image's install layers by, so the grouping follows from the lock alone.
+
 Each lock starts with a header recording a digest of its inputs (input files, the lock below,
 Python version, platform), and a digest of the lock file itself (``lock-sha256``, over every
 other byte, header included). ``check`` recomputes both: a changed input makes a lock stale, and
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +48,10 @@ from . import conda
 from .errors import DevboxError, LockError, SpecError
 from .spec import PLATFORMS, TEAM_CONSTRAINTS, TEAM_PYTHON_PREFIX, ImageSpec
 
-LOCK_FORMAT = "devbox-lock/1"
+LOCK_FORMAT = "devbox-lock/2"  # 2: pins record their wheel and its size
 DIGEST_PREFIX = "# inputs-sha256: "
 SELF_DIGEST_PREFIX = "# lock-sha256: "
+WHEEL_PREFIX = "# wheel: "  # inside a pin: "    # wheel: <bytes> <file name>"
 # check()'s verdicts; an edited lock is refused even by build --allow-stale.
 MISSING, EDITED, STALE = "missing", "edited", "stale"
 RESOLVERS = ("uv", "pip-compile")
@@ -71,7 +77,10 @@ class Pin:
 
     name: str  # canonical
     version: str
-    text: str  # the requirement's lines, hashes included, without `# via` comments
+    text: str  # the requirement's lines, hashes included, without comments
+    size: int | None = None  # bytes of the file this platform installs (None: not recorded)
+    wheel: str | None = None  # that file's name
+    via: tuple[str, ...] = ()  # the locked packages that depend on it (canonical names)
 
 
 @dataclass
@@ -278,7 +287,7 @@ def lock(
         if not upgrade and recorded_digest(path) == digest and not tampered(path):
             result = LockResult(path, "up to date", len(read_pins(path)), 0.0)
         else:
-            body = _resolve(spec, layer, resolver, upgrade)
+            body = _with_wheel_sizes(spec, layer, _resolve(spec, layer, resolver, upgrade))
             write_atomic(path, sealed(_header(spec, layer, digest) + body))
             result = LockResult(path, "written", len(parse_pins(body)), time.monotonic() - started)
         results.append(result)
@@ -441,22 +450,45 @@ def write_atomic(path: Path, text: str, error: type[DevboxError] = LockError) ->
 
 
 def parse_pins(text: str) -> dict[str, Pin]:
-    """Pins of a pip-tools-format file: ``name==version`` plus its ``--hash`` lines."""
+    """Pins of a pip-tools-format file: ``name==version`` plus its ``--hash`` lines, and what the
+    comments inside it record (the wheel and its size, the ``# via`` packages)."""
     pins: dict[str, Pin] = {}
     current: list[str] = []
+    facts: dict = {}
 
     def flush() -> None:
         if current:
             requirement = current[0].split(";")[0].split("\\")[0].strip()
             name, _, version = requirement.partition("==")
-            pin = Pin(canonicalize_name(name.split("[")[0]), version.strip(), "".join(current))
+            pin = Pin(canonicalize_name(name.split("[")[0]), version.strip(), "".join(current),
+                      size=facts.get("size"), wheel=facts.get("wheel"),
+                      via=tuple(sorted(facts.get("via", ()))))
             pins[pin.name] = pin
             current.clear()
+            facts.clear()
 
+    in_via = False
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
+        if not stripped:
             continue
+        if stripped.startswith("#"):
+            comment = stripped[1:].strip()
+            if not current or not line[0].isspace():
+                in_via = False
+            elif stripped.startswith(WHEEL_PREFIX):
+                size, _, wheel = stripped[len(WHEEL_PREFIX):].partition(" ")
+                facts["size"], facts["wheel"] = int(size), wheel.strip() or None
+                in_via = False
+            elif comment == "via":
+                in_via = True
+            elif comment.startswith("via "):
+                facts.setdefault("via", set()).update(_via_names(comment[4:]))
+                in_via = False
+            elif in_via and stripped.startswith("#   "):
+                facts.setdefault("via", set()).update(_via_names(comment))
+            continue
+        in_via = False
         if line[0].isspace():
             if current:
                 current.append(line)
@@ -465,6 +497,55 @@ def parse_pins(text: str) -> dict[str, Pin]:
             current.append(line)
     flush()
     return pins
+
+
+def _via_names(text: str) -> set[str]:
+    """Package names of a ``# via`` entry; input files (``-r x.in``, ``-c y.txt``) are not."""
+    text = text.strip()
+    if not text or text.startswith(("-r ", "-c ", "--")):
+        return set()
+    return {canonicalize_name(text.split()[0].split("[")[0])}
+
+
+def _with_wheel_sizes(spec: ImageSpec, layer: LockLayer, body: str) -> str:
+    """``body`` with a ``# wheel: <bytes> <file>`` line in each pin: the file pip installs on the
+    lock's platform and Python (an sdist where no wheel fits), from uv's pylock.toml export of
+    exactly these pins."""
+    from uv import find_uv_bin
+
+    with tempfile.TemporaryDirectory(prefix="devbox-lock-") as scratch:
+        pinned = Path(scratch) / "pinned.txt"
+        pinned.write_text(body, encoding="utf-8")
+        output = Path(scratch) / "pylock.toml"
+        command = [
+            find_uv_bin(), "pip", "compile", "--quiet", "--no-header", "--no-deps",
+            "--generate-hashes", "--python-version", spec.python_version,
+            "--python-platform", PLATFORMS[layer.platform], str(pinned), "-o", str(output),
+        ]
+        process = subprocess.run(command, capture_output=True, text=True, check=False)
+        if process.returncode != 0:
+            detail = "\n".join(f"  {line}" for line in process.stderr.strip().splitlines())
+            raise LockError(f"{spec.path}: could not read the wheel sizes of layer "
+                            f"'{layer.name}' ({layer.platform}):\n{detail}")
+        files = {}
+        for package in tomllib.loads(output.read_text(encoding="utf-8")).get("packages", []):
+            candidates = package.get("wheels") or ([package["sdist"]] if "sdist" in package else [])
+            if candidates and "size" in candidates[0]:
+                chosen = max(candidates, key=lambda f: f["size"])
+                name = chosen.get("name") or chosen["url"].rsplit("/", 1)[-1]
+                files[canonicalize_name(package["name"])] = f"{chosen['size']} {name}"
+    lines, name = [], None
+    for line in body.splitlines(keepends=True):
+        if line.strip() and not line[0].isspace() and not line.startswith("#"):
+            name = canonicalize_name(line.split(";")[0].split("==")[0].split("[")[0].strip())
+        elif name in files and (not line.rstrip().endswith("\\")) and line[0].isspace() \
+                and not line.strip().startswith("#"):
+            # The pin's last hash line: the wheel goes right below it.
+            lines.append(line)
+            lines.append(f"    {WHEEL_PREFIX}{files.pop(name)}\n")
+            continue
+        lines.append(line)
+    return "".join(lines)
 
 
 def read_pins(path: Path) -> dict[str, Pin]:

@@ -14,13 +14,14 @@ import json
 import re
 import shlex
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jinja2
+from packaging.utils import canonicalize_name
 
-from . import __version__, conda, locking
+from . import __version__, conda, layers, locking
 from .errors import InputError, LockError, SpecError
 from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, Idle, ImageSpec
 
@@ -43,6 +44,9 @@ APT_CLEANUP = (
     "apt-get clean; rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* "
     "/var/log/dpkg.log /var/cache/debconf/*-old /root/.cache"
 )
+# Every file an install layer adds gets this mtime (2000-01-01), and its bytecode is compiled
+# against it: the same lock gives the same layer bytes, and so the same digest, on any machine.
+LAYER_MTIME = 946684800
 _LAYER_MARKER = re.compile(r"^# ---- layer: (\w+)")
 # The packages that carry the CUDA runtime: PyPI's wheels (nvidia-cuda-runtime, or -cu12 before
 # CUDA 13) and conda's cudart.
@@ -91,6 +95,23 @@ def cuda_facts(spec: ImageSpec, variant: str, installed: dict[str, str]) -> Cuda
         raise SpecError(f"{key}.min_driver': {min_driver} is below {floor}, the oldest driver "
                         f"that runs CUDA {version}")
     return CudaFacts(version, min_driver, f"{name} {full}")
+
+
+@dataclass(frozen=True)
+class InstallStep:
+    """One install layer of the Dockerfile: a conda lock, or one group of a pip lock's packages."""
+
+    kind: str  # "conda" or "pip"
+    layer: str  # its lock's place in the stack: "conda", "pip", "variant" or "dev"
+    name: str  # file stem in the image: requirements/<name>.txt, conda/locks/<name>.yml
+    lock: str  # the lock file it comes from, relative to the spec's folder
+    context_path: str
+    count: int
+    title: str  # what the layer's marker line says about it
+    notes: tuple[str, ...] = ()  # one line per package: why it is in this layer
+    packages: dict[str, str] = field(default_factory=dict)  # conda: name → version
+    subdir: str = ""  # conda
+    opens_variant: bool = False
 
 
 @dataclass
@@ -217,31 +238,33 @@ def render(
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)
         context.files[f"ca-certificates/{index:02d}-{stem}.crt"] = blocks
 
-    conda_layers = _conda_layers(spec, variant, platform, context)
-    pip_layers, lock_digests, locked_closure = [], {}, {}
-    for layer in locking.stack(spec, variant, platform):
-        lock_path = layer.path(spec)
+    conda_steps = _conda_steps(spec, variant, platform, context)
+    pip_steps, lock_digests, locked_closure = [], {}, {}
+    for lock in locking.stack(spec, variant, platform):
+        lock_path = lock.path(spec)
         if not lock_path.is_file():
             raise LockError(f"missing lock {lock_path}", hint=f"run: {spec.lock_command}")
-        pins = locking.added_pins(spec, layer)
+        pins = locking.added_pins(spec, lock)
         locked_closure = {name: pin.version
                           for name, pin in sorted(locking.read_pins(lock_path).items())}
-        context_path = f"requirements/{layer.name}.txt"
-        context.files[context_path] = "".join(pin.text for pin in pins).encode()
-        lock_digests[layer.name] = hashlib.sha256(lock_path.read_bytes()).hexdigest()
-        pip_layers.append(
-            {
-                "name": layer.name,
-                "layer": layer.layer,
-                "lock": str(lock_path.relative_to(spec.folder)),
-                "context_path": context_path,
-                "count": len(pins),
-            }
-        )
+        lock_digests[lock.name] = hashlib.sha256(lock_path.read_bytes()).hexdigest()
+        groups = layers.group(pins, own=spec.layers.own, max_per_lock=spec.layers.max_per_lock)
+        for number, group in enumerate(groups, start=1):
+            name = f"{lock.name}-{number:02d}"
+            context.files[f"requirements/{name}.txt"] = "".join(
+                pin.text for pin in sorted(group.packages, key=lambda pin: pin.name)).encode()
+            pip_steps.append(InstallStep(
+                kind="pip", layer=lock.layer, name=name,
+                lock=str(lock_path.relative_to(spec.folder)),
+                context_path=f"requirements/{name}.txt", count=len(group.packages),
+                title=(f"group {number} of {len(groups)}, {layers.megabytes(group.size)}: "
+                       f"{group.reason()}"),
+                notes=tuple(layers.why(pin) for pin in group.packages)))
+    _check_own_layers(spec, variant, platform)
 
     installed = dict(locked_closure)
-    for item in conda_layers:
-        installed.update(item["packages"])
+    for step in conda_steps:
+        installed.update(step.packages)
     cuda = cuda_facts(spec, variant, installed)
     labels = {
         "org.opencontainers.image.title": spec.name,
@@ -269,11 +292,11 @@ def render(
         "user": {"name": spec.user.name, "uid": spec.user.uid, "gid": spec.user.gid,
                  "home": spec.user.home},
         "locks": lock_digests,
-        "pip_layers": [{"name": p["name"], "layer": p["layer"]} for p in pip_layers],
+        "pip_layers": [{"name": step.name, "layer": step.layer} for step in pip_steps],
         # The full closure the top lock promises (each lock holds everything below it): what the
         # drift check holds the installed environment to.
         "locked": locked_closure,
-        "conda": {"prefix": spec.conda.prefix, "locks": [c["name"] for c in conda_layers]}
+        "conda": {"prefix": spec.conda.prefix, "locks": [step.name for step in conda_steps]}
         if spec.conda else None,
         "cuda": {"version": cuda.version, "min_driver": cuda.min_driver,
                  "runtime": cuda.runtime} if cuda else None,
@@ -304,9 +327,12 @@ def render(
         ca_files=[p for p in context.files if p.startswith("ca-certificates/")],
         python_mismatch_marker=PYTHON_MISMATCH_MARKER,
         apt_cleanup=APT_CLEANUP,
-        install_layers=_install_order(conda_layers, pip_layers),
+        install_steps=_install_order(conda_steps, pip_steps),
+        layer_mtime=LAYER_MTIME,
+        site_packages_parents=[str(parent) for parent in reversed(PurePosixPath(
+            f"{VENV}/lib/python{spec.python_version}/site-packages").parents) if parent.name],
         conda=spec.conda,
-        has_variant_layer=any(p["layer"] == "variant" for p in pip_layers + conda_layers),
+        has_variant_layer=any(step.layer == "variant" for step in pip_steps + conda_steps),
         cuda=cuda,
         labels=labels,
     ).encode()
@@ -343,8 +369,8 @@ def devcontainer_metadata(spec: ImageSpec, variant: str) -> str:
     return json.dumps([entry], separators=(",", ":"))
 
 
-def _conda_layers(spec: ImageSpec, variant: str, platform: str,
-                  context: BuildContext) -> list[dict]:
+def _conda_steps(spec: ImageSpec, variant: str, platform: str,
+                 context: BuildContext) -> list[InstallStep]:
     """The conda locks this variant installs; adds them and the installer to the context."""
     locks = conda.stack(spec, variant)
     if not locks:
@@ -355,7 +381,7 @@ def _conda_layers(spec: ImageSpec, variant: str, platform: str,
                         f"{subdir} in the conda lock")
     for name in ("installer.txt", "install.py", "devbox-conda"):
         context.files[f"{CONDA_INSTALLER}/{name}"] = _template_file(f"conda/{name}")
-    layers = []
+    steps = []
     for item in locks:
         path = item.path(spec)
         if not path.is_file():
@@ -363,24 +389,40 @@ def _conda_layers(spec: ImageSpec, variant: str, platform: str,
         context_path = f"conda/{path.name}"
         context.files[context_path] = path.read_bytes()
         packages = {p.name: p.version for p in conda.locked_packages(spec, item, subdir)}
-        layers.append({
-            "kind": "conda", "name": item.name, "layer": item.layer,
-            "lock": str(path.relative_to(spec.folder)), "context_path": context_path,
-            "count": len(packages), "subdir": subdir, "packages": packages,
-        })
-    return layers
+        steps.append(InstallStep(
+            kind="conda", layer=item.layer, name=item.name,
+            lock=str(path.relative_to(spec.folder)), context_path=context_path,
+            count=len(packages), title=subdir, packages=packages, subdir=subdir))
+    return steps
 
 
-def _install_order(conda_layers: list[dict], pip_layers: list[dict]) -> list[dict]:
-    """conda before pip within a layer; the first variant-only step opens the variant layer."""
+def _check_own_layers(spec: ImageSpec, variant: str, platform: str) -> None:
+    """Every package the spec gives its own layer is in some lock of the spec (a typo would
+    otherwise be silently ignored)."""
+    if not spec.layers.own:
+        return
+    locked = {name for lock in locking.all_layers(spec, [platform])
+              for name in locking.read_pins(lock.path(spec))}
+    for name in spec.layers.own:
+        if canonicalize_name(name) not in locked:
+            raise SpecError(f"{spec.path}: key 'layers.own': {name!r} is in none of the spec's "
+                            "pip locks")
+
+
+def _install_order(conda_steps: list[InstallStep],
+                   pip_steps: list[InstallStep]) -> list[InstallStep]:
+    """conda before pip within a layer of the stack; the first variant-only step opens the
+    variant part (everything below it is shared with the other variants)."""
     rank = {"conda": 0, "pip": 1, "variant": 2, "dev": 3}
-    ordered = sorted([*conda_layers, *({"kind": "pip", **p} for p in pip_layers)],
-                     key=lambda item: (rank[item["layer"]], item["kind"] != "conda"))
+    ordered = sorted([*conda_steps, *pip_steps],
+                     key=lambda step: (rank[step.layer], step.kind != "conda"))
     opened = False
-    for item in ordered:
-        item["opens_variant"] = item["layer"] == "variant" and not opened
-        opened = opened or item["opens_variant"]
-    return ordered
+    steps = []
+    for step in ordered:
+        opens = step.layer == "variant" and not opened
+        opened = opened or opens
+        steps.append(replace(step, opens_variant=opens))
+    return steps
 
 
 def _template_file(name: str) -> bytes:

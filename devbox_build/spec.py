@@ -194,6 +194,21 @@ class Idle(_Model):
     ignore: list[ProcessName] = []
 
 
+PackageName = Annotated[str, _pattern(
+    r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", "a package name (letters, digits, '.', '_', '-')")]
+
+
+class Layers(_Model):
+    """How the locked pip packages are split into image layers (layers.py decides the rest)."""
+
+    # Packages that get a layer of their own, wherever their size places it: one that moves often
+    # and should rebuild nothing but itself, or one a team wants shared on its own.
+    own: list[PackageName] = []
+    # At most this many install layers per lock file (each costs two image layers: its
+    # requirements file and its install). overlay2 stacks at most 127.
+    max_per_lock: Annotated[int, Field(ge=1, le=24)] = 10
+
+
 class ImageSpec(_Model):
     """A whole ``image.toml``."""
 
@@ -214,6 +229,7 @@ class ImageSpec(_Model):
     conda: Conda | None = None
     pip: PipInputs = PipInputs()
     dev: PipInputs = PipInputs()
+    layers: Layers = Layers()
     env: dict[EnvName, Text] = {}
     labels: dict[LabelKey, Text] = {}
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = []

@@ -49,6 +49,17 @@ def history_ids(engine: Engine, ref: str) -> list[tuple[str, str]]:
     return [(entry["Id"], entry["CreatedBy"]) for entry in engine.history(ref)]
 
 
+def filesystem_layers(engine: Engine, ref: str) -> list[tuple[str, str]]:
+    """(step, diff id) of each filesystem layer, bottom first: the history's steps that made a
+    layer (RUN, COPY, the base's import), matched with the image's RootFS layers."""
+    steps = [entry["CreatedBy"] for entry in engine.history(ref)
+             if "#(nop) " not in entry["CreatedBy"]
+             or "#(nop) COPY" in entry["CreatedBy"] or "#(nop) ADD" in entry["CreatedBy"]]
+    diff_ids = engine.image(ref)["RootFS"]["Layers"]
+    assert len(steps) == len(diff_ids), (steps, diff_ids)
+    return list(zip(steps, diff_ids))
+
+
 def index_of(history: list[tuple[str, str]], needle: str) -> int:
     return next(i for i, (_, created_by) in enumerate(history) if needle in created_by)
 
@@ -67,7 +78,7 @@ def test_gpu_variant_shares_every_layer_below_its_accelerator_layer(engine, tiny
     cpu = history_ids(engine, results["cpu"].content_tag)
     gpu = history_ids(engine, results["gpu"].content_tag)
     boundary = index_of(gpu, "NVIDIA_VISIBLE_DEVICES")
-    assert boundary > index_of(gpu, "in /opt/devbox/requirements/pip.txt")  # pip layer is below it
+    assert boundary > index_of(gpu, "/opt/devbox/requirements/pip-01.txt")  # pip layer is below it
     assert gpu[:boundary] == cpu[:boundary]
     assert gpu[boundary][0] != cpu[boundary][0]
     # Byte for byte: the filesystem layers (diff ids) below the boundary are the same.
@@ -110,9 +121,13 @@ def test_second_build_is_a_no_op_with_the_same_tag(engine, tiny_images):
     print(f"no-op CLI build: {time.monotonic() - started:.2f} s")
 
 
-def test_changing_one_pin_rebuilds_only_the_pip_layer_and_above(engine, stack):
+def test_changing_one_pin_rebuilds_only_its_layer_and_above(engine, stack):
+    # idna gets a layer of its own (bigger, so below); six and markupsafe share the top group.
+    with (stack / "image.toml").open("a") as spec_file:
+        spec_file.write('\n[layers]\nown = ["idna"]\n')
     # Both images are built here, one after the other, so both come from the engine's cache as
     # it is now (an image left by an earlier run may sit on another cache chain).
+    assert locking.lock(load(stack))
     engine.remove_image(content_tag(engine, stack, "cpu"))
     [before] = build(load(stack), ["cpu"], engine, options())
     (stack / "requirements.in").write_text("six==1.16.0\nmarkupsafe\nidna\n")
@@ -122,10 +137,44 @@ def test_changing_one_pin_rebuilds_only_the_pip_layer_and_above(engine, stack):
     [after] = build(load(stack), ["cpu"], counting, options())
     assert counting.builds == 1 and after.content_tag != before.content_tag
     old, new = history_ids(engine, before.content_tag), history_ids(engine, after.content_tag)
-    pip_copy = index_of(new, "in /opt/devbox/requirements/pip.txt")
-    assert new[:pip_copy] == old[:pip_copy]  # base, CA, os (apt, user, venv): untouched
-    assert all(a[0] != b[0] for a, b in zip(new[pip_copy:], old[pip_copy:]))
+    idna = index_of(new, "requirements/pip-01.txt")
+    assert "idna==" in render(load(stack), "cpu").files["requirements/pip-01.txt"].decode()
+    changed = index_of(new, "in /opt/devbox/requirements/pip-02.txt")
+    assert idna < changed
+    # base, CA, os (apt, user, venv) and idna's layer: untouched; six's group and above: new.
+    assert new[:changed] == old[:changed]
+    assert all(a[0] != b[0] for a, b in zip(new[changed:], old[changed:]))
     assert installed(engine, after.content_tag)["six"] == "1.16.0"
+
+
+def test_install_layers_are_reproducible(engine, stack):
+    """Two builds with no cache (as two machines, or a week apart, would make them) give the
+    same bytes in every pip install layer, so a registry that has them never gets them again."""
+    text = (stack / "image.toml").read_text()
+    # A user of its own: no other test's cache chain ever sees these builds.
+    (stack / "image.toml").write_text(text + '\n[user]\nname = "repro"\nuid = 4242\n'
+                                      'home = "/home/repro"\n')
+    spec = load(stack)
+    assert locking.lock(spec)
+    digests = []
+    for _ in range(2):
+        engine.remove_image(content_tag(engine, stack, "cpu"))
+        [result] = build(spec, ["cpu"], engine, options(no_cache=True))
+        layers = filesystem_layers(engine, result.content_tag)
+        digests.append([(step, diff_id) for step, diff_id in layers
+                        if "pip install" in step and "/opt/devbox/requirements/" in step])
+        # The bytecode is valid for its source (timestamp mode, the fixed mtime): imports read
+        # it and never compile again.
+        code, out = engine.run(result.content_tag, ["python", "-c", (
+            "import idna, os, struct; flags, mtime, size = struct.unpack('<4xIII', "
+            "open(idna.__cached__, 'rb').read(16)); st = os.stat(idna.__file__);"
+            "print(flags, mtime == int(st.st_mtime) == 946684800, size == st.st_size)")])
+        assert (code, out.split()) == (0, ["0", "True", "True"]), out
+        engine.remove_image(result.content_tag)
+        engine.remove_image(f"{repository(spec, None)}:cpu")
+    first, second = digests
+    assert len(first) == 2  # pip and dev
+    assert [d for _, d in first] == [d for _, d in second]
 
 
 def test_stale_lock_is_refused(engine, stack):

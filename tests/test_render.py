@@ -38,13 +38,14 @@ def test_layer_order_and_the_accelerator_boundary():
 def test_each_layer_copies_only_its_own_inputs():
     context = render(load(TINY), "gpu")
     copies = re.findall(r"^COPY (\S+) ", context.dockerfile, re.M)
-    assert copies == ["requirements/pip.txt", "requirements/pip-gpu.txt",
-                      "requirements/dev-gpu.txt", "devbox/"]
+    # The tiny stack's locks are small: one group each.
+    assert copies == ["requirements/pip-01.txt", "requirements/pip-gpu-01.txt",
+                      "requirements/dev-gpu-01.txt", "devbox/"]
     # A layer's file holds only what its lock adds to the one below.
-    assert context.files["requirements/pip-gpu.txt"].decode().startswith(
+    assert context.files["requirements/pip-gpu-01.txt"].decode().startswith(
         "nvidia-cuda-runtime-cu12==12.9.79")
-    assert context.files["requirements/dev-gpu.txt"].decode().startswith("iniconfig==")
-    assert b"six==" in context.files["requirements/pip.txt"]
+    assert context.files["requirements/dev-gpu-01.txt"].decode().startswith("iniconfig==")
+    assert b"six==" in context.files["requirements/pip-01.txt"]
 
 
 def test_installs_from_hashes_without_solving_and_leaves_no_caches():
@@ -152,8 +153,9 @@ def pairs(commands, kind: str) -> dict[str, str]:
 def expected_runs(spec, context) -> int:
     """The RUN steps a variant has: os (or the extends check), system, one per install step
     (plus the conda installer), finalize."""
+    # Each install step copies exactly one file of its own: its requirements or its conda lock.
     installs = [line for line in context.dockerfile.splitlines()
-                if line.startswith("RUN umask 0002;")]
+                if re.match(r"COPY (requirements|conda)/", line)]
     conda_installer = 1 if spec.conda else 0
     return 1 + (1 if spec.system.packages else 0) + len(installs) + conda_installer + 1
 
