@@ -242,6 +242,7 @@ def build_contexts(
         if image_id:
             result = BuildResult(spec.name, variant, image_id, content_tag, built=False)
         else:
+            check_layer_count(context, len(engine.image(context.base)["RootFS"]["Layers"]))
             progress.start(content_tag, context)
             result = _run_build(engine, context, digest, content_tag, options, progress)
         result.tags = [content_tag, *human_tags]
@@ -255,6 +256,22 @@ def build_contexts(
         progress.done(result)
         results.append(result)
     return results
+
+
+# overlay2 stacks at most 127 layers; the margin is for an image that extends this one.
+MAX_LAYERS = 100
+
+
+def check_layer_count(context: BuildContext, base_layers: int) -> None:
+    """Refuse, before building, an image with more filesystem layers than the engine can stack."""
+    total = base_layers + context.filesystem_layers()
+    if total > MAX_LAYERS:
+        spec = context.spec
+        raise SpecError(
+            f"{spec.path}: key 'layers.max_per_lock': variant '{context.variant}' would have "
+            f"{total} filesystem layers ({base_layers} from {context.base}), more than "
+            f"{MAX_LAYERS} (overlay2 stacks at most 127, and images extend this one)",
+            hint=f"lower layers.max_per_lock (now {spec.layers.max_per_lock})")
 
 
 def apply_tags(engine: Engine, image_id: str, tags: list[str]) -> None:

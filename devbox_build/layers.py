@@ -1,17 +1,25 @@
 """Which locked pip packages share an image layer, decided from the lock alone.
 
 A Dockerfile's layers form a chain: a change in one layer rebuilds it and every layer above it.
-So the cheapest order puts big packages low and small ones high (an exchange argument: a group
-belongs below another when it holds more bytes per package), and the groups grow geometrically
-from the top down: each holds at least as many bytes as everything above it together. A change
-to any package then rebuilds at most about twice the bytes of the group that holds it, and a
-small leaf (a pin that moves often) rebuilds a layer of a few megabytes, not the whole stack.
+Each layer costs a fixed overhead (a container, pip's start, a commit) plus its install, which
+grows with its bytes. The grouping minimises the expected cost of a one-pin change, every pin
+equally likely to move:
+
+    sum over layers g of  (LAYER_OVERHEAD_BYTES + bytes of g) × (packages in g and below it)
+
+Packages are ordered biggest first, bottom up (an exchange argument: a group belongs below
+another when it holds more bytes per package), and a dynamic programme picks the cut points.
+Big packages (pyarrow, scipy, numpy, torch and the CUDA wheels) get layers of their own near the
+bottom, where few packages sit below them; small packages share a few layers at the top, where
+a layer's fixed cost would be paid again by every change below it. A leaf that moves rebuilds a
+few megabytes; numpy rebuilds numpy and what is above it, not pyarrow or scipy.
 
 The sizes are those of the wheels the lock's platform installs, recorded in the lock (see
 locking.py), so the grouping is deterministic: the same lock gives the same layers on any
 machine. The spec can give a package a layer of its own (``[layers] own = ["torch"]``) and cap
-the layers per lock (``max_per_lock``); overlay2 stacks at most 127 layers, and each group costs
-two (its requirements file and its install).
+the layers per lock (``max_per_lock``: overlay2 stacks at most 127 layers, and each group costs
+two, its requirements file and its install); over the cap, the neighbours whose merge costs
+least are merged.
 
 Nothing here depends on install order: every pip layer installs with ``--no-deps`` from a lock
 that already holds the whole closure.
@@ -24,9 +32,9 @@ from dataclasses import dataclass
 
 from .locking import Pin
 
-# Below this a layer's fixed cost (a container, a pip start, a commit: about a second here) is
-# more than its install; the top group is at least this big.
-MIN_LAYER_BYTES = 2_000_000
+# A layer's fixed cost, in bytes of wheels installed in the same time: a container start, pip's
+# start, the mtime pass and a commit take about as long here as installing 8 MB of wheels.
+LAYER_OVERHEAD_BYTES = 8_000_000
 DEFAULT_MAX_PER_LOCK = 10
 
 
@@ -63,53 +71,56 @@ def why(pin: Pin) -> str:
     return f"{pin.name}=={pin.version}  {megabytes(pin.size)}  {needed}"
 
 
-def group(pins: Iterable[Pin], *, own: Iterable[str] = (),
+def group(pins: Iterable[Pin], *, own: Iterable[str] = (), below: int = 0,
           max_per_lock: int = DEFAULT_MAX_PER_LOCK) -> list[Group]:
-    """The layers for one lock's packages, bottom to top."""
+    """The layers for one lock's packages, bottom to top. ``below``: how many packages the
+    layers under this lock's install (a lower lock's) hold; a change in any of them rebuilds
+    all of these layers too, so each layer's overhead counts for them as well."""
     own = set(own)
     # Biggest first, so bottom first; a package without a recorded size counts as small.
     ordered = sorted(pins, key=lambda pin: (-(pin.size or 0), pin.name))
-    top_down: list[Group] = []
-    current: list[Pin] = []
-    above = 0
-
-    def close() -> None:
-        nonlocal above
-        if current:
-            top_down.append(Group(tuple(reversed(current))))
-            above += top_down[-1].size
-            current.clear()
-
-    for pin in reversed(ordered):
-        if pin.name in own:
-            close()
-            top_down.append(Group((pin,), own=True))
-            above += pin.size or 0
-            continue
-        if current and (pin.size or 0) >= max(MIN_LAYER_BYTES, above + _size(current)):
-            close()  # a package worth a layer alone does not weigh down the small ones above it
-        current.append(pin)
-        if _size(current) >= max(MIN_LAYER_BYTES, above):
-            close()
-    close()
-    groups = list(reversed(top_down))
+    count = len(ordered)
+    prefix = [0]
+    for pin in ordered:
+        prefix.append(prefix[-1] + (pin.size or 0))
+    # best[j]: the least cost of the bottom j packages in layers; start[j]: where the top one of
+    # those layers starts. A change in any of the j packages rebuilds that top layer.
+    best, start = [0] * (count + 1), [0] * (count + 1)
+    for j in range(1, count + 1):
+        best[j] = -1
+        for i in range(j - 1, -1, -1):
+            if i < j - 1 and (ordered[i].name in own or ordered[j - 1].name in own):
+                break  # a package with its own layer shares it with nobody
+            cost = best[i] + (LAYER_OVERHEAD_BYTES + prefix[j] - prefix[i]) * (below + j)
+            if best[j] < 0 or cost < best[j]:
+                best[j], start[j] = cost, i
+    groups, j = [], count
+    while j > 0:
+        span = tuple(ordered[start[j]:j])
+        groups.append(Group(span, own=len(span) == 1 and span[0].name in own))
+        j = start[j]
+    groups.reverse()
     while len(groups) > max_per_lock:
-        groups = _merge_smallest_pair(groups)
+        groups = _merge_cheapest_pair(groups, below)
     return groups
 
 
-def _size(pins: list[Pin]) -> int:
-    return sum(pin.size or 0 for pin in pins)
-
-
-def _merge_smallest_pair(groups: list[Group]) -> list[Group]:
-    """Merge the two neighbours (neither a package's own layer) with the fewest bytes together."""
-    pairs = [(groups[i].size + groups[i + 1].size, -i) for i in range(len(groups) - 1)
-             if not groups[i].own and not groups[i + 1].own]
-    if not pairs:
+def _merge_cheapest_pair(groups: list[Group], below: int) -> list[Group]:
+    """Merge the two neighbours (neither a package's own layer) whose merge adds least cost."""
+    at_or_below = []
+    for g in groups:
+        at_or_below.append((at_or_below[-1] if at_or_below else below) + len(g.packages))
+    candidates = []
+    for i in range(len(groups) - 1):
+        lower, upper = groups[i], groups[i + 1]
+        if lower.own or upper.own:
+            continue
+        # Merged, the lower group's bytes are rebuilt by changes in the upper one too, and the
+        # changes at or below the lower one no longer pay a second overhead.
+        added = lower.size * len(upper.packages) - LAYER_OVERHEAD_BYTES * at_or_below[i]
+        candidates.append((added, -i))
+    if not candidates:
         raise ValueError("more packages with a layer of their own than layers allowed")
-    _, negative = min(pairs)
-    i = -negative
-    merged = Group(tuple(sorted(groups[i].packages + groups[i + 1].packages,
-                                key=lambda pin: (-(pin.size or 0), pin.name))))
+    i = -min(candidates)[1]
+    merged = Group(groups[i].packages + groups[i + 1].packages)
     return groups[:i] + [merged] + groups[i + 2:]

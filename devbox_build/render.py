@@ -142,6 +142,11 @@ class BuildContext:
             continued = stripped.endswith("\\")
         return layers
 
+    def filesystem_layers(self) -> int:
+        """How many filesystem layers the Dockerfile adds (each COPY and RUN makes one)."""
+        return sum(1 for line in self.dockerfile.splitlines()
+                   if line.startswith(("COPY ", "RUN ")))
+
     def digest(self, base_image_id: str) -> str:
         """Content hash: every context file (spec, locks and template are all in them) + base id."""
         digest = hashlib.sha256(f"base {base_image_id}\n".encode())
@@ -248,7 +253,9 @@ def render(
         locked_closure = {name: pin.version
                           for name, pin in sorted(locking.read_pins(lock_path).items())}
         lock_digests[lock.name] = hashlib.sha256(lock_path.read_bytes()).hexdigest()
-        groups = layers.group(pins, own=spec.layers.own, max_per_lock=spec.layers.max_per_lock)
+        below = len(locking.read_pins(lock.below.path(spec))) if lock.below else 0
+        groups = layers.group(pins, own=spec.layers.own, below=below,
+                              max_per_lock=spec.layers.max_per_lock)
         for number, group in enumerate(groups, start=1):
             name = f"{lock.name}-{number:02d}"
             context.files[f"requirements/{name}.txt"] = "".join(

@@ -1,0 +1,248 @@
+"""Layers from the lock: what a one-pin change costs, devbox-build against hand-written Dockerfiles.
+
+    python benchmarks/layers.py                 # 3 rounds (~30 min on 2 cores)
+    python benchmarks/layers.py --rounds 1
+    python benchmarks/layers.py --scale         # only the 20 / 100 / 300 package series
+
+Contenders, on equal footing (same base, apt packages, cleanup, CA and lock; bytecode compiled):
+devbox-build (grouped install layers), a hand-written `pip install -r` Dockerfile and a
+hand-written `uv pip install` one (benchmarks/_handwritten.py). Each round, interleaved (each
+stage runs every contender before the next stage, in an order that rotates per round):
+
+  cold            build with no cache (the default CPU stack plus a tqdm leaf)
+  leaf one-pin    tqdm moved to another version, locked, rebuilt
+  numpy one-pin   numpy (foundational: most of the stack stands on it) moved, rebuilt
+
+The versions are drawn at random per run, so no run can hit a cache an earlier one left. Also
+reported for devbox-build: its layer count, how many layers below the changed one kept their
+ids, and the bytes a loopback registry (Debian's docker-registry) received when the image was
+pushed again after the leaf change, against the compressed size of the changed layer.
+
+Needs a running engine and the base image (scripts/provision.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from _handwritten import DOCKERFILES, build_handwritten, copy_spec, timed  # noqa: E402
+
+from devbox_build import locking  # noqa: E402
+from devbox_build.build import BuildOptions, build  # noqa: E402
+from devbox_build.engine import Engine  # noqa: E402
+from devbox_build.render import host_ca_certificates  # noqa: E402
+from devbox_build.spec import load_spec  # noqa: E402
+
+CA_CERTS = host_ca_certificates()
+OURS = "devbox-build"
+CONTENDERS = (OURS, *DOCKERFILES)
+STAGES = ("cold", "leaf one-pin", "numpy one-pin")
+# Versions every pin of the default stack resolves with (checked when this was written).
+TQDM = ("4.60.0", "4.62.3", "4.64.1", "4.65.0", "4.66.1", "4.66.6", "4.67.0", "4.67.1")
+NUMPY = ("2.3.3", "2.3.5", "2.4.0", "2.4.2", "2.4.4", "2.4.5")
+# The scale series: a small stack, the default one, and the default one with a wide tail.
+SCALE_EXTRA = {
+    "≈20": ["requests", "rich", "click", "httpx", "pydantic", "python-dateutil"],
+    "≈300": ["sphinx", "black", "mypy", "sqlalchemy", "polars", "scikit-image", "statsmodels",
+             "seaborn", "plotly", "bokeh", "dask[complete]", "streamlit", "fastapi", "uvicorn",
+             "nltk", "openpyxl", "xgboost", "lightgbm", "sympy", "networkx", "pre-commit",
+             "hypothesis", "tox", "jupytext", "papermill", "great-tables", "altair"],
+}
+
+
+class Stack:
+    """One contender's copy of the spec, and how its pins are moved."""
+
+    def __init__(self, scratch: Path, name: str, contender: str, extra: list[str] | None = None,
+                 small: bool = False) -> None:
+        self.contender = contender
+        self.folder = copy_spec(scratch, name)
+        self.spec_inputs = self.folder / "requirements.in"
+        if small:
+            self.spec_inputs.write_text("")
+            (self.folder / "dev.in").write_text("")
+        base = self.spec_inputs.read_text()
+        self.base_inputs = base + "".join(f"{line}\n" for line in extra or [])
+        self.image = ""
+        self.built: list[str] = []  # every image id this stack made, removed at the end
+
+    def pin(self, tqdm: str, numpy: str | None = None) -> None:
+        lines = [f"tqdm=={tqdm}"] + ([f"numpy=={numpy}"] if numpy else [])
+        self.spec_inputs.write_text(self.base_inputs + "".join(f"{line}\n" for line in lines))
+        locking.lock(load_spec(self.folder))
+
+    def build(self, engine: Engine, *, no_cache: bool = False) -> str:
+        spec = load_spec(self.folder)
+        if self.contender == OURS:
+            [result] = build(spec, ["cpu"], engine,
+                             BuildOptions(ca_certificates=CA_CERTS, no_cache=no_cache))
+            self.image = result.content_tag
+        else:
+            top = locking.stack(spec, "cpu", "linux/amd64")[-1].path(spec)
+            self.image = build_handwritten(
+                engine, self.contender, top.read_bytes(), base=spec.variants["cpu"].base,
+                apt=spec.system.packages, ca_certs=CA_CERTS, no_cache=no_cache)
+        self.built.append(engine.image_id(self.image))
+        return self.image
+
+    def remove(self, engine: Engine) -> None:
+        for image_id in reversed(self.built):
+            engine.remove_image(image_id)
+
+
+def layer_ids(engine: Engine, ref: str) -> list[str]:
+    return [entry["Id"] for entry in engine.history(ref)]
+
+
+def kept_below(before: list[str], after: list[str]) -> int:
+    kept = 0
+    for old, new in zip(before, after):
+        if old != new:
+            break
+        kept += 1
+    return kept
+
+
+def filesystem_layers(engine: Engine, ref: str) -> int:
+    return len(engine.image(ref)["RootFS"]["Layers"])
+
+
+def blobs(registry: Path) -> dict[str, int]:
+    """The registry's stored blobs (layers, configs, manifests): path → bytes."""
+    return {str(path): path.stat().st_size
+            for path in (registry / "data").rglob("data") if path.is_file()}
+
+
+def push_after_leaf(engine: Engine, scratch: Path, tqdm: list[str]) -> dict:
+    """Push the cold image, move the leaf, rebuild, push again: what the registry received."""
+    from tests.support.registry import LoopbackRegistry
+
+    (scratch / "registry").mkdir()
+    stack = Stack(scratch, "push", OURS)
+    figures = {}
+    with LoopbackRegistry(scratch / "registry") as registry:
+        for step, version in (("cold", tqdm[0]), ("leaf", tqdm[1])):
+            stack.pin(version)
+            stack.build(engine, no_cache=step == "cold")
+            ref = f"{registry.host}/bench/push:{step}"
+            engine.tag(engine.image_id(stack.image), ref)
+            before = blobs(scratch / "registry")
+            for _ in engine.push(ref):
+                pass
+            added = {path: size for path, size in blobs(scratch / "registry").items()
+                     if path not in before}
+            figures[step] = sum(added.values())
+            # The biggest new blob of the second push: the rebuilt group with the moved pin.
+            figures["changed layer"] = max(added.values())
+            engine.untag(ref)
+    stack.remove(engine)
+    return figures
+
+
+def rounds(engine: Engine, count: int, scratch: Path) -> dict:
+    rng = random.Random()
+    times: dict[tuple[str, str], list[float]] = {}
+    notes: dict[str, list] = {"kept": [], "layers": [], "pins": []}
+    for number in range(count):
+        tqdm = rng.sample(TQDM, 2)
+        numpy = rng.choice(NUMPY)
+        notes["pins"].append(f"tqdm {tqdm[0]} → {tqdm[1]}, numpy → {numpy}")
+        order = CONTENDERS[number % 3:] + CONTENDERS[:number % 3]
+        stacks = {c: Stack(scratch, f"r{number}-{i}", c) for i, c in enumerate(CONTENDERS)}
+        for stage in STAGES:
+            for contender in order:
+                stack = stacks[contender]
+                before = layer_ids(engine, stack.image) if stack.image else []
+                if stage == "cold":
+                    stack.pin(tqdm[0])
+                elif stage == "leaf one-pin":
+                    stack.pin(tqdm[1])
+                else:
+                    stack.pin(tqdm[1], numpy)
+                seconds, image = timed(lambda: stack.build(engine, no_cache=stage == "cold"))
+                times.setdefault((contender, stage), []).append(seconds)
+                if contender == OURS and before:
+                    after = layer_ids(engine, image)
+                    notes["kept"].append(f"{stage}: {kept_below(before, after)} of {len(after)} "
+                                         "steps kept")
+                if contender == OURS and stage == "cold":
+                    notes["layers"].append(filesystem_layers(engine, image))
+                print(f"round {number + 1} {stage:14} {contender:16} {seconds:6.1f} s",
+                      file=sys.stderr)
+        for stack in stacks.values():
+            stack.remove(engine)
+    return {"times": times, **notes}
+
+
+def scale(engine: Engine, scratch: Path) -> list[tuple[str, ...]]:
+    rng = random.Random()
+    rows = []
+    for label, extra, small in (("≈20", SCALE_EXTRA["≈20"], True), ("≈100", [], False),
+                                ("≈300", SCALE_EXTRA["≈300"], False)):
+        tqdm = rng.sample(TQDM, 2)
+        cells = []
+        for contender in (OURS, "pip install -r"):
+            stack = Stack(scratch, f"scale-{len(rows)}-{contender[:3]}", contender, extra, small)
+            stack.pin(tqdm[0])
+            cold, _ = timed(lambda: stack.build(engine, no_cache=True))
+            stack.pin(tqdm[1])
+            leaf, _ = timed(lambda: stack.build(engine))
+            cells.append(f"{leaf:.1f} s / {cold:.0f} s = {leaf / cold:.2f}")
+            if contender == OURS:
+                spec = load_spec(stack.folder)
+                packages = len(locking.read_pins(locking.stack(spec, "cpu", "linux/amd64")[-1]
+                                                 .path(spec)))
+            stack.remove(engine)
+        rows.append((f"{label} ({packages} packages): leaf one-pin / cold", *cells))
+    return rows
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.1f} / {statistics.median(values):.1f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scale", action="store_true", help="only the scale series")
+    args = parser.parse_args()
+    engine = Engine.connect()
+    with tempfile.TemporaryDirectory(prefix="devbox-bench-layers-") as scratch:
+        scratch = Path(scratch)
+        if args.scale:
+            rows = scale(engine, scratch)
+            print("\n| stack | devbox-build | pip install -r |\n|---|---|---|")
+            for row in rows:
+                print("| " + " | ".join(row) + " |")
+            return
+        result = rounds(engine, args.rounds, scratch)
+        pushed = push_after_leaf(engine, scratch, random.Random().sample(TQDM, 2))
+    times = result["times"]
+    print(f"\n{args.rounds} rounds, min / median. Pins moved: {'; '.join(result['pins'])}")
+    print("\n| figure | " + " | ".join(CONTENDERS) + " |\n|---|" + "---|" * len(CONTENDERS))
+    for stage in STAGES:
+        print(f"| {stage} | " + " | ".join(spread(times[(c, stage)]) for c in CONTENDERS) + " |")
+    for stage in STAGES[1:]:
+        ratios = {c: [a / b for a, b in zip(times[(c, stage)], times[(c, "cold")])]
+                  for c in CONTENDERS}
+        print(f"| {stage} ÷ cold | " + " | ".join(
+            f"{min(r):.2f} / {statistics.median(r):.2f}" for r in ratios.values()) + " |")
+    print(f"\ndevbox-build: {result['layers'][0]} filesystem layers; "
+          + "; ".join(result["kept"][:2]))
+    print(f"push after the leaf change: {pushed['leaf'] / 1e6:.2f} MB received "
+          f"(first push {pushed['cold'] / 1e6:.0f} MB); the changed layer compressed: "
+          f"{pushed['changed layer'] / 1e6:.2f} MB; ratio "
+          f"{pushed['leaf'] / pushed['changed layer']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

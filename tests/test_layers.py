@@ -1,0 +1,145 @@
+"""Install layers from the lock: the grouping (layers.py), what the locks record for it, and how
+render shows it. No engine: the engine tests are in test_build.py (one-pin rebuilds, layer
+digests that do not depend on the machine)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from devbox_build import layers, locking
+from devbox_build.errors import SpecError
+from devbox_build.locking import Pin
+from devbox_build.render import render
+from devbox_build.spec import load_spec
+
+from .conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = ROOT / "images" / "datascience"
+
+
+def pins(**sizes: int) -> list[Pin]:
+    return [Pin(name, "1", f"{name}==1\n", size=size) for name, size in sizes.items()]
+
+
+def names(groups: list[layers.Group]) -> list[list[str]]:
+    return [[pin.name for pin in group.packages] for group in groups]
+
+
+def cost(groups: list[layers.Group], below: int = 0) -> int:
+    """The expected one-pin rebuild cost the grouping minimises (layers.py's docstring)."""
+    total, at_or_below = 0, below
+    for group in groups:
+        at_or_below += len(group.packages)
+        total += (layers.LAYER_OVERHEAD_BYTES + group.size) * at_or_below
+    return total
+
+
+def every_grouping(ordered: list[Pin]):
+    """Every split of ``ordered`` into contiguous groups."""
+    for mask in range(2 ** (len(ordered) - 1)):
+        groups, current = [], [ordered[0]]
+        for index, pin in enumerate(ordered[1:]):
+            if mask >> index & 1:
+                groups.append(layers.Group(tuple(current)))
+                current = []
+            current.append(pin)
+        groups.append(layers.Group(tuple(current)))
+        yield groups
+
+
+@pytest.mark.parametrize("below", [0, 100])
+def test_grouping_is_the_cheapest_split_with_big_packages_low(below):
+    sizes = {"big": 55_000_000, "mid": 17_000_000, "numpy": 16_900_000, "small": 4_000_000,
+             "a": 200_000, "b": 90_000, "c": 60_000, "d": 3_000}
+    groups = layers.group(pins(**sizes), below=below)
+    ordered = [pin.size for group in groups for pin in group.packages]
+    assert ordered == sorted(ordered, reverse=True)  # bottom first: biggest first
+    by_size = sorted(pins(**sizes), key=lambda pin: -pin.size)
+    assert cost(groups, below) == min(cost(g, below) for g in every_grouping(by_size))
+    # The same packages in another order: the same layers (the lock alone decides).
+    assert names(layers.group(reversed(pins(**sizes)), below=below)) == names(groups)
+    if below == 0:
+        assert names(groups)[0] == ["big"] and len(groups) >= 3
+    else:
+        # Above a big lock, every layer is rebuilt by all the changes below: fewer layers.
+        assert len(groups) < len(layers.group(pins(**sizes)))
+
+
+def test_own_layer_and_the_layer_budget():
+    sizes = {f"p{i:02d}": 3_000_000 * (i + 1) for i in range(30)}
+    groups = layers.group(pins(**sizes), own=["p00"], max_per_lock=4)
+    assert len(groups) == 4
+    assert [g for g in groups if g.own] == [layers.Group((pins(**sizes)[0],), own=True)]
+    assert sorted(p for g in names(groups) for p in g) == sorted(sizes)
+
+
+def test_committed_locks_record_each_wheel_and_what_needs_it():
+    lock = locking.read_pins(DEFAULT / "locks" / "linux-amd64" / "pip.txt")
+    assert all(pin.size and pin.wheel for pin in lock.values())
+    assert re.fullmatch(r"numpy-[\d.]+-cp311-cp311-.*manylinux.*x86_64\.whl", lock["numpy"].wheel)
+    assert lock["six"].wheel.endswith("-none-any.whl")
+    assert {"pandas", "scipy", "scikit-learn"} <= set(lock["numpy"].via)
+    assert lock["pyarrow"].via == ()  # nothing in the stack needs it: a leaf
+
+
+def test_render_shows_every_package_in_one_layer_with_why():
+    spec = load_spec(DEFAULT)
+    context = render(spec, "cpu")
+    listed = re.findall(r"^#   ([a-z0-9-]+)==(\S+)  ([\d.]+ [kM]B)  (.*)$", context.dockerfile, re.M)
+    lock = locking.read_pins(locking.stack(spec, "cpu", "linux/amd64")[-1].path(spec))
+    assert sorted(name for name, *_ in listed) == sorted(lock)
+    numpy = next(row for row in listed if row[0] == "numpy")
+    assert numpy[3].startswith("needed by ") and "pandas" in numpy[3]
+    markers = re.findall(r"^# ---- layer: pip \(\d+ pip packages? from locks/linux-amd64/pip\.txt, "
+                         r"group (\d+) of (\d+), ", context.dockerfile, re.M)
+    assert len(markers) >= 4 and [int(m[0]) for m in markers] == list(range(1, len(markers) + 1))
+    # Each group's requirements file holds exactly the packages its comment lists.
+    for section in context.dockerfile.split("# ---- layer: ")[1:]:
+        copied = re.search(r"^COPY (requirements/\S+) ", section, re.M)
+        if copied:
+            in_file = locking.parse_pins(context.files[copied.group(1)].decode())
+            assert sorted(in_file) == sorted(re.findall(r"^#   ([a-z0-9-]+)==", section, re.M))
+            assert all(pin.text == lock[name].text for name, pin in in_file.items())
+
+
+def test_gpu_only_packages_sit_above_every_shared_layer():
+    spec = load_spec(DEFAULT)
+    cpu, gpu = render(spec, "cpu"), render(spec, "gpu")
+    shared = {path: data for path, data in cpu.files.items()
+              if path.startswith("requirements/pip-0") or path.startswith("requirements/pip-1")}
+    assert shared and all(gpu.files[path] == data for path, data in shared.items())
+    steps = gpu.step_layers()
+    first_variant = steps.index("variant")
+    assert "pip" not in steps[first_variant:]
+    lines = gpu.dockerfile.splitlines()
+    accelerator = next(i for i, line in enumerate(lines) if line.startswith("ENV NVIDIA_VISIBLE"))
+    last_shared = max(i for i, line in enumerate(lines)
+                      if line.startswith("COPY requirements/pip-0") or
+                      line.startswith("COPY requirements/pip-1"))
+    assert last_shared < accelerator
+
+
+def test_a_package_named_for_its_own_layer_must_be_locked(tmp_path):
+    import shutil
+
+    stack = tmp_path / "tiny"
+    shutil.copytree(TINY, stack)
+    with (stack / "image.toml").open("a") as spec_file:
+        spec_file.write('\n[layers]\nown = ["nmupy"]\n')
+    with pytest.raises(SpecError, match=r"layers\.own.*'nmupy' is in none of the spec's pip locks"):
+        render(load_spec(stack), "cpu")
+
+
+def test_more_layers_than_the_engine_stacks_is_refused_before_the_build():
+    from devbox_build.build import MAX_LAYERS, check_layer_count
+
+    context = render(load_spec(DEFAULT), "gpu")
+    ours = context.filesystem_layers()
+    assert 20 < ours < MAX_LAYERS
+    check_layer_count(context, 1)  # a debootstrapped base: one layer
+    with pytest.raises(SpecError, match=r"key 'layers\.max_per_lock'.*would have \d+ filesystem"):
+        check_layer_count(context, MAX_LAYERS - ours + 1)
