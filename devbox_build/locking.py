@@ -13,8 +13,8 @@ exactly what the image installs, and a layer installs only what its lock adds to
 Constraining every lock by the one below is what lets the GPU variant share the CPU variant's pip
 layer byte for byte: accelerator inputs cannot move a shared pin.
 
-Each pin records the wheel this platform installs and its size (``# wheel: <bytes> <file>``, read
-from the index when locking), and the packages that need it (the resolver's ``# via``): what
+Each pin records the wheel this platform installs, its size and its hash (``# wheel: <bytes>
+<file> sha256:<hex>``, read from the index when locking), and the packages that need it (the resolver's ``# via``): what
 layers.py groups the image's install layers by, so the grouping follows from the lock alone.
 
 Each lock starts with a header recording a digest of its inputs (input files, the lock below,
@@ -51,7 +51,7 @@ from .spec import PLATFORMS, TEAM_CONSTRAINTS, TEAM_PYTHON_PREFIX, ImageSpec
 LOCK_FORMAT = "devbox-lock/2"  # 2: pins record their wheel and its size
 DIGEST_PREFIX = "# inputs-sha256: "
 SELF_DIGEST_PREFIX = "# lock-sha256: "
-WHEEL_PREFIX = "# wheel: "  # inside a pin: "    # wheel: <bytes> <file name>"
+WHEEL_PREFIX = "# wheel: "  # inside a pin: "    # wheel: <bytes> <file name> sha256:<hex>"
 # check()'s verdicts; an edited lock is refused even by build --allow-stale.
 MISSING, EDITED, STALE = "missing", "edited", "stale"
 RESOLVERS = ("uv", "pip-compile")
@@ -80,7 +80,17 @@ class Pin:
     text: str  # the requirement's lines, hashes included, without comments
     size: int | None = None  # bytes of the file this platform installs (None: not recorded)
     wheel: str | None = None  # that file's name
+    wheel_hashes: tuple[str, ...] = ()  # "sha256:<hex>" of the file(s) this platform can install
     via: tuple[str, ...] = ()  # the locked packages that depend on it (canonical names)
+
+
+def install_line(pin: Pin) -> str:
+    """The pin as one requirements line for this platform's install: only the hashes of the
+    files it can install (the lock holds every platform's), else all of them."""
+    requirement = pin.text.splitlines()[0].rstrip(" \\")
+    hashes = pin.wheel_hashes or tuple(
+        word.removeprefix("--hash=") for word in pin.text.split() if word.startswith("--hash="))
+    return " ".join([requirement, *(f"--hash={digest}" for digest in hashes)])
 
 
 @dataclass
@@ -462,6 +472,7 @@ def parse_pins(text: str) -> dict[str, Pin]:
             name, _, version = requirement.partition("==")
             pin = Pin(canonicalize_name(name.split("[")[0]), version.strip(), "".join(current),
                       size=facts.get("size"), wheel=facts.get("wheel"),
+                      wheel_hashes=tuple(facts.get("hashes", ())),
                       via=tuple(sorted(facts.get("via", ()))))
             pins[pin.name] = pin
             current.clear()
@@ -477,8 +488,10 @@ def parse_pins(text: str) -> dict[str, Pin]:
             if not current or not line[0].isspace():
                 in_via = False
             elif stripped.startswith(WHEEL_PREFIX):
-                size, _, wheel = stripped[len(WHEEL_PREFIX):].partition(" ")
-                facts["size"], facts["wheel"] = int(size), wheel.strip() or None
+                size, wheel, *digest = stripped[len(WHEEL_PREFIX):].split()
+                if int(size) > facts.get("size", -1):
+                    facts["size"], facts["wheel"] = int(size), wheel
+                facts.setdefault("hashes", []).extend(digest)
                 in_via = False
             elif comment == "via":
                 in_via = True
@@ -508,9 +521,9 @@ def _via_names(text: str) -> set[str]:
 
 
 def _with_wheel_sizes(spec: ImageSpec, layer: LockLayer, body: str) -> str:
-    """``body`` with a ``# wheel: <bytes> <file>`` line in each pin: the file pip installs on the
-    lock's platform and Python (an sdist where no wheel fits), from uv's pylock.toml export of
-    exactly these pins."""
+    """``body`` with ``# wheel: <bytes> <file> sha256:<hex>`` lines in each pin: the files pip can
+    install on the lock's platform and Python (an sdist where no wheel fits), from uv's
+    pylock.toml export of exactly these pins."""
     from uv import find_uv_bin
 
     with tempfile.TemporaryDirectory(prefix="devbox-lock-") as scratch:
@@ -530,10 +543,11 @@ def _with_wheel_sizes(spec: ImageSpec, layer: LockLayer, body: str) -> str:
         files = {}
         for package in tomllib.loads(output.read_text(encoding="utf-8")).get("packages", []):
             candidates = package.get("wheels") or ([package["sdist"]] if "sdist" in package else [])
-            if candidates and "size" in candidates[0]:
-                chosen = max(candidates, key=lambda f: f["size"])
-                name = chosen.get("name") or chosen["url"].rsplit("/", 1)[-1]
-                files[canonicalize_name(package["name"])] = f"{chosen['size']} {name}"
+            if candidates and all("size" in c and "sha256" in c.get("hashes", {})
+                                  for c in candidates):
+                files[canonicalize_name(package["name"])] = sorted(
+                    f"{c['size']} {c.get('name') or c['url'].rsplit('/', 1)[-1]} "
+                    f"sha256:{c['hashes']['sha256']}" for c in candidates)
     lines, name = [], None
     for line in body.splitlines(keepends=True):
         if line.strip() and not line[0].isspace() and not line.startswith("#"):
@@ -542,7 +556,7 @@ def _with_wheel_sizes(spec: ImageSpec, layer: LockLayer, body: str) -> str:
                 and not line.strip().startswith("#"):
             # The pin's last hash line: the wheel goes right below it.
             lines.append(line)
-            lines.append(f"    {WHEEL_PREFIX}{files.pop(name)}\n")
+            lines.extend(f"    {WHEEL_PREFIX}{file}\n" for file in files.pop(name))
             continue
         lines.append(line)
     return "".join(lines)

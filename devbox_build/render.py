@@ -105,10 +105,13 @@ class InstallStep:
     layer: str  # its lock's place in the stack: "conda", "pip", "variant" or "dev"
     name: str  # file stem in the image: requirements/<name>.txt, conda/locks/<name>.yml
     lock: str  # the lock file it comes from, relative to the spec's folder
-    context_path: str
     count: int
     title: str  # what the layer's marker line says about it
     notes: tuple[str, ...] = ()  # one line per package: why it is in this layer
+    # pip: the group's requirements lines, written by the step itself (no COPY step: a layer
+    # less, and its text in the step is the cache key)
+    requirements: tuple[str, ...] = ()
+    context_path: str = ""  # conda: the lock in the build context
     packages: dict[str, str] = field(default_factory=dict)  # conda: name → version
     subdir: str = ""  # conda
     opens_variant: bool = False
@@ -257,16 +260,14 @@ def render(
         groups = layers.group(pins, own=spec.layers.own, below=below,
                               max_per_lock=spec.layers.max_per_lock)
         for number, group in enumerate(groups, start=1):
-            name = f"{lock.name}-{number:02d}"
-            context.files[f"requirements/{name}.txt"] = "".join(
-                pin.text for pin in sorted(group.packages, key=lambda pin: pin.name)).encode()
             pip_steps.append(InstallStep(
-                kind="pip", layer=lock.layer, name=name,
-                lock=str(lock_path.relative_to(spec.folder)),
-                context_path=f"requirements/{name}.txt", count=len(group.packages),
+                kind="pip", layer=lock.layer, name=f"{lock.name}-{number:02d}",
+                lock=str(lock_path.relative_to(spec.folder)), count=len(group.packages),
                 title=(f"group {number} of {len(groups)}, {layers.megabytes(group.size)}: "
                        f"{group.reason()}"),
-                notes=tuple(layers.why(pin) for pin in group.packages)))
+                notes=tuple(layers.why(pin) for pin in group.packages),
+                requirements=tuple(locking.install_line(pin) for pin in
+                                   sorted(group.packages, key=lambda pin: pin.name))))
     _check_own_layers(spec, variant, platform)
 
     installed = dict(locked_closure)

@@ -34,7 +34,8 @@ def cost(groups: list[layers.Group], below: int = 0) -> int:
     total, at_or_below = 0, below
     for group in groups:
         at_or_below += len(group.packages)
-        total += (layers.LAYER_OVERHEAD_BYTES + group.size) * at_or_below
+        total += (layers.LAYER_OVERHEAD_BYTES + group.size
+                  + layers.PACKAGE_OVERHEAD_BYTES * len(group.packages)) * at_or_below
     return total
 
 
@@ -98,29 +99,31 @@ def test_render_shows_every_package_in_one_layer_with_why():
                          r"group (\d+) of (\d+), ", context.dockerfile, re.M)
     assert len(markers) >= 4 and [int(m[0]) for m in markers] == list(range(1, len(markers) + 1))
     # Each group's requirements file holds exactly the packages its comment lists.
+    from .test_render import written_requirements
+
     for section in context.dockerfile.split("# ---- layer: ")[1:]:
-        copied = re.search(r"^COPY (requirements/\S+) ", section, re.M)
-        if copied:
-            in_file = locking.parse_pins(context.files[copied.group(1)].decode())
-            assert sorted(in_file) == sorted(re.findall(r"^#   ([a-z0-9-]+)==", section, re.M))
-            assert all(pin.text == lock[name].text for name, pin in in_file.items())
+        for lines in written_requirements(section).values():
+            assert sorted(line.split("==")[0] for line in lines) == sorted(
+                re.findall(r"^#   ([a-z0-9-]+)==", section, re.M))
+            assert all(line == locking.install_line(lock[line.split("==")[0]]) for line in lines)
 
 
 def test_gpu_only_packages_sit_above_every_shared_layer():
+    from .test_render import written_requirements
+
     spec = load_spec(DEFAULT)
     cpu, gpu = render(spec, "cpu"), render(spec, "gpu")
-    shared = {path: data for path, data in cpu.files.items()
-              if path.startswith("requirements/pip-0") or path.startswith("requirements/pip-1")}
-    assert shared and all(gpu.files[path] == data for path, data in shared.items())
-    steps = gpu.step_layers()
-    first_variant = steps.index("variant")
-    assert "pip" not in steps[first_variant:]
+    cpu_files, gpu_files = written_requirements(cpu.dockerfile), written_requirements(gpu.dockerfile)
+    shared = [name for name in cpu_files if re.fullmatch(r"pip-\d+", name)]
+    assert len(shared) >= 4 and all(gpu_files[name] == cpu_files[name] for name in shared)
+    assert any(name.startswith("pip-gpu-") for name in gpu_files)
     lines = gpu.dockerfile.splitlines()
     accelerator = next(i for i, line in enumerate(lines) if line.startswith("ENV NVIDIA_VISIBLE"))
-    last_shared = max(i for i, line in enumerate(lines)
-                      if line.startswith("COPY requirements/pip-0") or
-                      line.startswith("COPY requirements/pip-1"))
-    assert last_shared < accelerator
+    written_at = {name: next(i for i, line in enumerate(lines)
+                             if f"> /opt/devbox/requirements/{name}.txt" in line)
+                  for name in gpu_files}
+    assert all(written_at[name] < accelerator for name in shared)
+    assert all(at > accelerator for name, at in written_at.items() if name not in shared)
 
 
 def test_a_package_named_for_its_own_layer_must_be_locked(tmp_path):
@@ -139,7 +142,7 @@ def test_more_layers_than_the_engine_stacks_is_refused_before_the_build():
 
     context = render(load_spec(DEFAULT), "gpu")
     ours = context.filesystem_layers()
-    assert 20 < ours < MAX_LAYERS
+    assert 10 < ours < MAX_LAYERS
     check_layer_count(context, 1)  # a debootstrapped base: one layer
     with pytest.raises(SpecError, match=r"key 'layers\.max_per_lock'.*would have \d+ filesystem"):
         check_layer_count(context, MAX_LAYERS - ours + 1)
