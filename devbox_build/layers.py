@@ -8,7 +8,9 @@ one-pin change, every pin equally likely to move:
     sum over layers g of  (LAYER_OVERHEAD_BYTES + PACKAGE_OVERHEAD_BYTES × packages of g
                            + bytes of g) × (packages in g and below it)
 
-Packages are ordered biggest first, bottom up (an exchange argument: a group belongs below
+Small packages an input file names (the spec's own choices: a leaf, the project's own package)
+are the pins a team moves most, so they go on top, in a layer of their own: moving one rebuilds
+that layer and nothing of the rest. The others are ordered biggest first, bottom up (an exchange argument: a group belongs below
 another when it holds more bytes per package), and a dynamic programme picks the cut points.
 Big packages (pyarrow, scipy, numpy, torch and the CUDA wheels) get layers of their own near the
 bottom, where few packages sit below them; small packages share a few layers at the top, where
@@ -39,6 +41,8 @@ from .locking import Pin
 # adds about 80 ms (pip's checks, its RECORD, a dist-info), what 1.6 MB take.
 LAYER_OVERHEAD_BYTES = 30_000_000
 PACKAGE_OVERHEAD_BYTES = 1_600_000
+# Below this an input's own package is "small" and goes to the top layer.
+SMALL_DIRECT_BYTES = 2_000_000
 DEFAULT_MAX_PER_LOCK = 10
 
 
@@ -48,6 +52,7 @@ class Group:
 
     packages: tuple[Pin, ...]
     own: bool = False  # the spec gave this package a layer of its own
+    top: bool = False  # the small packages the input files name
 
     @property
     def size(self) -> int:
@@ -56,6 +61,8 @@ class Group:
     def reason(self) -> str:
         if self.own:
             return "its own layer (key 'layers.own')"
+        if self.top:
+            return "small packages the input files name, the pins moved most: on top"
         if len(self.packages) == 1:
             return "one package, big enough for a layer of its own"
         return (f"{len(self.packages)} packages of {megabytes(self.packages[-1].size)}–"
@@ -81,8 +88,15 @@ def group(pins: Iterable[Pin], *, own: Iterable[str] = (), below: int = 0,
     layers under this lock's install (a lower lock's) hold; a change in any of them rebuilds
     all of these layers too, so each layer's overhead counts for them as well."""
     own = set(own)
+    pins = list(pins)
+    # Above another lock every layer is rebuilt by each change below, so there a layer of its
+    # own for the small inputs would cost more than it saves.
+    top = sorted((pin for pin in pins if pin.direct and pin.name not in own and not below
+                  and (pin.size or 0) < SMALL_DIRECT_BYTES),
+                 key=lambda pin: (-(pin.size or 0), pin.name))
     # Biggest first, so bottom first; a package without a recorded size counts as small.
-    ordered = sorted(pins, key=lambda pin: (-(pin.size or 0), pin.name))
+    ordered = sorted((pin for pin in pins if pin not in top),
+                     key=lambda pin: (-(pin.size or 0), pin.name))
     count = len(ordered)
     prefix = [0]
     for pin in ordered:
@@ -105,6 +119,8 @@ def group(pins: Iterable[Pin], *, own: Iterable[str] = (), below: int = 0,
         groups.append(Group(span, own=len(span) == 1 and span[0].name in own))
         j = start[j]
     groups.reverse()
+    if top:
+        groups.append(Group(tuple(top), top=True))
     while len(groups) > max_per_lock:
         groups = _merge_cheapest_pair(groups, below)
     return groups
@@ -118,7 +134,7 @@ def _merge_cheapest_pair(groups: list[Group], below: int) -> list[Group]:
     candidates = []
     for i in range(len(groups) - 1):
         lower, upper = groups[i], groups[i + 1]
-        if lower.own or upper.own:
+        if lower.own or upper.own or upper.top:
             continue
         # Merged, the lower group's bytes are rebuilt by changes in the upper one too, and the
         # changes at or below the lower one no longer pay a second overhead.

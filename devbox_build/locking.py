@@ -82,6 +82,7 @@ class Pin:
     wheel: str | None = None  # that file's name
     wheel_hashes: tuple[str, ...] = ()  # "sha256:<hex>" of the file(s) this platform can install
     via: tuple[str, ...] = ()  # the locked packages that depend on it (canonical names)
+    direct: bool = False  # an input file names it (the resolver's "# via -r <file>")
 
 
 def install_line(pin: Pin) -> str:
@@ -473,7 +474,7 @@ def parse_pins(text: str) -> dict[str, Pin]:
             pin = Pin(canonicalize_name(name.split("[")[0]), version.strip(), "".join(current),
                       size=facts.get("size"), wheel=facts.get("wheel"),
                       wheel_hashes=tuple(facts.get("hashes", ())),
-                      via=tuple(sorted(facts.get("via", ()))))
+                      via=tuple(sorted(facts.get("via", ()))), direct=facts.get("direct", False))
             pins[pin.name] = pin
             current.clear()
             facts.clear()
@@ -497,9 +498,11 @@ def parse_pins(text: str) -> dict[str, Pin]:
                 in_via = True
             elif comment.startswith("via "):
                 facts.setdefault("via", set()).update(_via_names(comment[4:]))
+                facts["direct"] = facts.get("direct") or comment[4:].startswith("-r ")
                 in_via = False
             elif in_via and stripped.startswith("#   "):
                 facts.setdefault("via", set()).update(_via_names(comment))
+                facts["direct"] = facts.get("direct") or comment.startswith("-r ")
             continue
         in_via = False
         if line[0].isspace():

@@ -146,3 +146,24 @@ def test_more_layers_than_the_engine_stacks_is_refused_before_the_build():
     check_layer_count(context, 1)  # a debootstrapped base: one layer
     with pytest.raises(SpecError, match=r"key 'layers\.max_per_lock'.*would have \d+ filesystem"):
         check_layer_count(context, MAX_LAYERS - ours + 1)
+
+
+def test_small_packages_the_inputs_name_go_on_top_of_the_bottom_lock_only():
+    direct = [Pin("tqdm", "1", "tqdm==1\n", size=80_000, direct=True),
+              Pin("numpy", "1", "numpy==1\n", size=17_000_000, direct=True)]
+    transitive = pins(six=11_000, idna=70_000, scipy=35_000_000)
+    groups = layers.group(direct + transitive)
+    assert names(groups)[-1] == ["tqdm"] and groups[-1].top
+    assert "input files name" in groups[-1].reason()
+    assert all("numpy" not in g for g in names(groups)[-1:])  # big inputs stay by size
+    # Above another lock (dev above pip), no layer of their own: every change below would
+    # rebuild it too.
+    assert not any(g.top for g in layers.group(direct + transitive, below=100))
+
+
+def test_the_default_lock_marks_what_its_inputs_name():
+    lock = locking.read_pins(DEFAULT / "locks" / "linux-amd64" / "pip.txt")
+    named = {line.split(">")[0].split("=")[0].strip()
+             for line in (DEFAULT / "requirements.in").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert {name for name, pin in lock.items() if pin.direct} == named
