@@ -3,6 +3,7 @@
     python benchmarks/layers.py                 # 3 rounds (~30 min on 2 cores)
     python benchmarks/layers.py --rounds 1
     python benchmarks/layers.py --scale         # only the 20 / 100 / 300 package series
+    python benchmarks/layers.py --before        # against itself with one layer per lock
 
 Contenders, on equal footing (same base, apt packages, cleanup, CA and lock; bytecode compiled):
 devbox-build (grouped install layers), a hand-written `pip install -r` Dockerfile and a
@@ -43,6 +44,8 @@ from devbox_build.spec import load_spec  # noqa: E402
 
 CA_CERTS = host_ca_certificates()
 OURS = "devbox-build"
+# devbox-build with every lock in one layer: how it built before layers came from the lock.
+BEFORE = "devbox-build, one layer per lock"
 CONTENDERS = (OURS, *DOCKERFILES)
 STAGES = ("cold", "leaf one-pin", "numpy one-pin")
 # Versions every pin of the default stack resolves with (checked when this was written).
@@ -53,8 +56,8 @@ SCALE_EXTRA = {
     "≈20": ["requests", "rich", "click", "httpx", "pydantic", "python-dateutil"],
     "≈300": ["sphinx", "black", "mypy", "sqlalchemy", "polars", "scikit-image", "statsmodels",
              "seaborn", "plotly", "bokeh", "dask[complete]", "streamlit", "fastapi", "uvicorn",
-             "nltk", "openpyxl", "xgboost", "lightgbm", "sympy", "networkx", "pre-commit",
-             "hypothesis", "tox", "jupytext", "papermill", "great-tables", "altair"],
+             "nltk", "openpyxl", "lightgbm", "sympy", "networkx", "pre-commit", "hypothesis",
+             "tox", "jupytext", "papermill", "great-tables", "altair", "mlflow", "prefect"],
 }
 
 
@@ -65,6 +68,9 @@ class Stack:
                  small: bool = False) -> None:
         self.contender = contender
         self.folder = copy_spec(scratch, name)
+        if contender == BEFORE:
+            with (self.folder / "image.toml").open("a") as spec_file:
+                spec_file.write("\n[layers]\nmax_per_lock = 1\n")
         self.spec_inputs = self.folder / "requirements.in"
         if small:
             self.spec_inputs.write_text("")
@@ -81,7 +87,7 @@ class Stack:
 
     def build(self, engine: Engine, *, no_cache: bool = False) -> str:
         spec = load_spec(self.folder)
-        if self.contender == OURS:
+        if self.contender in (OURS, BEFORE):
             [result] = build(spec, ["cpu"], engine,
                              BuildOptions(ca_certificates=CA_CERTS, no_cache=no_cache))
             self.image = result.content_tag
@@ -147,7 +153,7 @@ def push_after_leaf(engine: Engine, scratch: Path, tqdm: list[str]) -> dict:
     return figures
 
 
-def rounds(engine: Engine, count: int, scratch: Path) -> dict:
+def rounds(engine: Engine, count: int, scratch: Path, contenders: tuple[str, ...]) -> dict:
     rng = random.Random()
     times: dict[tuple[str, str], list[float]] = {}
     notes: dict[str, list] = {"kept": [], "layers": [], "pins": []}
@@ -155,8 +161,9 @@ def rounds(engine: Engine, count: int, scratch: Path) -> dict:
         tqdm = rng.sample(TQDM, 2)
         numpy = rng.choice(NUMPY)
         notes["pins"].append(f"tqdm {tqdm[0]} → {tqdm[1]}, numpy → {numpy}")
-        order = CONTENDERS[number % 3:] + CONTENDERS[:number % 3]
-        stacks = {c: Stack(scratch, f"r{number}-{i}", c) for i, c in enumerate(CONTENDERS)}
+        shift = number % len(contenders)
+        order = contenders[shift:] + contenders[:shift]
+        stacks = {c: Stack(scratch, f"r{number}-{i}", c) for i, c in enumerate(contenders)}
         for stage in STAGES:
             for contender in order:
                 stack = stacks[contender]
@@ -214,6 +221,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale", action="store_true", help="only the scale series")
+    parser.add_argument("--before", action="store_true",
+                        help="devbox-build against itself with one layer per lock (as before)")
     args = parser.parse_args()
     engine = Engine.connect()
     with tempfile.TemporaryDirectory(prefix="devbox-bench-layers-") as scratch:
@@ -224,20 +233,24 @@ def main() -> None:
             for row in rows:
                 print("| " + " | ".join(row) + " |")
             return
-        result = rounds(engine, args.rounds, scratch)
-        pushed = push_after_leaf(engine, scratch, random.Random().sample(TQDM, 2))
+        contenders = (OURS, BEFORE) if args.before else CONTENDERS
+        result = rounds(engine, args.rounds, scratch, contenders)
+        pushed = None if args.before else push_after_leaf(engine, scratch,
+                                                          random.Random().sample(TQDM, 2))
     times = result["times"]
     print(f"\n{args.rounds} rounds, min / median. Pins moved: {'; '.join(result['pins'])}")
-    print("\n| figure | " + " | ".join(CONTENDERS) + " |\n|---|" + "---|" * len(CONTENDERS))
+    print("\n| figure | " + " | ".join(contenders) + " |\n|---|" + "---|" * len(contenders))
     for stage in STAGES:
-        print(f"| {stage} | " + " | ".join(spread(times[(c, stage)]) for c in CONTENDERS) + " |")
+        print(f"| {stage} | " + " | ".join(spread(times[(c, stage)]) for c in contenders) + " |")
     for stage in STAGES[1:]:
         ratios = {c: [a / b for a, b in zip(times[(c, stage)], times[(c, "cold")])]
-                  for c in CONTENDERS}
+                  for c in contenders}
         print(f"| {stage} ÷ cold | " + " | ".join(
             f"{min(r):.2f} / {statistics.median(r):.2f}" for r in ratios.values()) + " |")
     print(f"\ndevbox-build: {result['layers'][0]} filesystem layers; "
           + "; ".join(result["kept"][:2]))
+    if pushed is None:
+        return
     print(f"push after the leaf change: {pushed['leaf'] / 1e6:.2f} MB received "
           f"(first push {pushed['cold'] / 1e6:.0f} MB); the changed layer compressed: "
           f"{pushed['changed layer'] / 1e6:.2f} MB; ratio "

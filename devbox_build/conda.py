@@ -26,18 +26,18 @@ import hashlib
 import os
 import re
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .errors import LockError, SpecError
+from .lockunit import EDITED, MISSING, STALE, Input, LockUnit
 from .spec import ImageSpec
 
 LOCK_FORMAT = "devbox-conda-lock/1"
 PACKAGES_DIGEST = "devbox-packages-sha256"  # metadata.custom_metadata key
-PIP_SECTION = "#pip"  # marks an environment file's pip: section as a pip-layer input
+PIP_SECTION = "pip"  # an environment file's pip: section, a pip-layer input (lockunit.Input)
 
 
 @dataclass(frozen=True)
@@ -50,25 +50,35 @@ class Environment:
 
 
 @dataclass(frozen=True)
-class CondaLock:
-    """One conda lock file of the spec and the layer that installs it."""
+class CondaLock(LockUnit):
+    """One conda lock file of the spec, for every conda subdir it targets."""
 
-    name: str  # "conda-lock" or "conda-lock-<variant>"
-    layer: str  # "conda" or "variant"
-    inputs: tuple[str, ...]  # environment files relative to the spec folder, cumulative
-    cuda: str | None = None
-    below: CondaLock | None = None
+    cuda: str | None = field(default=None, kw_only=True)  # the __cuda its solve assumes
 
     def path(self, spec: ImageSpec) -> Path:
         return spec.folder / "locks" / f"{self.name}.yml"
 
+    def verdict(self, spec: ImageSpec) -> str | None:
+        path = self.path(spec)
+        if not path.is_file():
+            return MISSING
+        lockfile = read_lock(path)
+        recorded_packages = (lockfile.metadata.custom_metadata or {}).get(PACKAGES_DIGEST)
+        if recorded_packages != packages_digest(lockfile.package):
+            return (f"{EDITED}: its packages changed since it was written (edited by hand, cut "
+                    "short, or written by an older devbox-build)")
+        for subdir in spec.conda.platforms:
+            if lockfile.metadata.content_hash.get(subdir) != content_hash(spec, self, subdir):
+                return f"{STALE}: for {subdir}, its inputs changed since it was written"
+        return None
 
-@dataclass
-class CondaLockResult:
-    path: Path
-    status: str  # "written" or "up to date"
-    packages: int  # per subdir, summed
-    seconds: float
+    def write(self, spec: ImageSpec, *, resolver: str, upgrade: bool) -> int:
+        lockfile = asyncio.run(_solve(spec, self))  # conda locks always solve afresh
+        _write(lockfile, self.path(spec))
+        return len(lockfile.package)
+
+    def count(self, spec: ImageSpec) -> int:
+        return len(read_lock(self.path(spec)).package)
 
 
 def read_environment(spec: ImageSpec, relative: str) -> Environment:
@@ -111,7 +121,7 @@ def stack(spec: ImageSpec, variant: str) -> list[CondaLock]:
     if spec.conda is None:
         return []
     variant_spec = spec.variants[variant]
-    shared = CondaLock("conda-lock", "conda", (spec.conda.environment,))
+    shared = CondaLock("conda-lock", "conda", (Input(spec.conda.environment),))
     if not variant_spec.conda:
         return [shared]
     cuda = variant_spec.cuda.version if variant_spec.cuda else None
@@ -119,15 +129,8 @@ def stack(spec: ImageSpec, variant: str) -> list[CondaLock]:
         raise SpecError(f"{spec.path}: key 'variants.{variant}.cuda.version': a conda solve for "
                         "a CUDA variant needs the CUDA version it assumes (__cuda)")
     return [shared, CondaLock(f"conda-lock-{variant}", "variant",
-                              shared.inputs + tuple(variant_spec.conda), cuda, shared)]
-
-
-def all_locks(spec: ImageSpec, variants: list[str] | None = None) -> list[CondaLock]:
-    seen: dict[str, CondaLock] = {}
-    for variant in variants or spec.variants:
-        for item in stack(spec, variant):
-            seen.setdefault(item.name, item)
-    return list(seen.values())
+                              shared.inputs + tuple(Input(path) for path in variant_spec.conda),
+                              shared, cuda=cuda)]
 
 
 def virtual_packages(spec: ImageSpec, item: CondaLock, subdir: str) -> dict[str, str]:
@@ -143,9 +146,9 @@ def content_hash(spec: ImageSpec, item: CondaLock, subdir: str) -> str:
     digest = hashlib.sha256(f"{LOCK_FORMAT}\nsubdir={subdir}\n".encode())
     for name, version in sorted(virtual_packages(spec, item, subdir).items()):
         digest.update(f"virtual {name}={version}\n".encode())
-    for relative in item.inputs:
-        digest.update(f"input {relative}\n".encode())
-        digest.update(spec.input_path(relative).read_bytes())
+    for item_input in item.inputs:
+        digest.update(f"input {item_input}\n".encode())
+        digest.update(spec.input_path(item_input.path).read_bytes())
     if item.below is not None:
         below = item.below.path(spec)
         digest.update(b"below\n" + (below.read_bytes() if below.is_file() else b"<missing>"))
@@ -162,56 +165,13 @@ def read_lock(path: Path):
         raise LockError(f"{path}: not a readable conda-lock file: {exc}") from None
 
 
-def check(spec: ImageSpec, variants: list[str] | None = None) -> list[tuple[Path, str]]:
-    """conda locks that are missing, stale, or lack a subdir the spec asks for."""
-    problems = []
-    for item in all_locks(spec, variants):
-        path = item.path(spec)
-        if not path.is_file():
-            problems.append((path, "missing"))
-            continue
-        lockfile = read_lock(path)
-        recorded_packages = (lockfile.metadata.custom_metadata or {}).get(PACKAGES_DIGEST)
-        if recorded_packages != packages_digest(lockfile.package):
-            problems.append((path, "edited: its packages changed since it was written (edited by "
-                                   "hand, cut short, or written by an older devbox-build)"))
-            continue
-        recorded = lockfile.metadata.content_hash
-        for subdir in spec.conda.platforms:
-            if recorded.get(subdir) != content_hash(spec, item, subdir):
-                problems.append((path, f"stale: for {subdir}, its inputs changed since it "
-                                       "was written"))
-                break
-    return problems
-
-
-def lock(spec: ImageSpec, *, upgrade: bool = False, on_result=None) -> list[CondaLockResult]:
-    """Write every missing or stale conda lock of the spec (all when ``upgrade``)."""
-    results = []
-    stale = {path for path, _ in check(spec)}
-    for item in all_locks(spec):
-        path = item.path(spec)
-        started = time.monotonic()
-        if upgrade or path in stale:
-            lockfile = asyncio.run(_solve(spec, item))
-            _write(lockfile, path)
-            result = CondaLockResult(path, "written", len(lockfile.package),
-                                     time.monotonic() - started)
-        else:
-            result = CondaLockResult(path, "up to date", len(read_lock(path).package), 0.0)
-        results.append(result)
-        if on_result:
-            on_result(result)
-    return results
-
-
 async def _solve(spec: ImageSpec, item: CondaLock):
     import rattler
     from conda_lock.lockfile.v1.models import HashModel
     from conda_lock.lockfile.v2prelim.models import LockedDependency, Lockfile, LockMeta
     from conda_lock.models.channel import Channel
 
-    environments = [read_environment(spec, relative) for relative in item.inputs]
+    environments = [read_environment(spec, item_input.path) for item_input in item.inputs]
     channels = list(dict.fromkeys(c for env in environments for c in env.channels))
     specs = [s for env in environments for s in env.specs]
     pinned = {}
@@ -241,7 +201,8 @@ async def _solve(spec: ImageSpec, item: CondaLock):
             except Exception as exc:  # rattler's errors: GatewayError, SolverError, ...
                 raise LockError(
                     f"{spec.path}: could not lock {item.name} ({subdir}) from "
-                    f"{', '.join(item.inputs)}: {type(exc).__name__}: {_first_lines(exc)}"
+                    f"{', '.join(map(str, item.inputs))}: {type(exc).__name__}: "
+                    f"{_first_lines(exc)}"
                 ) from None
             for record in records:
                 packages.append(LockedDependency(
@@ -263,7 +224,7 @@ async def _solve(spec: ImageSpec, item: CondaLock):
             content_hash={s: content_hash(spec, item, s) for s in spec.conda.platforms},
             channels=[Channel.from_string(strip_credentials(c)) for c in channels],
             platforms=list(spec.conda.platforms),
-            sources=list(item.inputs),
+            sources=[str(item_input) for item_input in item.inputs],
             custom_metadata={PACKAGES_DIGEST: packages_digest(packages)},
         ),
     )

@@ -132,9 +132,12 @@ def _merge_cheapest_pair(groups: list[Group], below: int) -> list[Group]:
     for g in groups:
         at_or_below.append((at_or_below[-1] if at_or_below else below) + len(g.packages))
     candidates = []
+    # The top group (the inputs' small packages) is merged last: the cost model cannot see
+    # that its pins move more often than the others.
+    keep_top = sum(not g.own for g in groups) > 2
     for i in range(len(groups) - 1):
         lower, upper = groups[i], groups[i + 1]
-        if lower.own or upper.own or upper.top:
+        if lower.own or upper.own or (upper.top and keep_top):
             continue
         # Merged, the lower group's bytes are rebuilt by changes in the upper one too, and the
         # changes at or below the lower one no longer pay a second overhead.

@@ -46,29 +46,45 @@ from packaging.utils import canonicalize_name
 
 from . import conda
 from .errors import DevboxError, LockError, SpecError
+from .lockunit import EDITED, MISSING, STALE, Input, LockResult, LockUnit
 from .spec import PLATFORMS, TEAM_CONSTRAINTS, TEAM_PYTHON_PREFIX, ImageSpec
+
+__all__ = ["EDITED", "MISSING", "STALE", "LockResult", "PipLock", "Pin", "check", "lock",
+           "read_pins", "stack", "units"]
 
 LOCK_FORMAT = "devbox-lock/2"  # 2: pins record their wheel and its size
 DIGEST_PREFIX = "# inputs-sha256: "
 SELF_DIGEST_PREFIX = "# lock-sha256: "
 WHEEL_PREFIX = "# wheel: "  # inside a pin: "    # wheel: <bytes> <file name> sha256:<hex>"
-# check()'s verdicts; an edited lock is refused even by build --allow-stale.
-MISSING, EDITED, STALE = "missing", "edited", "stale"
 RESOLVERS = ("uv", "pip-compile")
 
 
 @dataclass(frozen=True)
-class LockLayer:
-    """One lock file of a variant's stack, and the image layer it feeds."""
+class PipLock(LockUnit):
+    """One pip lock file of a variant's stack, for one platform."""
 
-    name: str  # file stem: "pip", "pip-gpu", "dev", "dev-gpu"
-    layer: str  # image layer: "pip", "variant" or "dev"
-    inputs: tuple[str, ...]  # input files relative to the spec folder, cumulative
-    platform: str
-    below: LockLayer | None = field(default=None, compare=False)
+    platform: str = field(default="", kw_only=True)
 
     def path(self, spec: ImageSpec) -> Path:
         return lock_dir(spec, self.platform) / f"{self.name}.txt"
+
+    def verdict(self, spec: ImageSpec) -> str | None:
+        path = self.path(spec)
+        if not path.is_file():
+            return MISSING
+        if reason := tampered(path):
+            return f"{EDITED}: {reason}"
+        if recorded_digest(path) != inputs_digest(spec, self):
+            return f"{STALE}: its inputs changed since it was written"
+        return None
+
+    def write(self, spec: ImageSpec, *, resolver: str, upgrade: bool) -> int:
+        body = _with_wheel_sizes(spec, self, _resolve(spec, self, resolver, upgrade))
+        write_atomic(self.path(spec), sealed(_header(spec, self, inputs_digest(spec, self)) + body))
+        return len(parse_pins(body))
+
+    def count(self, spec: ImageSpec) -> int:
+        return len(read_pins(self.path(spec)))
 
 
 @dataclass(frozen=True)
@@ -94,53 +110,49 @@ def install_line(pin: Pin) -> str:
     return " ".join([requirement, *(f"--hash={digest}" for digest in hashes)])
 
 
-@dataclass
-class LockResult:
-    path: Path
-    status: str  # "written" or "up to date"
-    packages: int
-    seconds: float
-
-
 def lock_dir(spec: ImageSpec, platform: str) -> Path:
     return spec.folder / "locks" / platform.replace("/", "-")
 
 
-def stack(spec: ImageSpec, variant: str, platform: str) -> list[LockLayer]:
-    """The lock files a variant installs, bottom to top."""
+def stack(spec: ImageSpec, variant: str, platform: str) -> list[PipLock]:
+    """The pip lock files a variant installs, bottom to top."""
     variant_spec = spec.variants[variant]
-    layers: list[LockLayer] = []
-    inputs: tuple[str, ...] = ()
-    below: LockLayer | None = None
-    shared = tuple(spec.pip.requirements)
+    layers: list[PipLock] = []
+    inputs: tuple[Input, ...] = ()
+    below: PipLock | None = None
+    shared = tuple(Input(path) for path in spec.pip.requirements)
     if conda.pip_requirements(spec):
         # The environment.yml's pip: section is a pip input of the shared layer.
-        shared += (spec.conda.environment + conda.PIP_SECTION,)
+        shared += (Input(spec.conda.environment, conda.PIP_SECTION),)
     if shared:
         inputs = shared
-        below = LockLayer("pip", "pip", inputs, platform)
+        below = PipLock("pip", "pip", inputs, platform=platform)
         layers.append(below)
     if variant_spec.pip:
-        inputs = inputs + tuple(variant_spec.pip)
-        below = LockLayer(f"pip-{variant}", "variant", inputs, platform, below)
+        inputs = inputs + tuple(Input(path) for path in variant_spec.pip)
+        below = PipLock(f"pip-{variant}", "variant", inputs, below, platform=platform)
         layers.append(below)
     if spec.dev.requirements:
         # Variants without inputs of their own share one dev lock.
         name = f"dev-{variant}" if variant_spec.pip else "dev"
-        inputs = inputs + tuple(spec.dev.requirements)
-        layers.append(LockLayer(name, "dev", inputs, platform, below))
+        inputs = inputs + tuple(Input(path) for path in spec.dev.requirements)
+        layers.append(PipLock(name, "dev", inputs, below, platform=platform))
     return layers
 
 
-def all_layers(
+def units(
     spec: ImageSpec, platforms: list[str] | None = None, variants: list[str] | None = None
-) -> list[LockLayer]:
-    """Every lock of the variants, each once, in an order where a lock follows the one below it."""
-    seen: dict[str, LockLayer] = {}
+) -> list[LockUnit]:
+    """Every lock of the variants, each once, in an order where a lock follows the one below it:
+    conda's first (they cover every conda subdir), then pip's per platform."""
+    seen: dict[str, LockUnit] = {}
+    for variant in variants or spec.variants:
+        for unit in conda.stack(spec, variant):
+            seen.setdefault(f"conda/{unit.name}", unit)
     for platform in platforms or spec.platforms:
         for variant in variants or spec.variants:
-            for layer in stack(spec, variant, platform):
-                seen.setdefault(f"{platform}/{layer.name}", layer)
+            for unit in stack(spec, variant, platform):
+                seen.setdefault(f"{platform}/{unit.name}", unit)
     return list(seen.values())
 
 
@@ -180,12 +192,12 @@ def base_python(spec: ImageSpec, manifests: dict[str, dict]) -> str:
     return version
 
 
-def inputs_digest(spec: ImageSpec, layer: LockLayer) -> str:
+def inputs_digest(spec: ImageSpec, layer: PipLock) -> str:
     digest = hashlib.sha256()
     digest.update(f"{LOCK_FORMAT}\npython={spec.python_version}\nplatform={layer.platform}\n".encode())
-    for relative in layer.inputs:
-        digest.update(f"input {relative}\n".encode())
-        digest.update(_input_bytes(spec, relative))
+    for item in layer.inputs:
+        digest.update(f"input {item}\n".encode())
+        digest.update(_input_bytes(spec, item))
     if layer.below is None and spec.extends:
         team = team_constraints_path(spec)
         digest.update(b"team\n")
@@ -247,21 +259,19 @@ def check(
     Each problem starts with its verdict (MISSING, EDITED or STALE). A lock stacked on an edited
     one is not reported as stale too: the edited file is the one to look at.
     """
-    problems = conda.check(spec, variants)
+    problems = []
     if spec.extends and not team_constraints_path(spec).is_file():
         problems.append((team_constraints_path(spec), f"{MISSING}: the pins of {spec.extends}"))
     edited: set[Path] = set()
-    for layer in all_layers(spec, platforms, variants):
-        path = layer.path(spec)
-        if not path.is_file():
-            problems.append((path, MISSING))
-        elif reason := tampered(path):
-            edited.add(path)
-            problems.append((path, f"{EDITED}: {reason}"))
-        elif layer.below is not None and layer.below.path(spec) in edited:
+    for unit in units(spec, platforms, variants):
+        path, verdict = unit.path(spec), unit.verdict(spec)
+        if verdict is None:
             continue
-        elif recorded_digest(path) != inputs_digest(spec, layer):
-            problems.append((path, f"{STALE}: its inputs changed since it was written"))
+        if verdict.startswith(EDITED):
+            edited.add(path)
+        elif verdict.startswith(STALE) and unit.below and unit.below.path(spec) in edited:
+            continue
+        problems.append((path, verdict))
     return problems
 
 
@@ -289,25 +299,21 @@ def lock(
         path = team_constraints_path(spec)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             write_atomic(path, text)
-    # conda first: its locks cover every conda subdir and do not depend on the pip locks.
-    results = conda.lock(spec, upgrade=upgrade, on_result=on_result)
-    for layer in all_layers(spec, platforms):
-        path = layer.path(spec)
-        digest = inputs_digest(spec, layer)
+    results = []
+    for unit in units(spec, platforms):
         started = time.monotonic()
-        if not upgrade and recorded_digest(path) == digest and not tampered(path):
-            result = LockResult(path, "up to date", len(read_pins(path)), 0.0)
+        if upgrade or unit.verdict(spec) is not None:
+            count = unit.write(spec, resolver=resolver, upgrade=upgrade)
+            result = LockResult(unit.path(spec), "written", count, time.monotonic() - started)
         else:
-            body = _with_wheel_sizes(spec, layer, _resolve(spec, layer, resolver, upgrade))
-            write_atomic(path, sealed(_header(spec, layer, digest) + body))
-            result = LockResult(path, "written", len(parse_pins(body)), time.monotonic() - started)
+            result = LockResult(unit.path(spec), "up to date", unit.count(spec), 0.0)
         results.append(result)
         if on_result:
             on_result(result)
     return results
 
 
-def _header(spec: ImageSpec, layer: LockLayer, digest: str) -> str:
+def _header(spec: ImageSpec, layer: PipLock, digest: str) -> str:
     return (
         f"# Locked by devbox-build for image '{spec.name}', layer '{layer.name}' "
         f"({layer.platform}, Python {spec.python_version}). Do not edit.\n"
@@ -325,27 +331,27 @@ def regenerate_command(spec: ImageSpec) -> str:
     return "devbox-build lock . (in the folder that holds image.toml)"
 
 
-def _input_bytes(spec: ImageSpec, relative: str) -> bytes:
+def _input_bytes(spec: ImageSpec, item: Input) -> bytes:
     """An input file's bytes; for an environment.yml's pip: section, its requirements."""
-    if relative.endswith(conda.PIP_SECTION):
+    if item.section == conda.PIP_SECTION:
         return "".join(f"{line}\n" for line in conda.pip_requirements(spec)).encode()
-    return spec.input_path(relative).read_bytes()
+    return spec.input_path(item.path).read_bytes()
 
 
-def _input_files(spec: ImageSpec, layer: LockLayer, scratch: Path) -> list[str]:
+def _input_files(spec: ImageSpec, layer: PipLock, scratch: Path) -> list[str]:
     """The layer's inputs as files a resolver reads (pip: sections written out to scratch)."""
     files = []
-    for relative in layer.inputs:
-        if relative.endswith(conda.PIP_SECTION):
-            written = scratch / "environment-pip.in"
-            written.write_bytes(_input_bytes(spec, relative))
+    for item in layer.inputs:
+        if item.section:
+            written = scratch / f"environment-{item.section}.in"
+            written.write_bytes(_input_bytes(spec, item))
             files.append(str(written))
         else:
-            files.append(relative)
+            files.append(item.path)
     return files
 
 
-def _resolve(spec: ImageSpec, layer: LockLayer, resolver: str, upgrade: bool) -> str:
+def _resolve(spec: ImageSpec, layer: PipLock, resolver: str, upgrade: bool) -> str:
     existing = layer.path(spec)
     with tempfile.TemporaryDirectory(prefix="devbox-lock-") as scratch:
         output = Path(scratch) / "lock.txt"
@@ -373,7 +379,7 @@ def _resolve(spec: ImageSpec, layer: LockLayer, resolver: str, upgrade: bool) ->
             )
             raise LockError(
                 f"{spec.path}: could not lock layer '{layer.name}' ({layer.platform}) "
-                f"from {', '.join(layer.inputs)} with {resolver}:\n{detail}"
+                f"from {', '.join(map(str, layer.inputs))} with {resolver}:\n{detail}"
             )
         body = output.read_text(encoding="utf-8")
     # Drop any header the resolver kept from the previous lock; ours goes on top.
@@ -523,7 +529,7 @@ def _via_names(text: str) -> set[str]:
     return {canonicalize_name(text.split()[0].split("[")[0])}
 
 
-def _with_wheel_sizes(spec: ImageSpec, layer: LockLayer, body: str) -> str:
+def _with_wheel_sizes(spec: ImageSpec, layer: PipLock, body: str) -> str:
     """``body`` with ``# wheel: <bytes> <file> sha256:<hex>`` lines in each pin: the files pip can
     install on the lock's platform and Python (an sdist where no wheel fits), from uv's
     pylock.toml export of exactly these pins."""
@@ -569,7 +575,7 @@ def read_pins(path: Path) -> dict[str, Pin]:
     return parse_pins(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def added_pins(spec: ImageSpec, layer: LockLayer) -> list[Pin]:
+def added_pins(spec: ImageSpec, layer: PipLock) -> list[Pin]:
     """What a layer installs: the pins of its lock that the lock below does not have."""
     pins = read_pins(layer.path(spec))
     below = read_pins(layer.below.path(spec)) if layer.below else {}

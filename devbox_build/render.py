@@ -409,8 +409,8 @@ def _check_own_layers(spec: ImageSpec, variant: str, platform: str) -> None:
     otherwise be silently ignored)."""
     if not spec.layers.own:
         return
-    locked = {name for lock in locking.all_layers(spec, [platform])
-              for name in locking.read_pins(lock.path(spec))}
+    locked = {name for unit in locking.units(spec, [platform])
+              if isinstance(unit, locking.PipLock) for name in locking.read_pins(unit.path(spec))}
     for name in spec.layers.own:
         if canonicalize_name(name) not in locked:
             raise SpecError(f"{spec.path}: key 'layers.own': {name!r} is in none of the spec's "

@@ -167,3 +167,9 @@ def test_the_default_lock_marks_what_its_inputs_name():
              for line in (DEFAULT / "requirements.in").read_text().splitlines()
              if line.strip() and not line.startswith("#")}
     assert {name for name, pin in lock.items() if pin.direct} == named
+
+
+def test_one_layer_per_lock_is_allowed():
+    direct = [Pin("tqdm", "1", "tqdm==1\n", size=80_000, direct=True)]
+    groups = layers.group(direct + pins(six=11_000, scipy=35_000_000), max_per_lock=1)
+    assert [sorted(g) for g in names(groups)] == [["scipy", "six", "tqdm"]]
