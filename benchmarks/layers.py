@@ -69,8 +69,11 @@ class Stack:
         self.contender = contender
         self.folder = copy_spec(scratch, name)
         if contender == BEFORE:
+            # Another uid too: its os step differs, so the two never share a cache chain (two
+            # cold builds of one os step leave two candidates, and the classic builder may
+            # continue from either).
             with (self.folder / "image.toml").open("a") as spec_file:
-                spec_file.write("\n[layers]\nmax_per_lock = 1\n")
+                spec_file.write("\n[layers]\nmax_per_lock = 1\n[user]\nuid = 1001\n")
         self.spec_inputs = self.folder / "requirements.in"
         if small:
             self.spec_inputs.write_text("")
