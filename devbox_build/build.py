@@ -163,7 +163,7 @@ def _missing_base(spec: ImageSpec, variant: str, base: str, exc: DevboxError) ->
     return SpecError(
         f"{spec.path}: key 'variants.{variant}.base': base image {base!r} is not in the "
         f"engine and could not be pulled ({exc.message.removeprefix(f'cannot pull {base}: ')})",
-        hint=f"build the image it extends first (devbox-build build <its spec>) or pull it"
+        hint="build the image it extends first (devbox-build build <its spec>) or pull it"
         if spec.extends else f"without a registry, build it from a Debian mirror: "
         f"devbox-build bootstrap-base --tag {base}",
     )
