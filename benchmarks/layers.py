@@ -8,7 +8,8 @@
 Contenders, on equal footing (same base, apt packages, cleanup, CA and lock; bytecode compiled):
 devbox-build (grouped install layers), a hand-written `pip install -r` Dockerfile and a
 hand-written `uv pip install` one (benchmarks/_handwritten.py). Each round, interleaved (each
-stage runs every contender before the next stage, in an order that rotates per round):
+stage runs every contender before the next stage, in an order that rotates per round; with
+--before, each contender runs its stages in a row, see rounds()):
 
   cold            build with no cache (the default CPU stack plus a tqdm leaf)
   leaf one-pin    tqdm moved to another version, locked, rebuilt
@@ -167,26 +168,31 @@ def rounds(engine: Engine, count: int, scratch: Path, contenders: tuple[str, ...
         shift = number % len(contenders)
         order = contenders[shift:] + contenders[:shift]
         stacks = {c: Stack(scratch, f"r{number}-{i}", c) for i, c in enumerate(contenders)}
-        for stage in STAGES:
-            for contender in order:
-                stack = stacks[contender]
-                before = layer_ids(engine, stack.image) if stack.image else []
-                if stage == "cold":
-                    stack.pin(tqdm[0])
-                elif stage == "leaf one-pin":
-                    stack.pin(tqdm[1])
-                else:
-                    stack.pin(tqdm[1], numpy)
-                seconds, image = timed(lambda: stack.build(engine, no_cache=stage == "cold"))
-                times.setdefault((contender, stage), []).append(seconds)
-                if contender == OURS and before:
-                    after = layer_ids(engine, image)
-                    notes["kept"].append(f"{stage}: {kept_below(before, after)} of {len(after)} "
-                                         "steps kept")
-                if contender == OURS and stage == "cold":
-                    notes["layers"].append(filesystem_layers(engine, image))
-                print(f"round {number + 1} {stage:14} {contender:16} {seconds:6.1f} s",
-                      file=sys.stderr)
+        # With --before both contenders are devbox-build, whose first steps are the same: the
+        # classic builder continues a cached chain from the newest matching step, so a cold
+        # (no-cache) build of one would send the other's next build down its chain. There each
+        # contender runs its three stages in a row instead.
+        plan = ([(stage, c) for c in order for stage in STAGES] if BEFORE in contenders
+                else [(stage, c) for stage in STAGES for c in order])
+        for stage, contender in plan:
+            stack = stacks[contender]
+            before = layer_ids(engine, stack.image) if stack.image else []
+            if stage == "cold":
+                stack.pin(tqdm[0])
+            elif stage == "leaf one-pin":
+                stack.pin(tqdm[1])
+            else:
+                stack.pin(tqdm[1], numpy)
+            seconds, image = timed(lambda: stack.build(engine, no_cache=stage == "cold"))
+            times.setdefault((contender, stage), []).append(seconds)
+            if contender == OURS and before:
+                after = layer_ids(engine, image)
+                notes["kept"].append(f"{stage}: {kept_below(before, after)} of {len(after)} "
+                                     "steps kept")
+            if contender == OURS and stage == "cold":
+                notes["layers"].append(filesystem_layers(engine, image))
+            print(f"round {number + 1} {stage:14} {contender:16} {seconds:6.1f} s",
+                  file=sys.stderr)
         for stack in stacks.values():
             stack.remove(engine)
     return {"times": times, **notes}
