@@ -153,7 +153,8 @@ def test_install_layers_are_reproducible(engine, stack):
     """Two builds with no cache (as two machines, or a week apart, would make them) give the
     same bytes in every pip install layer, so a registry that has them never gets them again."""
     text = (stack / "image.toml").read_text()
-    # A user of its own: no other test's cache chain ever sees these builds.
+    # A user of its own, and the images removed after each build: the classic builder continues
+    # a cached chain from the newest matching step, so no-cache builds must not outlive the test.
     (stack / "image.toml").write_text(text + '\n[user]\nname = "repro"\nuid = 4242\n'
                                       'home = "/home/repro"\n')
     spec = load(stack)
