@@ -35,3 +35,22 @@ def test_default_cpu_image_runs_the_stack(engine, default_images):
     assert code == 0 and out.strip().endswith("3"), out
     code, out = engine.run(ref, ["jupyter", "lab", "--version"])
     assert code == 0, out
+
+
+@pytest.mark.engine
+def test_default_cpu_and_gpu_images_share_every_layer_below_the_accelerator(engine,
+                                                                             default_images):
+    """Every pip group both variants install is the same layer in both images; the GPU image
+    adds its own only above them. Prints the bytes shared."""
+    from .test_build import filesystem_layers
+
+    cpu = filesystem_layers(engine, default_images["cpu"].content_tag)
+    gpu = filesystem_layers(engine, default_images["gpu"].content_tag)
+    gpu_only = next(i for i, (step, _) in enumerate(gpu) if "/requirements/pip-gpu-" in step)
+    assert gpu[:gpu_only] == cpu[:gpu_only]
+    assert sum("> /opt/devbox/requirements/pip-" in step for step, _ in gpu[:gpu_only]) >= 4
+    sizes = {entry["CreatedBy"]: entry["Size"] for entry in engine.history(
+        default_images["gpu"].content_tag)}
+    shared = sum(sizes.get(step, 0) for step, _ in gpu[:gpu_only])
+    print(f"CPU and GPU share {gpu_only} layers, {shared / 1e6:.0f} MB "
+          f"(GPU image {engine.size(default_images['gpu'].content_tag) / 1e9:.1f} GB)")
