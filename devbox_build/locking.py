@@ -575,10 +575,10 @@ def read_pins(path: Path) -> dict[str, Pin]:
     return parse_pins(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def added_pins(spec: ImageSpec, layer: PipLock) -> list[Pin]:
-    """What a layer installs: the pins of its lock that the lock below does not have."""
-    pins = read_pins(layer.path(spec))
-    below = read_pins(layer.below.path(spec)) if layer.below else {}
+def added_pins(spec: ImageSpec, layer: PipLock, pins: dict[str, Pin],
+               below: dict[str, Pin]) -> list[Pin]:
+    """What a layer installs: the pins of its lock (``pins``) that the lock below (``below``)
+    does not have."""
     for name, pin in pins.items():
         if name in below and below[name].version != pin.version:
             raise LockError(

@@ -248,16 +248,17 @@ def render(
 
     conda_steps = _conda_steps(spec, variant, platform, context)
     pip_steps, lock_digests, locked_closure = [], {}, {}
+    closures: dict[str, dict[str, locking.Pin]] = {}  # lock name → its pins, each read once
     for lock in locking.stack(spec, variant, platform):
         lock_path = lock.path(spec)
         if not lock_path.is_file():
             raise LockError(f"missing lock {lock_path}", hint=f"run: {spec.lock_command}")
-        pins = locking.added_pins(spec, lock)
-        locked_closure = {name: pin.version
-                          for name, pin in sorted(locking.read_pins(lock_path).items())}
+        closures[lock.name] = locking.read_pins(lock_path)
+        below = closures[lock.below.name] if lock.below else {}
+        pins = locking.added_pins(spec, lock, closures[lock.name], below)
+        locked_closure = {name: pin.version for name, pin in sorted(closures[lock.name].items())}
         lock_digests[lock.name] = hashlib.sha256(lock_path.read_bytes()).hexdigest()
-        below = len(locking.read_pins(lock.below.path(spec))) if lock.below else 0
-        groups = layers.group(pins, own=spec.layers.own, below=below,
+        groups = layers.group(pins, own=spec.layers.own, below=len(below),
                               max_per_lock=spec.layers.max_per_lock)
         for number, group in enumerate(groups, start=1):
             pip_steps.append(InstallStep(
