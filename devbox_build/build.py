@@ -316,6 +316,10 @@ def _run_build(
     buildargs["DEVBOX_BUILD_TIME"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     buildargs["DEVBOX_CONTENT_HASH"] = digest
     result = BuildResult(context.spec.name, context.variant, "", content_tag)
+    if context.private:
+        progress.output(f"devbox-build: fetching {len(context.private)} conda packages of a "
+                        "private channel on this host (its credentials stay here)")
+        context.fetch_private()
     try:
         for event in engine.build(
             context.tar(),

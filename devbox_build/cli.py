@@ -170,11 +170,7 @@ def render_command(image, variant, ca_certs, no_host_ca, output, images_dir):
     if output is None:
         sys.stdout.write(context.dockerfile)
         return
-    for relative, data in context.files.items():
-        target = output / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    err.print(f"wrote {len(context.files)} files to {output}")
+    err.print(f"wrote {context.write(output)} files to {output}")
 
 
 # -- build --------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ Like the pip locks, conda locks stack per variant:
 Each lock's ``metadata.content_hash`` is a digest of its inputs per subdir; a changed input makes
 it stale for ``lock --check`` and ``build``. ``metadata.custom_metadata`` records a digest of the
 locked packages themselves, so a hand-edited or truncated lock is refused as that file. Channel
-URLs are written bare: credentials (``user:pass@``, ``/t/<token>/``) never enter a lock. The environment's ``pip:`` section is not conda's: it
-is locked with hashes in the pip layer like any other pip input (see locking.py).
+URLs are written bare: credentials (``user:pass@``, ``/t/<token>/``) never enter a lock; a private
+channel's come from the host at lock and build time (channels.py). The environment's ``pip:``
+section is not conda's: it is locked with hashes in the pip layer like any other pip input (see
+locking.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from .spec import ImageSpec
 LOCK_FORMAT = "devbox-conda-lock/1"
 PACKAGES_DIGEST = "devbox-packages-sha256"  # metadata.custom_metadata key
 PIP_SECTION = "pip"  # an environment file's pip: section, a pip-layer input (lockunit.Input)
+CREDENTIALS_HINT = ("a private channel: put its credentials in a netrc file ($NETRC, else "
+                    "~/.netrc) or rattler's credentials file ($RATTLER_AUTH_FILE); they never "
+                    "enter a lock or an image")
 
 
 @dataclass(frozen=True)
@@ -178,9 +183,10 @@ async def _solve(spec: ImageSpec, item: CondaLock):
     if item.below is not None:
         below = read_lock(item.below.path(spec))
         pinned = {(p.platform, p.name): p for p in below.package}
-    # A private cache: a channel's repodata is fetched fresh for every lock.
+    # A private cache: a channel's repodata is fetched fresh for every lock. The authenticated
+    # client reads a private channel's credentials where build does too (channels.py).
     with tempfile.TemporaryDirectory(prefix="devbox-conda-") as cache:
-        gateway = rattler.Gateway(cache_dir=cache)
+        gateway = rattler.Gateway(cache_dir=cache, client=rattler.Client.authenticated_client())
         packages = []
         for subdir in spec.conda.platforms:
             virtual = [
@@ -202,7 +208,8 @@ async def _solve(spec: ImageSpec, item: CondaLock):
                 raise LockError(
                     f"{spec.path}: could not lock {item.name} ({subdir}) from "
                     f"{', '.join(map(str, item.inputs))}: {type(exc).__name__}: "
-                    f"{_first_lines(exc)}"
+                    f"{_first_lines(exc)}",
+                    hint=CREDENTIALS_HINT if re.search(r"\b40[13]\b", str(exc)) else None,
                 ) from None
             for record in records:
                 packages.append(LockedDependency(

@@ -13,15 +13,19 @@ import io
 import json
 import re
 import shlex
+import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+from urllib.parse import urlsplit
 
 import jinja2
 from packaging.utils import canonicalize_name
 
-from . import __version__, conda, layers, locking
+from . import __version__, channels, conda, layers, locking
 from .errors import InputError, LockError, SpecError
 from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, Idle, ImageSpec
 
@@ -38,6 +42,8 @@ START_HOOKS = "/opt/devbox/bin/devbox-restore; /opt/devbox/bin/devbox-idle watch
 # /opt/devbox/conda.
 CONDA_INSTALLER = "conda-installer"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# The name ending of a build stage that installs a private channel's packages and is thrown away.
+THROWAWAY_STAGE = "-install"
 # Printed by the Python check in the os layer; the build turns it into an error naming the spec key.
 PYTHON_MISMATCH_MARKER = "devbox-build: the base image provides Python"
 APT_CLEANUP = (
@@ -112,9 +118,21 @@ class InstallStep:
     # less, and its text in the step is the cache key)
     requirements: tuple[str, ...] = ()
     context_path: str = ""  # conda: the lock in the build context
+    # conda: the context folder of the packages the host fetched with a private channel's
+    # credentials (installed in a throwaway stage then); "" when the build fetches them all
+    fetched_folder: str = ""
     packages: dict[str, str] = field(default_factory=dict)  # conda: name → version
     subdir: str = ""  # conda
     opens_variant: bool = False
+
+
+@dataclass(frozen=True)
+class PrivatePackage:
+    """A locked conda package whose channel needs credentials this host holds."""
+
+    url: str
+    sha256: str
+    credential: channels.Credential
 
 
 @dataclass
@@ -126,6 +144,10 @@ class BuildContext:
     platform: str
     base: str
     files: dict[str, bytes] = field(default_factory=dict)  # Dockerfile included
+    # Packages of private conda channels, fetched on the host into the context: path → package.
+    # Named by the lock's sha256 in the digest; their bytes come at build time (fetch_private).
+    private: dict[str, PrivatePackage] = field(default_factory=dict)
+    _fetched: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @property
     def dockerfile(self) -> str:
@@ -146,9 +168,15 @@ class BuildContext:
         return layers
 
     def filesystem_layers(self) -> int:
-        """How many filesystem layers the Dockerfile adds (each COPY and RUN makes one)."""
-        return sum(1 for line in self.dockerfile.splitlines()
-                   if line.startswith(("COPY ", "RUN ")))
+        """How many filesystem layers the Dockerfile adds to the image (each COPY and RUN makes
+        one; a throwaway stage's, which installs a private channel's packages, add none)."""
+        count, throwaway = 0, False
+        for line in self.dockerfile.splitlines():
+            if line.startswith("FROM "):
+                throwaway = line.endswith(THROWAWAY_STAGE)
+            elif line.startswith(("COPY ", "RUN ")) and not throwaway:
+                count += 1
+        return count
 
     def digest(self, base_image_id: str) -> str:
         """Content hash: every context file (spec, locks and template are all in them) + base id."""
@@ -156,11 +184,33 @@ class BuildContext:
         for path in sorted(self.files):
             digest.update(f"{path} {len(self.files[path])}\n".encode())
             digest.update(self.files[path])
+        for path, package in sorted(self.private.items()):
+            digest.update(f"{path} sha256:{package.sha256}\n".encode())
         return digest.hexdigest()
 
-    def tar(self) -> io.BytesIO:
-        """The context as a tar with fixed metadata, so equal files give equal COPY cache keys."""
-        buffer = io.BytesIO()
+    def fetch_private(self) -> int:
+        """Fetch (or find in the host's cache) every private package; returns how many."""
+        for path, package in sorted(self.private.items()):
+            self._fetched[path] = channels.fetch(package.url, package.sha256, package.credential)
+        return len(self.private)
+
+    def write(self, folder: Path) -> int:
+        """Write the whole context (private packages fetched) into ``folder``; returns how many
+        files."""
+        self.fetch_private()
+        for relative, data in self.files.items():
+            target = folder / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        for relative, source in self._fetched.items():
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, folder / relative)
+        return len(self.files) + len(self._fetched)
+
+    def tar(self) -> BinaryIO:
+        """The context as a tar with fixed metadata, so equal files give equal COPY cache keys.
+        Spooled to disk past 64 MiB: private conda packages can be large."""
+        buffer = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 (returned open)
         with tarfile.open(fileobj=buffer, mode="w") as archive:
             for path in sorted(self.files):
                 info = tarfile.TarInfo(path)
@@ -168,6 +218,13 @@ class BuildContext:
                 mode = 0o755 if path.startswith(f"{RUNTIME_BIN}/") else 0o644
                 info.size, info.mode, info.mtime = len(self.files[path]), mode, 0
                 archive.addfile(info, io.BytesIO(self.files[path]))
+            for path in sorted(self.private):
+                if path not in self._fetched:
+                    raise RuntimeError(f"{path}: not fetched; call fetch_private() first")
+                info = tarfile.TarInfo(path)
+                info.size, info.mode, info.mtime = self._fetched[path].stat().st_size, 0o644, 0
+                with self._fetched[path].open("rb") as package:
+                    archive.addfile(info, package)
         buffer.seek(0)
         return buffer
 
@@ -338,6 +395,7 @@ def render(
         apt_cleanup=APT_CLEANUP,
         install_steps=_install_order(conda_steps, pip_steps),
         layer_mtime=LAYER_MTIME,
+        throwaway_stage=THROWAWAY_STAGE,
         site_packages_parents=[str(parent) for parent in reversed(PurePosixPath(
             f"{VENV}/lib/python{spec.python_version}/site-packages").parents) if parent.name],
         conda=spec.conda,
@@ -391,17 +449,31 @@ def _conda_steps(spec: ImageSpec, variant: str, platform: str,
     for name in ("installer.txt", "install.py", "devbox-conda"):
         context.files[f"{CONDA_INSTALLER}/{name}"] = _template_file(f"conda/{name}")
     steps = []
+    credentials: dict[str, channels.Credential | None] = {}  # by channel host, looked up once
     for item in locks:
         path = item.path(spec)
         if not path.is_file():
             raise LockError(f"missing lock {path}", hint=f"run: {spec.lock_command}")
         context_path = f"conda/{path.name}"
         context.files[context_path] = path.read_bytes()
-        packages = {p.name: p.version for p in conda.locked_packages(spec, item, subdir)}
+        locked = conda.locked_packages(spec, item, subdir)
+        fetched_folder = f"conda/fetched/{item.name}"
+        below = {p.hash.sha256 for p in conda.locked_packages(spec, item.below, subdir)
+                 } if item.below else set()  # installed by the step below
+        for package in (p for p in locked if p.hash.sha256 not in below):
+            host = urlsplit(package.url).hostname or ""
+            if host not in credentials:
+                credentials[host] = channels.credential_for(package.url)
+            if credentials[host] is not None:
+                context.private[f"{fetched_folder}/{package.url.rsplit('/', 1)[-1]}"] = (
+                    PrivatePackage(package.url, package.hash.sha256, credentials[host]))
+        packages = {p.name: p.version for p in locked}
         steps.append(InstallStep(
             kind="conda", layer=item.layer, name=item.name,
             lock=str(path.relative_to(spec.folder)), context_path=context_path,
-            count=len(packages), title=subdir, packages=packages, subdir=subdir))
+            count=len(packages), title=subdir, packages=packages, subdir=subdir,
+            fetched_folder=fetched_folder if any(
+                p.startswith(f"{fetched_folder}/") for p in context.private) else ""))
     return steps
 
 

@@ -27,6 +27,10 @@ BASE_IMAGE = "debian:bookworm-slim"
 # The same set the CLI trusts by default, so library-level builds and CLI builds agree.
 HOST_CA_CERTS = host_ca_certificates()
 IN_CI = os.environ.get("CI") == "true"
+# No channel credentials but the ones a test writes itself: a developer's own netrc or rattler
+# credentials must not change which build path a test takes. Subprocesses inherit these.
+os.environ["NETRC"] = str(ROOT / ".devbox" / "tests-have-no-netrc")
+os.environ["RATTLER_AUTH_FILE"] = str(ROOT / ".devbox" / "tests-have-no-credentials.json")
 
 
 def _unavailable(reason: str) -> None:

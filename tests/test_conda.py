@@ -6,16 +6,22 @@ on loopback over http; builds use `--network host` to reach it.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 import rattler
 
-from devbox_build import conda
+from devbox_build import channels, conda
 from devbox_build.build import BuildOptions, build
-from devbox_build.errors import DevboxError
+from devbox_build.errors import DevboxError, InputError
+from devbox_build.render import render
 
 from .conftest import HOST_CA_CERTS, assert_clean_error, cli, load
 from .test_build import history_ids, index_of
@@ -265,3 +271,217 @@ def test_variant_conda_without_a_conda_section_is_a_spec_error(stack):
         spec.replace("[variants.gpu]", '[variants.gpu]\nconda = ["environment-gpu.yml"]'))
     with pytest.raises(DevboxError, match="variants.gpu.conda"):
         load(stack)
+
+
+# -- a private channel: credentials from the host, never in a lock, a context or an image --------
+
+SECRET = "s3cr3t-channel-pass"
+LOGIN = ("alice", SECRET)
+
+
+@pytest.fixture
+def private_channel(tmp_path_factory):
+    """The same channel, answering 401 unless the request carries alice's password."""
+    from .support.conda_channel import ServedChannel, build_channel
+
+    folder = build_channel(tmp_path_factory.mktemp("private-channel"))
+    with ServedChannel(folder, login=LOGIN) as served:
+        yield served
+
+
+@pytest.fixture
+def private_stack(conda_stack: Path, private_channel) -> Path:
+    """conda_stack with both environments on the private channel, named by its bare URL."""
+    (conda_stack / "environment.yml").write_text(
+        environment(private_channel.url, "greeter >=2", "ca-certificates", pip=["packaging"]))
+    (conda_stack / "environment-gpu.yml").write_text(
+        environment(private_channel.url, "farewell"))
+    return conda_stack
+
+
+@pytest.fixture
+def conda_stack_public(conda_stack: Path, channel, tmp_path: Path) -> Path:
+    """A copy of conda_stack (its own repository) on the public channel."""
+    target = tmp_path / "public"
+    shutil.copytree(conda_stack, target)
+    (target / "environment.yml").write_text(
+        environment(channel.url, "greeter >=2", "ca-certificates", pip=["packaging"]))
+    (target / "environment-gpu.yml").write_text(environment(channel.url, "farewell"))
+    spec = target / "image.toml"
+    spec.write_text(re.sub(r'(repository = "[^"]+)"', r'\1-public"', spec.read_text()))
+    return target
+
+
+@pytest.fixture
+def netrc(tmp_path: Path, monkeypatch) -> Path:
+    """A netrc with the private channel's password, and an empty package cache; both reach the
+    CLI's subprocesses too."""
+    path = tmp_path / "secrets" / "netrc"
+    path.parent.mkdir()
+    path.write_text(f"machine 127.0.0.1 login alice password {SECRET}\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return path
+
+
+def secrets_in(data: bytes) -> list[bytes]:
+    basic = base64.b64encode(":".join(LOGIN).encode())
+    return [needle for needle in (SECRET.encode(), basic) if needle in data]
+
+
+def test_a_private_channel_locks_with_credentials_from_netrc_or_rattlers_file(
+        private_stack, private_channel, tmp_path, monkeypatch):
+    result = cli("lock", str(private_stack))
+    assert_clean_error(result, "401", "netrc", "RATTLER_AUTH_FILE")
+    assert result.returncode == 3
+    assert not (private_stack / "locks" / "conda-lock.yml").exists()
+
+    # rattler's own credentials file (what pixi writes) works as well as a netrc.
+    auth = tmp_path / "credentials.json"
+    auth.write_text(json.dumps({"127.0.0.1": {"BasicHTTP": {"username": "alice",
+                                                            "password": SECRET}}}))
+    monkeypatch.setenv("RATTLER_AUTH_FILE", str(auth))
+    lock(private_stack)
+    text = (private_stack / "locks" / "conda-lock.yml").read_text()
+    assert private_channel.url.rstrip("/") in text and not secrets_in(text.encode())
+
+
+def test_credentials_are_applied_as_each_kind_says():
+    basic = channels.Credential("here", "basic", "alice", "pw")
+    assert basic.request("https://c.example/ch/noarch/p.conda") == (
+        "https://c.example/ch/noarch/p.conda",
+        {"Authorization": "Basic " + base64.b64encode(b"alice:pw").decode()})
+    assert channels.Credential("here", "bearer", secret="tok").request("https://c.example/x")[1] \
+        == {"Authorization": "Bearer tok"}
+    token = channels.Credential("here", "conda-token", secret="tk-123")
+    assert token.request("https://conda.example/ch/noarch/p.conda") == (
+        "https://conda.example/t/tk-123/ch/noarch/p.conda", {})
+
+
+def test_credentials_are_found_by_host_in_the_auth_file_then_netrc(tmp_path, monkeypatch):
+    auth, netrc_path = tmp_path / "credentials.json", tmp_path / "netrc"
+    auth.write_text(json.dumps({"*.corp.example": {"CondaToken": "tk-1"},
+                                "exact.example": {"BearerToken": "b-1"}}))
+    netrc_path.write_text("machine exact.example login bob password nope\n"
+                          "machine other.example login bob password pw2\n")
+    monkeypatch.setenv("RATTLER_AUTH_FILE", str(auth))
+    monkeypatch.setenv("NETRC", str(netrc_path))
+    assert channels.credential_for("https://conda.corp.example/ch/").kind == "conda-token"
+    assert channels.credential_for("https://exact.example/ch/").kind == "bearer"
+    found = channels.credential_for("https://other.example/ch/")
+    assert (found.kind, found.username, found.secret) == ("basic", "bob", "pw2")
+    assert "pw2" not in found.source and str(netrc_path) in found.source
+    assert channels.credential_for("https://public.example/ch/") is None
+    netrc_path.write_text("hostname other.example login bob password pw2\n")  # not netrc
+    with pytest.raises(InputError, match=r"not a readable netrc file \(line 1\)$") as caught:
+        channels.credential_for("https://other.example/ch/")
+    assert "pw2" not in str(caught.value)
+
+
+def test_render_sends_a_private_channels_packages_not_its_credentials(private_stack, netrc,
+                                                                      tmp_path, monkeypatch):
+    lock(private_stack)
+    context = render(load(private_stack), "gpu")
+    shared = sorted(p for p in context.private if p.startswith("conda/fetched/conda-lock/"))
+    variant = sorted(p for p in context.private if p.startswith("conda/fetched/conda-lock-gpu/"))
+    assert [Path(p).name for p in shared] == [
+        "ca-certificates-2026.1-0.tar.bz2", "greeter-2.1-0.tar.bz2",
+        "greeting-data-1.0-0.tar.bz2"]
+    assert [Path(p).name for p in variant] == ["farewell-0.3-0.tar.bz2"]  # only what it adds
+    dockerfile = context.dockerfile
+    assert "FROM debian:bookworm-slim AS image" in dockerfile
+    assert "FROM image AS conda-lock-install" in dockerfile
+    assert "FROM conda-lock-installed AS conda-lock-gpu-install" in dockerfile
+    assert ('COPY --from=conda-lock-gpu-install --chown=0:100 ["/tmp/devbox-conda-delta/", '
+            '"/opt/"]') in dockerfile
+    # What the engine would receive: every file of the context, packages included.
+    written = tmp_path / "context"
+    result = cli("render", str(private_stack), "--variant", "gpu", "--output", str(written))
+    assert result.returncode == 0, result.stderr
+    files = [path for path in written.rglob("*") if path.is_file()]
+    assert written / "conda/fetched/conda-lock-gpu/farewell-0.3-0.tar.bz2" in files
+    assert not [path for path in files if secrets_in(path.read_bytes())]
+    # Without the credentials the same lock renders the plain way (the build fetches).
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert not render(load(private_stack), "gpu").private
+
+
+def saved_layers(engine, ref: str, folder: Path) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each member of every layer of ``ref`` as `docker save` writes it, and of
+    its config and manifest."""
+    archive_path = folder / "image.tar"
+    with archive_path.open("wb") as out:
+        for chunk in engine.api.get_image(ref):
+            out.write(chunk)
+    members = []
+    with tarfile.open(archive_path) as image:
+        for member in image.getmembers():
+            if not member.isfile():
+                continue
+            data = image.extractfile(member).read()
+            if member.name.endswith("layer.tar"):
+                with tarfile.open(fileobj=io.BytesIO(data)) as layer:
+                    members += [(f"{member.name}:{m.name}", layer.extractfile(m).read())
+                                for m in layer.getmembers() if m.isfile()]
+            else:
+                members.append((member.name, data))
+    archive_path.unlink()
+    return members
+
+
+def prefix_listing(engine, ref: str) -> list[str]:
+    code, out = engine.run(ref, ["find", "/opt/conda", "-printf", "%P %M %U:%G %l\n"])
+    assert code == 0, out
+    return sorted(out.splitlines())
+
+
+@pytest.mark.engine
+def test_a_private_channel_builds_and_its_credentials_never_reach_the_image(
+        engine, private_stack, private_channel, conda_stack_public, netrc, tmp_path, monkeypatch):
+    lock(private_stack)
+    private_channel.requests.clear()
+    results = conda_build(engine, private_stack)
+    cpu, gpu = results["cpu"].content_tag, results["gpu"].content_tag
+    code, out = engine.run(gpu, ["bash", "-lc", "farewell && greet"])
+    assert code == 0 and "goodbye from conda" in out and "hello from conda" in out, out
+    # The host fetched each package once, with the password; nothing asked without it.
+    fetched = [path for path, _ in private_channel.requests]
+    assert sorted(fetched) == sorted(set(fetched)) and len(fetched) == 4, fetched
+    assert all(header for _, header in private_channel.requests)
+    # The prefix records the lock's URL, as if the build had downloaded it.
+    code, out = engine.run(cpu, ["sh", "-c", "cat /opt/conda/conda-meta/greeter-*.json"])
+    assert json.loads(out)["url"] == f"{private_channel.url}noarch/greeter-2.1-0.tar.bz2"
+    # No layer, config or history entry holds the password; no package archive was kept.
+    for ref in (cpu, gpu):
+        members = saved_layers(engine, ref, tmp_path)
+        assert not [name for name, data in members if secrets_in(data)]
+        assert not [name for name, _ in members if name.endswith(".tar.bz2")]
+        assert not secrets_in(json.dumps(engine.history(ref)).encode())
+    # The variant's layer holds what it added, not the shared packages again.
+    variant_layer = {name.split(":")[0] for name, _ in saved_layers(engine, gpu, tmp_path)
+                     if name.endswith("opt/conda/bin/farewell")}
+    assert len(variant_layer) == 1
+    assert not [name for name, _ in saved_layers(engine, gpu, tmp_path)
+                if name.startswith(next(iter(variant_layer))) and name.endswith("bin/greet")]
+    # The same prefix, entry for entry (mode, owner, group, link), as a build that fetched the
+    # packages itself from a public channel.
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # the public stack: the plain way
+    lock(conda_stack_public)
+    public = conda_build(engine, conda_stack_public, ["gpu"])["gpu"].content_tag
+    assert prefix_listing(engine, gpu) == prefix_listing(engine, public)
+
+
+@pytest.mark.engine
+def test_a_private_channel_with_wrong_or_no_credentials_is_one_clear_error(
+        engine, private_stack, netrc):
+    lock(private_stack)
+    spec = load(private_stack)
+    netrc.write_text("machine 127.0.0.1 login alice password wrong-password\n")
+    result = cli("build", str(private_stack), "--variant", "cpu", "--network", "host")
+    assert_clean_error(result, "refused the credentials", f"{netrc} (machine 127.0.0.1)", "401")
+    assert result.returncode == 5 and "wrong-password" not in result.stderr
+    netrc.unlink()  # none at all: the build fetches, and the channel refuses it
+    result = cli("build", str(private_stack), "--variant", "cpu", "--network", "host")
+    assert_clean_error(result, "401", "netrc")
+    assert engine.image_id(f"{spec.repository}:cpu") is None

@@ -9,6 +9,7 @@ each package's sha256 against the lock rather than relying on TLS.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bz2
 import functools
 import hashlib
@@ -67,15 +68,34 @@ def build_channel(channel: Path) -> Path:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    authorization: str | None = None  # the Authorization header a private channel wants
+    requests: list[tuple[str, str | None]]  # (path, Authorization header) of each request
+
+    def do_GET(self) -> None:
+        self.requests.append((self.path, self.headers.get("Authorization")))
+        if self.authorization and self.headers.get("Authorization") != self.authorization:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="private channel"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
     def log_message(self, *args) -> None:
         pass
 
 
 class ServedChannel:
-    """Serve a channel folder on 127.0.0.1 (a free port) for as long as the context lasts."""
+    """Serve a channel folder on 127.0.0.1 (a free port) for as long as the context lasts;
+    with ``login`` (user, password), a private channel that answers 401 without them."""
 
-    def __init__(self, folder: Path) -> None:
-        handler = functools.partial(_QuietHandler, directory=str(folder))
+    def __init__(self, folder: Path, login: tuple[str, str] | None = None) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        authorization = ("Basic " + base64.b64encode(":".join(login).encode()).decode()
+                         if login else None)
+        handler_class = type("ChannelHandler", (_QuietHandler,),
+                             {"authorization": authorization, "requests": self.requests})
+        handler = functools.partial(handler_class, directory=str(folder))
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.folder = folder
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"

@@ -14,14 +14,23 @@ After installing it makes the prefix fit the image:
     container user whose uid was remapped can still install.
 The lock arrives with credentials already taken out of its URLs (render.py), so none reach
 conda-meta or .condarc.
+
+A private channel's packages arrive already fetched (--packages: the host fetched them with its
+credentials, channels.py). This runs in a throwaway build stage then, and --delta copies what the
+install added or changed into a tree the image's stage copies over the prefix: the packages and
+the stage's other files never reach the image. The prefix records each package's lock URL, as if
+it had been downloaded here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +48,82 @@ def records_for(lock_path: Path, subdir: str) -> list:
         raise SystemExit(f"devbox-build: {lock_path} has no packages for {subdir} "
                          f"(it covers {', '.join(sorted(platforms))}); lock for it")
     return environment.conda_repodata_records_for_platform(platforms[subdir]) or []
+
+
+CREDENTIALS_HINT = ("a private channel: give devbox-build its credentials on the host (a netrc "
+                    "entry, or $RATTLER_AUTH_FILE); it fetches the packages there, and the "
+                    "credentials never enter the image")
+
+
+def use_fetched(records: list, folder: Path) -> dict[str, str]:
+    """Point each record whose package is in ``folder`` at that file; returns file URL → the
+    lock's URL, to put back in the prefix's records."""
+    restore = {}
+    for record in records:
+        path = folder / record.file_name
+        if path.is_file():
+            restore[path.as_uri()] = record.url
+            record.url = path.as_uri()
+    return restore
+
+
+def restore_urls(prefix: Path, restore: dict[str, str]) -> None:
+    for path in (prefix / "conda-meta").glob("*.json"):
+        text = original = path.read_text()
+        for fetched, url in restore.items():
+            text = text.replace(json.dumps(fetched), json.dumps(url))
+        if text != original:
+            path.write_text(text)
+
+
+def snapshot(prefix: Path) -> dict[str, tuple]:
+    """Every path under the prefix with what a COPY would carry of it."""
+    entries = {}
+    if not prefix.exists():
+        return entries
+    for root, dirs, files in os.walk(prefix):
+        for name in [".", *dirs, *files] if root == str(prefix) else [*dirs, *files]:
+            path = os.path.normpath(os.path.join(root, name))
+            info = os.lstat(path)
+            target = os.readlink(path) if stat.S_ISLNK(info.st_mode) else None
+            entries[os.path.relpath(path, prefix)] = (
+                info.st_mode, info.st_uid, info.st_gid, info.st_size, info.st_mtime_ns, target)
+    return entries
+
+
+def write_delta(prefix: Path, before: dict[str, tuple], delta: Path) -> int:
+    """Copy what the install added or changed under the prefix into ``delta`` (with the folders
+    above each, as they are now); refuses a removal, which a COPY cannot carry."""
+    after = snapshot(prefix)
+    removed = sorted(set(before) - set(after))
+    if removed:
+        raise SystemExit(f"devbox-build: installing removed {prefix / removed[0]}, which the "
+                         "image's stage cannot express; a variant's lock only adds packages")
+    changed = [path for path, entry in after.items() if before.get(path) != entry]
+    keep = set(changed)
+    for path in changed:  # the folders above each, so the copy lands in place
+        parent = os.path.dirname(path)
+        while parent:
+            keep.add(parent)
+            parent = os.path.dirname(parent)
+    keep.add(".")
+    for path in sorted(keep):
+        source, target = prefix / path, delta / path
+        mode = after[path][0]
+        if stat.S_ISDIR(mode):
+            target.mkdir(parents=True, exist_ok=True)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(source), target)
+        else:
+            shutil.copy2(source, target, follow_symlinks=False)
+        os.lchown(target, after[path][1], after[path][2])
+    # Folders last, deepest first: adding their entries changed their times.
+    for path in sorted((p for p in keep if stat.S_ISDIR(after[p][0])), key=len, reverse=True):
+        shutil.copystat(prefix / path, delta / path)
+    for path in keep:
+        if stat.S_ISLNK(after[path][0]):
+            os.utime(delta / path, ns=(after[path][4], after[path][4]), follow_symlinks=False)
+    return len(changed)
 
 
 def installed(prefix: Path) -> list:
@@ -89,9 +174,14 @@ def main() -> int:
     parser.add_argument("--prefix", type=Path, required=True)
     parser.add_argument("--group", type=int, required=True)
     parser.add_argument("--ca-bundle", required=True)
+    parser.add_argument("--packages", type=Path, help="packages the host already fetched")
+    parser.add_argument("--delta", type=Path,
+                        help="copy what the install changed here, under the prefix's name")
     args = parser.parse_args()
     records = records_for(args.lock, args.subdir)
     present = installed(args.prefix) if (args.prefix / "conda-meta").is_dir() else []
+    restore = use_fetched(records, args.packages) if args.packages else {}
+    before = snapshot(args.prefix) if args.delta else {}
     cache = tempfile.mkdtemp(prefix="devbox-conda-cache-")
     try:
         asyncio.run(rattler.install(
@@ -100,15 +190,20 @@ def main() -> int:
         ))
     except Exception as exc:  # rattler's InstallerError and friends
         print(f"devbox-build: installing {args.lock.name} failed: {exc}", file=sys.stderr)
+        if re.search(r"\b40[13]\b", str(exc)):
+            print(f"hint: {CREDENTIALS_HINT}", file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     trust_image_ca(args.prefix, args.ca_bundle)
     write_condarc(args.prefix, channels_of(args.lock), args.ca_bundle)
     share_with_group(args.prefix, args.group)
+    restore_urls(args.prefix, restore)
+    if args.delta:  # the prefix itself inside: a COPY sets a folder's mode only below its target
+        write_delta(args.prefix, before, args.delta / args.prefix.name)
     added = len(records) - len(present)
     print(f"devbox-build: {args.lock.name}: {len(records)} conda packages in {args.prefix} "
-          f"({added} new), hashes checked")
+          f"({added} new, {len(restore)} fetched by the host), hashes checked")
     return 0
 
 
