@@ -4,6 +4,7 @@
     python benchmarks/layers.py --rounds 1
     python benchmarks/layers.py --scale         # only the 20 / 100 / 300 package series
     python benchmarks/layers.py --before        # against itself with one layer per lock
+    python benchmarks/layers.py --assembled     # the chain against independently built layers
 
 Contenders, on equal footing (same base, apt packages, cleanup, CA and lock; bytecode compiled):
 devbox-build (grouped install layers), a hand-written `pip install -r` Dockerfile and a
@@ -26,6 +27,7 @@ Needs a running engine and the base image (scripts/provision.sh).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -35,18 +37,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _assembled import Assembler  # noqa: E402
 from _handwritten import DOCKERFILES, build_handwritten, copy_spec, timed  # noqa: E402
 
 from devbox_build import locking  # noqa: E402
-from devbox_build.build import BuildOptions, build  # noqa: E402
+from devbox_build.build import PROXY_ARGS, BuildOptions, build  # noqa: E402
 from devbox_build.engine import Engine  # noqa: E402
-from devbox_build.render import host_ca_certificates  # noqa: E402
+from devbox_build.render import host_ca_certificates, render  # noqa: E402
 from devbox_build.spec import load_spec  # noqa: E402
 
 CA_CERTS = host_ca_certificates()
 OURS = "devbox-build"
 # devbox-build with every lock in one layer: how it built before layers came from the lock.
 BEFORE = "devbox-build, one layer per lock"
+# The same groups built independently and assembled with docker load (benchmarks/_assembled.py).
+ASSEMBLED = "devbox-build, assembled"
 CONTENDERS = (OURS, *DOCKERFILES)
 STAGES = ("cold", "leaf one-pin", "numpy one-pin")
 # Versions every pin of the default stack resolves with (checked when this was written).
@@ -75,6 +80,10 @@ class Stack:
             # continue from either).
             with (self.folder / "image.toml").open("a") as spec_file:
                 spec_file.write("\n[layers]\nmax_per_lock = 1\n[user]\nuid = 1001\n")
+        if contender == ASSEMBLED:  # its own uid for the same reason
+            with (self.folder / "image.toml").open("a") as spec_file:
+                spec_file.write("\n[user]\nuid = 1002\n")
+        self.assembler = Assembler(scratch) if contender == ASSEMBLED else None
         self.spec_inputs = self.folder / "requirements.in"
         if small:
             self.spec_inputs.write_text("")
@@ -91,6 +100,11 @@ class Stack:
 
     def build(self, engine: Engine, *, no_cache: bool = False) -> str:
         spec = load_spec(self.folder)
+        if self.assembler is not None:
+            context = render(spec, "cpu", platform="linux/amd64", ca_certificates=CA_CERTS)
+            buildargs = {name: os.environ[name] for name in PROXY_ARGS if name in os.environ}
+            self.image = self.assembler.build(engine, context, buildargs, no_cache)
+            return self.image
         if self.contender in (OURS, BEFORE):
             [result] = build(spec, ["cpu"], engine,
                              BuildOptions(ca_certificates=CA_CERTS, no_cache=no_cache))
@@ -104,6 +118,8 @@ class Stack:
         return self.image
 
     def remove(self, engine: Engine) -> None:
+        if self.assembler is not None:
+            self.assembler.remove(engine)
         for image_id in reversed(self.built):
             engine.remove_image(image_id)
 
@@ -172,7 +188,8 @@ def rounds(engine: Engine, count: int, scratch: Path, contenders: tuple[str, ...
         # classic builder continues a cached chain from the newest matching step, so a cold
         # (no-cache) build of one would send the other's next build down its chain. There each
         # contender runs its three stages in a row instead.
-        plan = ([(stage, c) for c in order for stage in STAGES] if BEFORE in contenders
+        in_a_row = BEFORE in contenders or ASSEMBLED in contenders
+        plan = ([(stage, c) for c in order for stage in STAGES] if in_a_row
                 else [(stage, c) for stage in STAGES for c in order])
         for stage, contender in plan:
             stack = stacks[contender]
@@ -232,6 +249,9 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true", help="only the scale series")
     parser.add_argument("--before", action="store_true",
                         help="devbox-build against itself with one layer per lock (as before)")
+    parser.add_argument("--assembled", action="store_true",
+                        help="the Dockerfile chain against the same groups built independently "
+                             "and assembled with docker load (issue 15's other mechanism)")
     args = parser.parse_args()
     engine = Engine.connect()
     with tempfile.TemporaryDirectory(prefix="devbox-bench-layers-") as scratch:
@@ -242,10 +262,11 @@ def main() -> None:
             for row in rows:
                 print("| " + " | ".join(row) + " |")
             return
-        contenders = (OURS, BEFORE) if args.before else CONTENDERS
+        contenders = ((OURS, BEFORE) if args.before else (OURS, ASSEMBLED) if args.assembled
+                      else CONTENDERS)
         result = rounds(engine, args.rounds, scratch, contenders)
-        pushed = None if args.before else push_after_leaf(engine, scratch,
-                                                          random.Random().sample(TQDM, 2))
+        pushed = None if args.before or args.assembled else push_after_leaf(
+            engine, scratch, random.Random().sample(TQDM, 2))
     times = result["times"]
     print(f"\n{args.rounds} rounds, min / median. Pins moved: {'; '.join(result['pins'])}")
     print("\n| figure | " + " | ".join(contenders) + " |\n|---|" + "---|" * len(contenders))
