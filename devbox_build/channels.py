@@ -24,7 +24,7 @@ import json
 import netrc
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,7 +41,7 @@ class Credential:
     source: str
     kind: str  # "basic", "bearer" or "conda-token"
     username: str = ""
-    secret: str = ""
+    secret: str = field(default="", repr=False)  # never in a repr, a traceback or a log
 
     def request(self, url: str) -> tuple[str, dict[str, str]]:
         """The URL to fetch and the headers to send."""

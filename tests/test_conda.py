@@ -355,6 +355,7 @@ def test_credentials_are_applied_as_each_kind_says():
     assert channels.Credential("here", "bearer", secret="tok").request("https://c.example/x")[1] \
         == {"Authorization": "Bearer tok"}
     token = channels.Credential("here", "conda-token", secret="tk-123")
+    assert "tk-123" not in repr(token)
     assert token.request("https://conda.example/ch/noarch/p.conda") == (
         "https://conda.example/t/tk-123/ch/noarch/p.conda", {})
 
