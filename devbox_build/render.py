@@ -42,6 +42,7 @@ START_HOOKS = "/opt/devbox/bin/devbox-restore; /opt/devbox/bin/devbox-idle watch
 # /opt/devbox/conda.
 CONDA_INSTALLER = "conda-installer"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+_CONDA_FILE = re.compile(r"[A-Za-z0-9_.+-]+\.(?:conda|tar\.bz2)")
 # The name ending of a build stage that installs a private channel's packages and is thrown away.
 THROWAWAY_STAGE = "-install"
 # Printed by the Python check in the os layer; the build turns it into an error naming the spec key.
@@ -465,7 +466,14 @@ def _conda_steps(spec: ImageSpec, variant: str, platform: str,
             if host not in credentials:
                 credentials[host] = channels.credential_for(package.url)
             if credentials[host] is not None:
-                context.private[f"{fetched_folder}/{package.url.rsplit('/', 1)[-1]}"] = (
+                # Both name a path: in the context, the image's stage and the host's cache.
+                file_name = package.url.rsplit("/", 1)[-1]
+                if not (_CONDA_FILE.fullmatch(file_name)
+                        and re.fullmatch(r"[0-9a-f]{64}", package.hash.sha256 or "")):
+                    raise LockError(f"{path}: package {package.name!r}: not a conda package "
+                                    f"file name and sha256: {package.url}",
+                                    hint=f"run: {spec.lock_command}")
+                context.private[f"{fetched_folder}/{file_name}"] = (
                     PrivatePackage(package.url, package.hash.sha256, credentials[host]))
         packages = {p.name: p.version for p in locked}
         steps.append(InstallStep(

@@ -20,7 +20,7 @@ import rattler
 
 from devbox_build import channels, conda
 from devbox_build.build import BuildOptions, build
-from devbox_build.errors import DevboxError, InputError
+from devbox_build.errors import DevboxError, InputError, LockError
 from devbox_build.render import render
 
 from .conftest import HOST_CA_CERTS, assert_clean_error, cli, load
@@ -406,6 +406,20 @@ def test_render_sends_a_private_channels_packages_not_its_credentials(private_st
     # Without the credentials the same lock renders the plain way (the build fetches).
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert not render(load(private_stack), "gpu").private
+
+
+def test_a_private_package_url_cannot_name_a_path_outside_its_folder(private_stack, netrc):
+    lock(private_stack)
+    path = private_stack / "locks" / "conda-lock.yml"
+    lockfile = conda.read_lock(path)
+    for package in lockfile.package:
+        if package.name == "greeter":
+            package.url = package.url.replace("greeter-2.1-0.tar.bz2", "..")
+    lockfile.metadata.custom_metadata[conda.PACKAGES_DIGEST] = conda.packages_digest(
+        lockfile.package)
+    conda._write(lockfile, path)
+    with pytest.raises(LockError, match="'greeter': not a conda package file name"):
+        render(load(private_stack), "cpu")
 
 
 def saved_layers(engine, ref: str, folder: Path) -> list[tuple[str, bytes]]:
