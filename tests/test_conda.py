@@ -188,19 +188,24 @@ def test_conda_env_trusts_the_image_ca_and_is_shared_with_the_group(engine, cond
                and p["channel"].startswith("http://127.0.0.1:") for p in packages), packages
 
 
+def edit_sealed(path: Path, name: str, change) -> None:
+    """Change package ``name`` in a conda lock and seal it again: a lock devbox-build accepts."""
+    lockfile = conda.read_lock(path)
+    for package in lockfile.package:
+        if package.name == name:
+            change(package)
+    lockfile.metadata.custom_metadata[conda.PACKAGES_DIGEST] = conda.packages_digest(
+        lockfile.package)
+    conda._write(lockfile, path)
+
+
 @pytest.mark.engine
 def test_hash_mismatch_fails_the_build(engine, conda_stack):
     lock(conda_stack)
     path = conda_stack / "locks" / "conda-lock.yml"
     # The channel now serves other bytes than the lock recorded (a package re-published under
     # the same name): a sealed lock whose greeter sha256 differs from what is served.
-    lockfile = conda.read_lock(path)
-    for package in lockfile.package:
-        if package.name == "greeter":
-            package.hash.sha256 = "ab" * 32
-    lockfile.metadata.custom_metadata[conda.PACKAGES_DIGEST] = conda.packages_digest(
-        lockfile.package)
-    conda._write(lockfile, path)
+    edit_sealed(path, "greeter", lambda package: setattr(package.hash, "sha256", "ab" * 32))
     # A lock devbox-build would accept:
     assert [unit.verdict(load(conda_stack)) for unit in conda.stack(load(conda_stack), "cpu")] == [None]
     spec = load(conda_stack)
@@ -411,13 +416,8 @@ def test_render_sends_a_private_channels_packages_not_its_credentials(private_st
 def test_a_private_package_url_cannot_name_a_path_outside_its_folder(private_stack, netrc):
     lock(private_stack)
     path = private_stack / "locks" / "conda-lock.yml"
-    lockfile = conda.read_lock(path)
-    for package in lockfile.package:
-        if package.name == "greeter":
-            package.url = package.url.replace("greeter-2.1-0.tar.bz2", "..")
-    lockfile.metadata.custom_metadata[conda.PACKAGES_DIGEST] = conda.packages_digest(
-        lockfile.package)
-    conda._write(lockfile, path)
+    edit_sealed(path, "greeter", lambda package: setattr(
+        package, "url", package.url.replace("greeter-2.1-0.tar.bz2", "..")))
     with pytest.raises(LockError, match="'greeter': not a conda package file name"):
         render(load(private_stack), "cpu")
 
