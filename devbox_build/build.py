@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
-from . import locking, refs
+from . import assemble, locking, refs
 from .engine import Built, Engine, Output, Step, StepFailed
 from .errors import BuildFailed, DevboxError, EngineError, InputError, LockError, SpecError
-from .render import PYTHON_MISMATCH_MARKER, BuildContext, render
+from .render import (HEAD_DOCKERFILE, PYTHON_MISMATCH_MARKER, TAIL_DOCKERFILE, BuildContext,
+                     render)
 from .spec import PLATFORMS, ImageSpec
 
 # Docker's predefined proxy build args: passed through from the caller's environment, never
@@ -30,6 +31,7 @@ PROXY_ARGS = tuple(
     for name in (base, base.lower())
 )
 FAILED_OUTPUT_LINES = 40
+MECHANISMS = ("assembled", "chain")
 # What a failed download says when a TLS-intercepting network's CA is not trusted.
 CERTIFICATE_ERRORS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
                       "SSL certificate problem", "self-signed certificate in certificate chain",
@@ -80,9 +82,15 @@ class BuildOptions:
     no_cache: bool = False
     # The platform to build; default: the engine's own, which the spec must lock.
     platform: str | None = None
+    # How the pip groups become layers: "assembled" (each installed on its own, put together
+    # with docker load: measured fastest) or "chain" (one Dockerfile RUN per group).
+    mechanism: str = "assembled"
 
     def __post_init__(self) -> None:
         # Every name an engine call will use is checked before any engine work.
+        if self.mechanism not in MECHANISMS:
+            raise InputError(f"--mechanism: {self.mechanism!r} is not one of "
+                             f"{', '.join(MECHANISMS)}")
         if self.platform is not None and self.platform not in PLATFORMS:
             raise InputError(f"--platform: {self.platform!r} is not one of "
                              f"{', '.join(PLATFORMS)}")
@@ -235,7 +243,8 @@ def build_contexts(
     results = []
     for context in (c for c in contexts if c.platform == platform):
         spec, variant = context.spec, context.variant
-        digest = context.digest(base_image_id(engine, spec, variant, platform))
+        digest = context.digest(base_image_id(engine, spec, variant, platform),
+                                mechanism=_mechanism(context, options))
         content_tag, *human_tags = tags_for(spec, variant, options, digest)
         started = time.monotonic()
         image_id = None if options.no_cache else engine.image_id(content_tag)
@@ -302,6 +311,11 @@ def _signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _mechanism(context: BuildContext, options: BuildOptions) -> str:
+    """How this context is built: assembled when asked and it has pip groups to assemble."""
+    return "assembled" if options.mechanism == "assembled" and context.assembled_steps else "chain"
+
+
 def _run_build(
     engine: Engine,
     context: BuildContext,
@@ -310,19 +324,44 @@ def _run_build(
     options: BuildOptions,
     progress: Progress,
 ) -> BuildResult:
-    layers = context.step_layers()
-    buildargs: dict[str, str] = {name: os.environ[name] for name in PROXY_ARGS
-                                 if name in os.environ}
-    buildargs["DEVBOX_BUILD_TIME"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    buildargs["DEVBOX_CONTENT_HASH"] = digest
+    proxies = {name: os.environ[name] for name in PROXY_ARGS if name in os.environ}
+    buildargs = {**proxies,
+                 "DEVBOX_BUILD_TIME": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "DEVBOX_CONTENT_HASH": digest}
     result = BuildResult(context.spec.name, context.variant, "", content_tag)
     if context.private:
         progress.output(f"devbox-build: fetching {len(context.private)} conda packages of a "
                         "private channel on this host (its credentials stay here)")
         context.fetch_private()
+    if _mechanism(context, options) == "chain":
+        result.image_id = _engine_build(engine, context, "Dockerfile", buildargs, options,
+                                        progress, result)
+    else:
+        head_id = _engine_build(engine, context, HEAD_DOCKERFILE, proxies, options, progress,
+                                result)
+        steps = context.assembled_steps
+        progress.step(Step(1, 1, f"assemble {len(steps)} pip groups: {steps[0].name} .. "
+                                 f"{steps[-1].name}"), steps[0].layer)
+        result.steps += 1
+        assembled = assemble.assemble(
+            engine, context, head_id, environment=proxies, network_mode=options.network_mode,
+            fresh=options.no_cache, report=progress.output)
+        result.image_id = _engine_build(engine, context, TAIL_DOCKERFILE,
+                                        {**buildargs, "DEVBOX_ASSEMBLED": assembled}, options,
+                                        progress, result)
+    return result
+
+
+def _engine_build(engine: Engine, context: BuildContext, dockerfile: str,
+                  buildargs: dict[str, str], options: BuildOptions, progress: Progress,
+                  result: BuildResult) -> str:
+    """One classic-builder build of the context's ``dockerfile``; the image id."""
+    layers = context.step_layers(dockerfile)
+    image_id = ""
     try:
         for event in engine.build(
             context.tar(),
+            dockerfile=dockerfile,
             platform=context.platform,
             buildargs=buildargs,
             network_mode=options.network_mode,
@@ -336,12 +375,13 @@ def _run_build(
                     result.cached_steps += 1
                 progress.output(event.text)
             elif isinstance(event, Built):
-                result.image_id = event.image_id
+                image_id = event.image_id
     except StepFailed as failure:
         raise _explain(context, layers, failure) from None
-    if not result.image_id:
-        raise BuildFailed(f"the engine finished building {content_tag} without an image id")
-    return result
+    if not image_id:
+        raise BuildFailed(f"the engine finished building {result.content_tag} ({dockerfile}) "
+                          "without an image id")
+    return image_id
 
 
 def _layer_of(layers: list[str], step: Step) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from . import credentials
+from . import cache, credentials
 from .errors import BuildFailed, InputError
 
 CHUNK = 1 << 20
@@ -112,18 +112,13 @@ def _from_netrc(host: str) -> Credential | None:
     return Credential(f"{path} (machine {host})", "basic", login or "", password or "")
 
 
-def cache_folder() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "devbox-build" / "conda-packages"
-
-
 def fetch(url: str, sha256: str, credential: Credential) -> Path:
     """The package at ``url``, from the cache or fetched with ``credential``; its sha256 is
     checked before it is kept. Errors name the package and where the credential came from."""
     import requests
 
     name = url.rsplit("/", 1)[-1]
-    target = cache_folder() / sha256 / name
+    target = cache.folder("conda-packages") / sha256 / name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, locking, refs
-from .build import BuildOptions, BuildResult, base_image_id, build_contexts, prepare, resolve_variants
+from .build import (MECHANISMS, BuildOptions, BuildResult, base_image_id, build_contexts, prepare,
+                    resolve_variants)
 from .engine import Engine, Step
 from .errors import ChecksFailed, CloudError, DevboxError, InputError, Interrupted, LockError
 from .manifest import read_manifest
@@ -223,11 +224,17 @@ class RichProgress:
 @click.option("--no-cache", is_flag=True, help="Rebuild every layer, ignoring the engine's cache.")
 @click.option("--platform", help="linux/amd64 or linux/arm64 (default: the engine's own; the "
               "spec must lock it). Another platform needs emulation registered in the engine.")
+@click.option("--mechanism", type=click.Choice(MECHANISMS), default="assembled",
+              envvar="DEVBOX_MECHANISM", show_default=True,
+              help="How the pip groups become layers: assembled (each installed on its own in a "
+              "builder container, cached on this host, put together with docker load; a "
+              "one-pin change installs one group) or chain (one Dockerfile RUN per group, "
+              "the classic builder alone).")
 @click.option("-v", "--verbose", is_flag=True, help="Stream every line of build output.")
 @images_dir_option
 @json_option
 def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, no_host_ca,
-                  network_mode, no_cache, platform, verbose, images_dir, as_json):
+                  network_mode, no_cache, platform, mechanism, verbose, images_dir, as_json):
     """Build IMAGE's variants; a build whose content is unchanged is a no-op.
 
     Every build is tagged REPOSITORY:VARIANT-<content hash> (the hash of spec, locks, template
@@ -246,7 +253,7 @@ def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, n
     options = BuildOptions(
         tags=tags, registry=registry, push=push, allow_stale=allow_stale,
         ca_certificates=ca_files, network_mode=network_mode, no_cache=no_cache,
-        platform=platform,
+        platform=platform, mechanism=mechanism,
     )
     contexts = prepare(spec, variants, options)
     err.print(f"[dim]CA certificates: {len(ca_files)} from {escape(ca_origin)}[/]")

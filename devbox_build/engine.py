@@ -7,12 +7,14 @@ the API (docker-py has no BuildKit client), so generated Dockerfiles avoid Build
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import docker
@@ -166,6 +168,26 @@ class Engine:
             if event.get("status"):
                 yield f"{event.get('id', '')} {event['status']}".strip()
 
+    def layer_lists(self, label: str) -> list[list[str]]:
+        """The layers (diff ids, bottom first) of every image carrying ``label``: whatever chain
+        of layers they make, this engine holds."""
+        return [self.api.inspect_image(image["Id"])["RootFS"]["Layers"]
+                for image in self.api.images(filters={"label": label})]
+
+    def load(self, archive: Iterable[bytes]) -> str:
+        """``docker load`` a `docker save` archive streamed in chunks; the image id it made.
+        A layer whose chain the engine already holds is not read, and may be absent."""
+        try:
+            events = list(self.api.load_image(archive))
+        except docker.errors.APIError as exc:
+            raise EngineError(f"docker load failed: {_reason(exc)}") from None
+        for event in events:
+            if "error" in event:
+                raise EngineError(f"docker load failed: {event['error']}")
+            if "Loaded image ID: " in event.get("stream", ""):
+                return event["stream"].split("Loaded image ID: ", 1)[1].strip()
+        raise EngineError(f"docker load named no image: {events[-3:]}")
+
     def import_rootfs(self, tarball: str, ref: str, changes: list[str]) -> str:
         """Import a root filesystem tar file as image ``ref``."""
         repository, _, tag = ref.rpartition(":")
@@ -184,6 +206,7 @@ class Engine:
         self,
         context: BinaryIO,
         *,
+        dockerfile: str = "Dockerfile",
         platform: str | None = None,
         buildargs: dict[str, str] | None = None,
         network_mode: str | None = None,
@@ -198,6 +221,7 @@ class Engine:
         stream = self.api.build(
             fileobj=context,
             custom_context=True,
+            dockerfile=dockerfile,
             decode=True,
             rm=True,
             forcerm=True,  # also remove intermediate containers when a step fails
@@ -331,11 +355,13 @@ class Engine:
 
     def create(self, ref: str, command: list[str], *, user: str | None = None,
                environment: dict[str, str] | None = None,
-               volumes: dict[str, str] | None = None) -> str:
+               volumes: dict[str, str] | None = None, entrypoint: list[str] | None = None,
+               network_mode: str | None = None) -> str:
         """Create (not start) a container, e.g. to copy files in first; see :meth:`start_created`."""
         return self.api.create_container(
             ref, command=command, user=user or "", environment=environment,
-            host_config=self._host_config(volumes=volumes),
+            entrypoint=entrypoint,
+            host_config=self._host_config(volumes=volumes, network_mode=network_mode),
         )["Id"]
 
     def start_created(self, container_id: str) -> None:
@@ -398,6 +424,20 @@ class Engine:
                     files[name] = archive.extractfile(member).read()
         return files
 
+    def copy_file_out(self, container_id: str, path: str, target: Path) -> str:
+        """Stream one file out of a container into ``target`` (not held in memory, no bind
+        mount: the engine may be remote); its sha256."""
+        stream, _ = self.api.get_archive(container_id, path)
+        digest = hashlib.sha256()
+        with tarfile.open(fileobj=_ChunkReader(stream), mode="r|") as archive:
+            member = next(iter(archive))
+            source = archive.extractfile(member)
+            with target.open("wb") as out:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+        return digest.hexdigest()
+
     def create_volume(self, name: str) -> str:
         return self.api.create_volume(name)["Name"]
 
@@ -410,6 +450,26 @@ class Engine:
     def has_gpu(self) -> bool:
         """Whether containers here can be given GPUs (the NVIDIA runtime is configured)."""
         return "nvidia" in (self.api.info().get("Runtimes") or {})
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks (an engine's streamed reply)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks, self.pending = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            self.pending = next(self.chunks, None)
+            if self.pending is None:
+                self.pending = b""
+                return 0
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
 
 
 def _reason(exc: Exception) -> str:

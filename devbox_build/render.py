@@ -45,6 +45,13 @@ CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _CONDA_FILE = re.compile(r"[A-Za-z0-9_.+-]+\.(?:conda|tar\.bz2)")
 # The name ending of a build stage that installs a private channel's packages and is thrown away.
 THROWAWAY_STAGE = "-install"
+# The pip install every group's layer runs, in a Dockerfile step or in assemble.py's builder.
+PIP_INSTALL = ("PIP_USER=0 pip install --no-deps --require-hashes --no-cache-dir --no-compile "
+               "--no-input --disable-pip-version-check --root-user-action=ignore")
+# When build assembles the pip groups: the steps before them, and the steps after them (built
+# FROM the assembled image), as Dockerfiles of the same context.
+HEAD_DOCKERFILE = "assembled/head.Dockerfile"
+TAIL_DOCKERFILE = "assembled/tail.Dockerfile"
 # Printed by the Python check in the os layer; the build turns it into an error naming the spec key.
 PYTHON_MISMATCH_MARKER = "devbox-build: the base image provides Python"
 APT_CLEANUP = (
@@ -125,6 +132,8 @@ class InstallStep:
     packages: dict[str, str] = field(default_factory=dict)  # conda: name → version
     subdir: str = ""  # conda
     opens_variant: bool = False
+    # pip: installed on its own and assembled (the first run of pip groups; see assemble.py)
+    assembled: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,8 @@ class BuildContext:
     variant: str
     platform: str
     base: str
-    files: dict[str, bytes] = field(default_factory=dict)  # Dockerfile included
+    files: dict[str, bytes] = field(default_factory=dict)  # Dockerfiles included
+    install_steps: tuple[InstallStep, ...] = ()  # bottom first, as the Dockerfile has them
     # Packages of private conda channels, fetched on the host into the context: path → package.
     # Named by the lock's sha256 in the digest; their bytes come at build time (fetch_private).
     private: dict[str, PrivatePackage] = field(default_factory=dict)
@@ -154,10 +164,15 @@ class BuildContext:
     def dockerfile(self) -> str:
         return self.files["Dockerfile"].decode()
 
-    def step_layers(self) -> list[str]:
-        """The layer each Dockerfile instruction belongs to, in build-step order."""
+    @property
+    def assembled_steps(self) -> tuple[InstallStep, ...]:
+        """The pip groups a build installs on their own and assembles (none: one chain)."""
+        return tuple(step for step in self.install_steps if step.assembled)
+
+    def step_layers(self, dockerfile: str = "Dockerfile") -> list[str]:
+        """The layer each instruction of ``dockerfile`` belongs to, in build-step order."""
         layers, current, continued = [], "os", False
-        for line in self.dockerfile.splitlines():
+        for line in self.files[dockerfile].decode().splitlines():
             stripped = line.strip()
             if marker := _LAYER_MARKER.match(stripped):
                 current = marker.group(1)
@@ -179,9 +194,10 @@ class BuildContext:
                 count += 1
         return count
 
-    def digest(self, base_image_id: str) -> str:
-        """Content hash: every context file (spec, locks and template are all in them) + base id."""
-        digest = hashlib.sha256(f"base {base_image_id}\n".encode())
+    def digest(self, base_image_id: str, mechanism: str = "assembled") -> str:
+        """Content hash: every context file (spec, locks and template are all in them), the base
+        id and how the pip groups become layers (the layers differ, the content does not)."""
+        digest = hashlib.sha256(f"base {base_image_id}\nmechanism {mechanism}\n".encode())
         for path in sorted(self.files):
             digest.update(f"{path} {len(self.files[path])}\n".encode())
             digest.update(self.files[path])
@@ -376,11 +392,13 @@ def render(
     context.files["devbox/build-info.json"] = (
         json.dumps(build_info, indent=2, sort_keys=True) + "\n"
     ).encode()
-    context.files["devbox/finalize.py"] = _template_file("finalize.py")
-    context.files["devbox/bash-env.sh"] = _template_file("bash-env.sh")
+    context.files["devbox/finalize.py"] = template_file("finalize.py")
+    context.files["devbox/bash-env.sh"] = template_file("bash-env.sh")
     for command in RUNTIME_COMMANDS:
-        context.files[f"{RUNTIME_BIN}/{command}"] = _template_file(f"bin/{command}")
-    context.files["Dockerfile"] = _environment().get_template("Dockerfile.j2").render(
+        context.files[f"{RUNTIME_BIN}/{command}"] = template_file(f"bin/{command}")
+    context.install_steps = tuple(_install_order(conda_steps, pip_steps))
+    template = _environment().get_template("Dockerfile.j2")
+    values = dict(
         version=__version__,
         spec=spec,
         # Relative to the spec's own folder: the content hash must not depend on the checkout path.
@@ -394,7 +412,8 @@ def render(
         ca_files=[p for p in context.files if p.startswith("ca-certificates/")],
         python_mismatch_marker=PYTHON_MISMATCH_MARKER,
         apt_cleanup=APT_CLEANUP,
-        install_steps=_install_order(conda_steps, pip_steps),
+        install_steps=context.install_steps,
+        pip_install=PIP_INSTALL,
         layer_mtime=LAYER_MTIME,
         throwaway_stage=THROWAWAY_STAGE,
         site_packages_parents=[str(parent) for parent in reversed(PurePosixPath(
@@ -403,7 +422,11 @@ def render(
         has_variant_layer=any(step.layer == "variant" for step in pip_steps + conda_steps),
         cuda=cuda,
         labels=labels,
-    ).encode()
+    )
+    context.files["Dockerfile"] = template.render(part="chain", **values).encode()
+    if context.assembled_steps:
+        context.files[HEAD_DOCKERFILE] = template.render(part="head", **values).encode()
+        context.files[TAIL_DOCKERFILE] = template.render(part="tail", **values).encode()
     return context
 
 
@@ -448,7 +471,7 @@ def _conda_steps(spec: ImageSpec, variant: str, platform: str,
         raise SpecError(f"{spec.path}: key 'conda.platforms': building for {platform} needs "
                         f"{subdir} in the conda lock")
     for name in ("installer.txt", "install.py", "devbox-conda"):
-        context.files[f"{CONDA_INSTALLER}/{name}"] = _template_file(f"conda/{name}")
+        context.files[f"{CONDA_INSTALLER}/{name}"] = template_file(f"conda/{name}")
     steps = []
     credentials: dict[str, channels.Credential | None] = {}  # by channel host, looked up once
     for item in locks:
@@ -501,20 +524,25 @@ def _check_own_layers(spec: ImageSpec, variant: str, platform: str) -> None:
 def _install_order(conda_steps: list[InstallStep],
                    pip_steps: list[InstallStep]) -> list[InstallStep]:
     """conda before pip within a layer of the stack; the first variant-only step opens the
-    variant part (everything below it is shared with the other variants)."""
+    variant part (everything below it is shared with the other variants). The first run of pip
+    groups is assembled: built on its own, layer by layer, then put onto the steps below it."""
     rank = {"conda": 0, "pip": 1, "variant": 2, "dev": 3}
     ordered = sorted([*conda_steps, *pip_steps],
                      key=lambda step: (rank[step.layer], step.kind != "conda"))
-    opened = False
+    opened, run = False, "before"  # the pip run: before it, in it, after it
     steps = []
     for step in ordered:
         opens = step.layer == "variant" and not opened
         opened = opened or opens
-        steps.append(replace(step, opens_variant=opens))
+        if step.kind == "pip" and run != "after":
+            run = "in"
+        elif run == "in":
+            run = "after"
+        steps.append(replace(step, opens_variant=opens, assembled=run == "in"))
     return steps
 
 
-def _template_file(name: str) -> bytes:
+def template_file(name: str) -> bytes:
     return resources.files("devbox_build").joinpath("dockerfile", *name.split("/")).read_bytes()
 
 

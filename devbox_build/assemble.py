@@ -1,0 +1,250 @@
+"""The pip groups of an image, each installed on its own and assembled onto the base steps.
+
+Chosen by measurement over one Dockerfile RUN per group (README, Benchmarks): a group is
+installed into an empty tree in a builder container of the base steps' image, normalised
+(fixed mtimes, bytecode compiled against them, sorted tar, numeric owners) and kept as a layer tar
+in the host's cache, keyed by everything that goes into it. The image is put together with
+`docker load`, which skips every layer whose chain the engine already holds. A one-pin change
+therefore installs one group; the groups above it are not installed again, only streamed in again
+(same bytes, so a registry that has them is not sent them again).
+
+    head build (classic builder)  →  groups (cache, or one builder container)  →  docker load
+    →  tail build FROM the loaded image (classic builder)
+
+Everything here goes through engine.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cache
+from .engine import Engine
+from .errors import BuildFailed, DevboxError
+from .render import LAYER_MTIME, PIP_INSTALL, VENV, BuildContext, InstallStep, template_file
+
+SCRIPT = "assemble-groups.sh"
+WORK = "/tmp/devbox-assemble"
+# A cached layer unused this long is removed at the next assembly.
+UNUSED_DAYS = 30
+_OUTPUT_LINES = 40
+
+
+@dataclass(frozen=True)
+class GroupLayer:
+    """One pip group's layer: its tar in the host's cache and its diff id."""
+
+    step: InstallStep
+    key: str
+    tar: Path
+    diff_id: str
+
+    @property
+    def created_by(self) -> str:
+        """Its line in `docker history`: what made it, in the words of a Dockerfile step."""
+        return (f"devbox-build assemble: pip install --no-deps --require-hashes -r "
+                f"/opt/devbox/requirements/{self.step.name}.txt  # {self.step.count} packages, "
+                f"from {self.step.lock}, installed on their own")
+
+
+class LayerCache:
+    """Group layers by key: ``<key>.tar`` and ``<key>.json`` (its diff id) in one folder."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or cache.folder("layers")
+
+    def get(self, step: InstallStep, key: str) -> GroupLayer | None:
+        tar, meta = self.folder / f"{key}.tar", self.folder / f"{key}.json"
+        try:
+            diff_id = json.loads(meta.read_text())["diff_id"]
+        except (OSError, ValueError, KeyError):
+            return None
+        if not tar.is_file():
+            return None
+        os.utime(meta)  # used now: kept by prune
+        return GroupLayer(step, key, tar, diff_id)
+
+    def put(self, step: InstallStep, key: str, tar: Path, sha256: str) -> GroupLayer:
+        target = self.folder / f"{key}.tar"
+        tar.replace(target)
+        meta = self.folder / f"{key}.json"
+        partial = meta.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"diff_id": f"sha256:{sha256}", "group": step.name,
+                                       "requirements": list(step.requirements)}))
+        partial.replace(meta)
+        return GroupLayer(step, key, target, f"sha256:{sha256}")
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove layers not used for UNUSED_DAYS (never one of ``keep``)."""
+        cutoff = time.time() - UNUSED_DAYS * 86400
+        for meta in self.folder.glob("*.json"):
+            if meta.stem not in keep and meta.stat().st_mtime < cutoff:
+                meta.unlink(missing_ok=True)
+                (self.folder / f"{meta.stem}.tar").unlink(missing_ok=True)
+
+
+def group_key(context: BuildContext, head_id: str, step: InstallStep) -> str:
+    """Everything a group's layer bytes depend on: the image below (its Python, its folders),
+    the requirements, the installer script and command, and where things go."""
+    recipe = {"head": head_id, "platform": context.platform, "name": step.name,
+              "requirements": list(step.requirements), "pip": PIP_INSTALL, "venv": VENV,
+              "gid": context.spec.user.gid, "mtime": LAYER_MTIME,
+              "script": hashlib.sha256(template_file(SCRIPT)).hexdigest()}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The OCI chain id of each layer (the first's is its diff id; each next one hashes the one
+    below with its own diff id): what an engine's layer store is keyed by."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        chain.append(diff_id if not chain else "sha256:" + hashlib.sha256(
+            f"{chain[-1]} {diff_id}".encode()).hexdigest())
+    return chain
+
+
+Report = Callable[[str], None]
+
+
+def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment: dict[str, str],
+             network_mode: str | None, fresh: bool, report: Report,
+             layer_cache: LayerCache | None = None) -> str:
+    """The image of ``head_id`` with the context's pip groups on top; its id. ``fresh``:
+    install every group again, whatever the cache holds (--no-cache)."""
+    layer_cache = layer_cache or LayerCache()
+    steps = context.assembled_steps
+    keys = [group_key(context, head_id, step) for step in steps]
+    found = {key: None if fresh else layer_cache.get(step, key) for step, key in zip(steps, keys)}
+    missing = [(step, key) for step, key in zip(steps, keys) if found[key] is None]
+    for step, key in zip(steps, keys):
+        if found[key] is not None:
+            report(f"{step.name}: {step.count} packages, layer from this host's cache")
+    if missing:
+        found.update({layer.key: layer for layer in _install(
+            engine, context, head_id, missing, environment, network_mode, layer_cache, report)})
+    groups = [found[key] for key in keys]
+    layer_cache.prune(set(keys))
+    head = engine.image(head_id)
+    held = {chain for layers in engine.layer_lists("devbox.spec") for chain in chain_ids(layers)}
+    held.update(chain_ids(head["RootFS"]["Layers"]))
+    try:
+        return _load(engine, head, engine.history(head_id), groups, held, report)
+    except DevboxError:
+        # A layer this build counted on went away meanwhile (an image removed): send them all.
+        return _load(engine, head, engine.history(head_id), groups, set(), report)
+
+
+def _install(engine: Engine, context: BuildContext, head_id: str,
+             missing: list[tuple[InstallStep, str]], environment: dict[str, str],
+             network_mode: str | None, layer_cache: LayerCache, report: Report) -> list[GroupLayer]:
+    """Install the missing groups in one builder container of the head image; their layers."""
+    names = [step.name for step, _ in missing]
+    report(f"installing {len(missing)} of the pip groups on their own: {', '.join(names)}")
+    container = engine.create(
+        head_id, ["/bin/sh", f"{WORK}/{SCRIPT}", WORK, VENV, str(context.spec.user.gid),
+                  str(LAYER_MTIME), *names],
+        user="root", entrypoint=[], environment={**environment, "PIP_INSTALL": PIP_INSTALL},
+        network_mode=network_mode)
+    try:
+        files = {f"{step.name}.txt": "".join(f"{line}\n" for line in step.requirements).encode()
+                 for step, _ in missing}
+        engine.copy_into(container, "/", {f"{WORK[1:]}/{name}": data for name, data in
+                                          {SCRIPT: template_file(SCRIPT), **files}.items()})
+        engine.start_created(container)
+        code = engine.wait(container, timeout=3600)
+        if code != 0:
+            output = engine.logs(container).splitlines()[-_OUTPUT_LINES:]
+            shown = "\n".join(f"  | {line}" for line in output) or "  (no output)"
+            raise BuildFailed(
+                f"build of image '{context.spec.name}', variant '{context.variant}' failed while "
+                f"installing the pip groups {', '.join(names)} on their own (exit {code}):\n"
+                f"{shown}\nno image was tagged.",
+                hint="if this engine cannot run it, build the groups as Dockerfile steps: "
+                     "--mechanism chain")
+        layer_cache.folder.mkdir(parents=True, exist_ok=True)
+        layers = []
+        for step, key in missing:
+            partial = layer_cache.folder / f"{key}.tar.partial"
+            sha256 = engine.copy_file_out(container, f"{WORK}/{step.name}.tar", partial)
+            layers.append(layer_cache.put(step, key, partial, sha256))
+            report(f"{step.name}: {step.count} packages, layer "
+                   f"{partial.with_suffix('').stat().st_size / 1e6:.1f} MB")
+        return layers
+    finally:
+        engine.remove(container)
+
+
+def _load(engine: Engine, head: dict, history: list[dict], groups: list[GroupLayer],
+          held: set[str], report: Report) -> str:
+    """`docker load` the head's layers plus the groups' as one image; its id. Only the groups
+    whose chain is not ``held`` are sent (the engine reads no other layer)."""
+    diff_ids = list(head["RootFS"]["Layers"])
+    chains = chain_ids(diff_ids + [group.diff_id for group in groups])
+    paths = [f"held/{index}.tar" for index in range(len(diff_ids))]  # never read: held
+    sent: list[tuple[str, GroupLayer]] = []
+    for index, group in enumerate(groups, start=len(diff_ids)):
+        paths.append(f"{group.step.name}/layer.tar")
+        if chains[index] not in held:
+            sent.append((paths[-1], group))
+    diff_ids += [group.diff_id for group in groups]
+    config = {
+        "architecture": head["Architecture"], "os": head["Os"],
+        **({"variant": head["Variant"]} if head.get("Variant") else {}),
+        "created": head["Created"], "config": head["Config"],
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": _head_history(history, len(head["RootFS"]["Layers"])) + [
+            {"created": head["Created"], "created_by": group.created_by} for group in groups],
+    }
+    config_bytes = json.dumps(config, sort_keys=True).encode()
+    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": None, "Layers": paths}]).encode()
+    size = sum(group.tar.stat().st_size for _, group in sent)
+    report(f"loading {len(sent)} of {len(groups)} group layers into the engine "
+           f"({size / 1e6:.1f} MB; the others it holds already)")
+    return engine.load(_archive([(config_name, config_bytes), ("manifest.json", manifest)]
+                                + [(path, group.tar) for path, group in sent]))
+
+
+def _head_history(history: list[dict], layers: int) -> list[dict]:
+    """The head image's config history from the engine's history API (bottom first). Which
+    entries made a layer is not in that API: the classic builder marks the others "#(nop)"
+    (COPY and ADD excepted); if that does not add up to the layers, the entries are left out."""
+    entries = []
+    for entry in history:
+        created_by = entry.get("CreatedBy") or ""
+        empty = "#(nop) " in created_by and not any(
+            f"#(nop) {verb}" in created_by for verb in ("COPY", "ADD"))
+        entries.append({"created": _rfc3339(entry.get("Created", 0)), "created_by": created_by,
+                        **({"comment": entry["Comment"]} if entry.get("Comment") else {}),
+                        **({"empty_layer": True} if empty else {})})
+    if sum(1 for entry in entries if not entry.get("empty_layer")) != layers:
+        return [{"created_by": ""} for _ in range(layers)]
+    return entries
+
+
+def _rfc3339(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _archive(members: list[tuple[str, bytes | Path]]) -> Iterator[bytes]:
+    """A tar stream of ``members`` (name → bytes or a file), made as it is read."""
+    for name, source in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        info.mode = 0o644
+        yield info.tobuf(format=tarfile.GNU_FORMAT)
+        if isinstance(source, bytes):
+            yield source
+        else:
+            with source.open("rb") as data:
+                yield from iter(lambda: data.read(1 << 20), b"")
+        if info.size % tarfile.BLOCKSIZE:
+            yield b"\0" * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)

@@ -1,0 +1,43 @@
+#!/bin/sh
+# Run by devbox-build in a builder container of the image's base steps (assemble.py), as root:
+# installs each pip group on its own into an empty tree and writes the tree as a layer tar whose
+# bytes depend on the group's requirements alone.
+#
+#   assemble-groups.sh WORK VENV GID MTIME NAME...
+#
+# WORK/NAME.txt holds each group's hash-pinned requirements; WORK/NAME.tar is written. Values
+# arrive as arguments, never inside this script's text.
+set -eu
+umask 0002
+work=$1 venv=$2 gid=$3 mtime=$4
+shift 4
+for name in "$@"; do
+    tree="$work/$name"
+    echo "devbox-build: installing $name on its own"
+    # shellcheck disable=SC2086  # PIP_INSTALL is the install command's words
+    env $PIP_INSTALL --root "$tree" -r "$work/$name.txt"
+    mkdir -p "$tree/opt/devbox/requirements"
+    cp "$work/$name.txt" "$tree/opt/devbox/requirements/$name.txt"
+    # What a Dockerfile step's install gets from the venv's setgid, group-writable folders: the
+    # user's group owns everything it adds, and every folder hands the group on.
+    chgrp -R "$gid" "$tree$venv"
+    find "$tree$venv" -type d -exec chmod g+s {} +
+    # A folder the steps below already made (/opt, the venv, its site-packages) keeps their
+    # owner and mode: the layer's entry for it replaces theirs.
+    (cd "$tree" && find . -mindepth 1 -type d) | while IFS= read -r folder; do
+        if [ -d "/$folder" ]; then
+            chown --reference="/$folder" "$tree/$folder"
+            chmod --reference="/$folder" "$tree/$folder"
+        fi
+    done
+    # Fixed mtimes, then bytecode compiled against them (pip's own would embed the install time
+    # and the tree's path), then the bytecode's mtimes fixed too.
+    find "$tree" -exec touch -h -d "@$mtime" {} +
+    "$venv/bin/python" -m compileall -q -j 0 -s "$tree" -p / "$tree$venv" > /dev/null || :
+    find "$tree" -exec touch -h -d "@$mtime" {} +
+    # Sorted entries and numeric owners: the same tree gives the same tar.
+    (cd "$tree" && ls -A) > "$work/$name.top"
+    tar --sort=name --numeric-owner --format=gnu -C "$tree" -cf "$work/$name.tar" \
+        --files-from "$work/$name.top"
+    rm -rf "$tree"
+done
