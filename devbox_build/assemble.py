@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache
-from .engine import Engine
-from .errors import BuildFailed, DevboxError
+from .engine import Engine, Step, StepFailed
+from .errors import DevboxError
 from .render import LAYER_MTIME, PIP_INSTALL, VENV, BuildContext, InstallStep, template_file
 
 SCRIPT = "assemble-groups.sh"
 WORK = "/tmp/devbox-assemble"
 # A cached layer unused this long is removed at the next assembly.
 UNUSED_DAYS = 30
-_OUTPUT_LINES = 40
 
 
 @dataclass(frozen=True)
@@ -160,14 +159,9 @@ def _install(engine: Engine, context: BuildContext, head_id: str,
         engine.start_created(container)
         code = engine.wait(container, timeout=3600)
         if code != 0:
-            output = engine.logs(container).splitlines()[-_OUTPUT_LINES:]
-            shown = "\n".join(f"  | {line}" for line in output) or "  (no output)"
-            raise BuildFailed(
-                f"build of image '{context.spec.name}', variant '{context.variant}' failed while "
-                f"installing the pip groups {', '.join(names)} on their own (exit {code}):\n"
-                f"{shown}\nno image was tagged.",
-                hint="if this engine cannot run it, build the groups as Dockerfile steps: "
-                     "--mechanism chain")
+            raise StepFailed(f"the builder container exited with {code}",
+                             Step(1, 1, f"install {', '.join(names)} on their own"),
+                             engine.logs(container).splitlines())
         layer_cache.folder.mkdir(parents=True, exist_ok=True)
         layers = []
         for step, key in missing:

@@ -19,8 +19,7 @@ from typing import Protocol
 from . import assemble, locking, refs
 from .engine import Built, Engine, Output, Step, StepFailed
 from .errors import BuildFailed, DevboxError, EngineError, InputError, LockError, SpecError
-from .render import (HEAD_DOCKERFILE, PYTHON_MISMATCH_MARKER, TAIL_DOCKERFILE, BuildContext,
-                     render)
+from .render import HEAD_DOCKERFILE, PYTHON_MISMATCH_MARKER, TAIL_DOCKERFILE, BuildContext, render
 from .spec import PLATFORMS, ImageSpec
 
 # Docker's predefined proxy build args: passed through from the caller's environment, never
@@ -343,9 +342,13 @@ def _run_build(
         progress.step(Step(1, 1, f"assemble {len(steps)} pip groups: {steps[0].name} .. "
                                  f"{steps[-1].name}"), steps[0].layer)
         result.steps += 1
-        assembled = assemble.assemble(
-            engine, context, head_id, environment=proxies, network_mode=options.network_mode,
-            fresh=options.no_cache, report=progress.output)
+        try:
+            assembled = assemble.assemble(
+                engine, context, head_id, environment=proxies,
+                network_mode=options.network_mode, fresh=options.no_cache,
+                report=progress.output)
+        except StepFailed as failure:
+            raise _explain(context, [steps[0].layer], failure) from None
         result.image_id = _engine_build(engine, context, TAIL_DOCKERFILE,
                                         {**buildargs, "DEVBOX_ASSEMBLED": assembled}, options,
                                         progress, result)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from devbox_build import locking
-from devbox_build.build import BuildOptions, apply_tags, build, repository
+from devbox_build.build import BuildOptions, SilentProgress, apply_tags, build, repository
 from devbox_build.engine import Engine
 from devbox_build.errors import Interrupted
 from devbox_build.render import render
@@ -46,6 +46,16 @@ class CountingEngine(Engine):
         return super().build(*args, **kwargs)
 
 
+class RecordingProgress(SilentProgress):
+    """Keeps every output line a build reports."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def output(self, line: str) -> None:
+        self.lines.append(line)
+
+
 def history_ids(engine: Engine, ref: str) -> list[tuple[str, str]]:
     return [(entry["Id"], entry["CreatedBy"]) for entry in engine.history(ref)]
 
@@ -65,6 +75,11 @@ def index_of(history: list[tuple[str, str]], needle: str) -> int:
     return next(i for i, (_, created_by) in enumerate(history) if needle in created_by)
 
 
+def layer_index(layers: list[tuple[str, str]], needle: str) -> int:
+    """Where the step naming ``needle`` is in filesystem_layers()."""
+    return next(i for i, (step, _) in enumerate(layers) if needle in step)
+
+
 def installed(engine: Engine, ref: str) -> dict[str, str]:
     code, out = engine.run(ref, ["python", "-c", (
         "import importlib.metadata as m, json, re;"
@@ -76,17 +91,16 @@ def installed(engine: Engine, ref: str) -> dict[str, str]:
 
 def test_gpu_variant_shares_every_layer_below_its_accelerator_layer(engine, tiny_images):
     _, results = tiny_images
-    cpu = history_ids(engine, results["cpu"].content_tag)
-    gpu = history_ids(engine, results["gpu"].content_tag)
-    boundary = index_of(gpu, "NVIDIA_VISIBLE_DEVICES")
-    assert boundary > index_of(gpu, "/opt/devbox/requirements/pip-01.txt")  # pip layer is below it
-    assert gpu[:boundary] == cpu[:boundary]
-    assert gpu[boundary][0] != cpu[boundary][0]
-    # Byte for byte: the filesystem layers (diff ids) below the boundary are the same.
-    cpu_layers = engine.image(results["cpu"].content_tag)["RootFS"]["Layers"]
-    gpu_layers = engine.image(results["gpu"].content_tag)["RootFS"]["Layers"]
-    shared = sum(1 for a, b in zip(cpu_layers, gpu_layers) if a == b)
-    assert shared >= 4 and cpu_layers[:shared] == gpu_layers[:shared]
+    cpu = filesystem_layers(engine, results["cpu"].content_tag)
+    gpu = filesystem_layers(engine, results["gpu"].content_tag)
+    # Byte for byte (diff ids): every layer below the first GPU-only group is the CPU image's.
+    boundary = layer_index(gpu, "/opt/devbox/requirements/pip-gpu-01.txt")
+    assert boundary > layer_index(gpu, "/opt/devbox/requirements/pip-01.txt")  # pip layer is below it
+    assert boundary >= 4 and gpu[:boundary] == cpu[:boundary]
+    assert gpu[boundary][1] not in {diff_id for _, diff_id in cpu}
+    env = engine.image(results["gpu"].content_tag)["Config"]["Env"]
+    assert "NVIDIA_VISIBLE_DEVICES=all" in env
+    assert "NVIDIA_VISIBLE_DEVICES=all" not in engine.image(results["cpu"].content_tag)["Config"]["Env"]
 
 
 def test_installed_packages_equal_the_lock_exactly(engine, tiny_images):
@@ -134,19 +148,43 @@ def test_changing_one_pin_rebuilds_only_its_layer_and_above(engine, stack):
     (stack / "requirements.in").write_text("six==1.16.0\nmarkupsafe\nidna\n")
     assert locking.lock(load(stack))
     engine.remove_image(content_tag(engine, stack, "cpu"))  # from an earlier run of this test
-    counting = CountingEngine(engine)
-    [after] = build(load(stack), ["cpu"], counting, options())
-    assert counting.builds == 1 and after.content_tag != before.content_tag
-    old, new = history_ids(engine, before.content_tag), history_ids(engine, after.content_tag)
-    idna = index_of(new, "> /opt/devbox/requirements/pip-01.txt")
+    progress = RecordingProgress()
+    [after] = build(load(stack), ["cpu"], engine, options(), progress)
+    assert after.content_tag != before.content_tag
+    old = filesystem_layers(engine, before.content_tag)
+    new = filesystem_layers(engine, after.content_tag)
+    idna = layer_index(new, "/opt/devbox/requirements/pip-01.txt")
     written = written_requirements(render(load(stack), "cpu").dockerfile)
     assert [line.split("==")[0] for line in written["pip-01"]] == ["idna"]
-    changed = index_of(new, "> /opt/devbox/requirements/pip-02.txt")
-    assert idna < changed
-    # base, CA, os (apt, user, venv) and idna's layer: untouched; six's group and above: new.
+    changed = layer_index(new, "/opt/devbox/requirements/pip-02.txt")
+    dev = layer_index(new, "/opt/devbox/requirements/dev-01.txt")
+    assert idna < changed < dev
+    # base, CA, os (apt, user, venv) and idna's layer keep their ids; six's group is new; the
+    # dev group above it is not installed again and keeps its bytes (a registry has it already).
     assert new[:changed] == old[:changed]
-    assert all(a[0] != b[0] for a, b in zip(new[changed:], old[changed:]))
+    assert new[changed][1] != old[changed][1]
+    assert new[dev] == old[dev]
+    assert "installing 1 of the pip groups on their own: pip-02" in progress.lines
     assert installed(engine, after.content_tag)["six"] == "1.16.0"
+
+
+def test_the_chain_mechanism_builds_the_same_environment(engine, stack):
+    """--mechanism chain (one Dockerfile RUN per group) stays a working fallback: the same
+    packages, the same manifest, its own content tag."""
+    spec = load(stack)
+    [chain] = build(spec, ["cpu"], engine, options(mechanism="chain"))
+    try:
+        [assembled] = build(spec, ["cpu"], engine, options())
+        assert chain.content_tag != assembled.content_tag
+        assert installed(engine, chain.content_tag) == installed(engine, assembled.content_tag)
+        steps = [step for step, _ in filesystem_layers(engine, chain.content_tag)]
+        assert any("printf" in step and "/opt/devbox/requirements/pip-01.txt" in step
+                   for step in steps)
+        assert not any("devbox-build assemble" in step for step in steps)
+        result = cli("check", chain.content_tag)
+        assert result.returncode == 0, result.stdout[-3000:]
+    finally:
+        engine.remove_image(chain.content_tag)
 
 
 def test_install_layers_are_reproducible(engine, stack):
