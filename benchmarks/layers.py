@@ -4,10 +4,11 @@
     python benchmarks/layers.py --rounds 1
     python benchmarks/layers.py --scale         # only the 20 / 100 / 300 package series
     python benchmarks/layers.py --before        # against itself with one layer per lock
-    python benchmarks/layers.py --assembled     # the chain against independently built layers
+    python benchmarks/layers.py --chain         # against the chain mechanism (--mechanism chain)
+    python benchmarks/layers.py --push          # only the push after a leaf change
 
 Contenders, on equal footing (same base, apt packages, cleanup, CA and lock; bytecode compiled):
-devbox-build (grouped install layers), a hand-written `pip install -r` Dockerfile and a
+devbox-build (grouped install layers, assembled: what `build` does), a hand-written `pip install -r` Dockerfile and a
 hand-written `uv pip install` one (benchmarks/_handwritten.py). Each round, interleaved (each
 stage runs every contender before the next stage, in an order that rotates per round; with
 --before, each contender runs its stages in a row, see rounds()):
@@ -37,21 +38,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _assembled import Assembler  # noqa: E402
 from _handwritten import DOCKERFILES, build_handwritten, copy_spec, timed  # noqa: E402
 
 from devbox_build import locking  # noqa: E402
-from devbox_build.build import PROXY_ARGS, BuildOptions, build  # noqa: E402
+from devbox_build.build import BuildOptions, build  # noqa: E402
 from devbox_build.engine import Engine  # noqa: E402
-from devbox_build.render import host_ca_certificates, render  # noqa: E402
+from devbox_build.render import host_ca_certificates  # noqa: E402
 from devbox_build.spec import load_spec  # noqa: E402
 
 CA_CERTS = host_ca_certificates()
 OURS = "devbox-build"
 # devbox-build with every lock in one layer: how it built before layers came from the lock.
 BEFORE = "devbox-build, one layer per lock"
-# The same groups built independently and assembled with docker load (benchmarks/_assembled.py).
-ASSEMBLED = "devbox-build, assembled"
+# The same groups as one Dockerfile RUN each (build --mechanism chain), as build did before.
+CHAIN = "devbox-build, chain"
 CONTENDERS = (OURS, *DOCKERFILES)
 STAGES = ("cold", "leaf one-pin", "numpy one-pin")
 # Versions every pin of the default stack resolves with (checked when this was written).
@@ -80,10 +80,9 @@ class Stack:
             # continue from either).
             with (self.folder / "image.toml").open("a") as spec_file:
                 spec_file.write("\n[layers]\nmax_per_lock = 1\n[user]\nuid = 1001\n")
-        if contender == ASSEMBLED:  # its own uid for the same reason
+        if contender == CHAIN:  # its own uid for the same reason
             with (self.folder / "image.toml").open("a") as spec_file:
                 spec_file.write("\n[user]\nuid = 1002\n")
-        self.assembler = Assembler(scratch) if contender == ASSEMBLED else None
         self.spec_inputs = self.folder / "requirements.in"
         if small:
             self.spec_inputs.write_text("")
@@ -100,14 +99,10 @@ class Stack:
 
     def build(self, engine: Engine, *, no_cache: bool = False) -> str:
         spec = load_spec(self.folder)
-        if self.assembler is not None:
-            context = render(spec, "cpu", platform="linux/amd64", ca_certificates=CA_CERTS)
-            buildargs = {name: os.environ[name] for name in PROXY_ARGS if name in os.environ}
-            self.image = self.assembler.build(engine, context, buildargs, no_cache)
-            return self.image
-        if self.contender in (OURS, BEFORE):
-            [result] = build(spec, ["cpu"], engine,
-                             BuildOptions(ca_certificates=CA_CERTS, no_cache=no_cache))
+        if self.contender in (OURS, BEFORE, CHAIN):
+            mechanism = "chain" if self.contender == CHAIN else "assembled"
+            [result] = build(spec, ["cpu"], engine, BuildOptions(
+                ca_certificates=CA_CERTS, no_cache=no_cache, mechanism=mechanism))
             self.image = result.content_tag
         else:
             top = locking.stack(spec, "cpu", "linux/amd64")[-1].path(spec)
@@ -118,14 +113,13 @@ class Stack:
         return self.image
 
     def remove(self, engine: Engine) -> None:
-        if self.assembler is not None:
-            self.assembler.remove(engine)
         for image_id in reversed(self.built):
             engine.remove_image(image_id)
 
 
 def layer_ids(engine: Engine, ref: str) -> list[str]:
-    return [entry["Id"] for entry in engine.history(ref)]
+    """The image's filesystem layers (diff ids), bottom first."""
+    return engine.image(ref)["RootFS"]["Layers"]
 
 
 def kept_below(before: list[str], after: list[str]) -> int:
@@ -188,7 +182,7 @@ def rounds(engine: Engine, count: int, scratch: Path, contenders: tuple[str, ...
         # classic builder continues a cached chain from the newest matching step, so a cold
         # (no-cache) build of one would send the other's next build down its chain. There each
         # contender runs its three stages in a row instead.
-        in_a_row = BEFORE in contenders or ASSEMBLED in contenders
+        in_a_row = BEFORE in contenders or CHAIN in contenders
         plan = ([(stage, c) for c in order for stage in STAGES] if in_a_row
                 else [(stage, c) for stage in STAGES for c in order])
         for stage, contender in plan:
@@ -205,7 +199,7 @@ def rounds(engine: Engine, count: int, scratch: Path, contenders: tuple[str, ...
             if contender == OURS and before:
                 after = layer_ids(engine, image)
                 notes["kept"].append(f"{stage}: {kept_below(before, after)} of {len(after)} "
-                                     "steps kept")
+                                     "layers kept")
             if contender == OURS and stage == "cold":
                 notes["layers"].append(filesystem_layers(engine, image))
             print(f"round {number + 1} {stage:14} {contender:16} {seconds:6.1f} s",
@@ -249,23 +243,31 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true", help="only the scale series")
     parser.add_argument("--before", action="store_true",
                         help="devbox-build against itself with one layer per lock (as before)")
-    parser.add_argument("--assembled", action="store_true",
-                        help="the Dockerfile chain against the same groups built independently "
-                             "and assembled with docker load (issue 15's other mechanism)")
+    parser.add_argument("--chain", action="store_true",
+                        help="build (assembled) against the same groups as one Dockerfile RUN "
+                             "each (--mechanism chain)")
+    parser.add_argument("--push", action="store_true",
+                        help="only the push to a loopback registry after a leaf change")
     args = parser.parse_args()
     engine = Engine.connect()
     with tempfile.TemporaryDirectory(prefix="devbox-bench-layers-") as scratch:
         scratch = Path(scratch)
+        # Its own layer cache, removed with the scratch folder: nothing from an earlier run.
+        os.environ["XDG_CACHE_HOME"] = str(scratch / "cache")
+        if args.push:
+            pushed = push_after_leaf(engine, scratch, random.Random().sample(TQDM, 2))
+            print_push(pushed)
+            return
         if args.scale:
             rows = scale(engine, scratch)
             print("\n| stack | devbox-build | pip install -r |\n|---|---|---|")
             for row in rows:
                 print("| " + " | ".join(row) + " |")
             return
-        contenders = ((OURS, BEFORE) if args.before else (OURS, ASSEMBLED) if args.assembled
+        contenders = ((OURS, BEFORE) if args.before else (OURS, CHAIN) if args.chain
                       else CONTENDERS)
         result = rounds(engine, args.rounds, scratch, contenders)
-        pushed = None if args.before or args.assembled else push_after_leaf(
+        pushed = None if args.before or args.chain else push_after_leaf(
             engine, scratch, random.Random().sample(TQDM, 2))
     times = result["times"]
     print(f"\n{args.rounds} rounds, min / median. Pins moved: {'; '.join(result['pins'])}")
@@ -279,8 +281,11 @@ def main() -> None:
             f"{min(r):.2f} / {statistics.median(r):.2f}" for r in ratios.values()) + " |")
     print(f"\ndevbox-build: {result['layers'][0]} filesystem layers; "
           + "; ".join(result["kept"][:2]))
-    if pushed is None:
-        return
+    if pushed is not None:
+        print_push(pushed)
+
+
+def print_push(pushed: dict) -> None:
     print(f"push after the leaf change: {pushed['leaf'] / 1e6:.2f} MB received "
           f"(first push {pushed['cold'] / 1e6:.0f} MB); the changed layer compressed: "
           f"{pushed['changed layer'] / 1e6:.2f} MB; ratio "

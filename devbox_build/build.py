@@ -43,6 +43,7 @@ class Progress(Protocol):
     def start(self, ref: str, context: BuildContext) -> None: ...
     def step(self, step: Step, layer: str) -> None: ...
     def output(self, line: str) -> None: ...
+    def note(self, line: str) -> None: ...  # what the tool itself does, always shown
     def done(self, result: BuildResult) -> None: ...
 
 
@@ -50,6 +51,7 @@ class SilentProgress:
     def start(self, ref, context): pass
     def step(self, step, layer): pass
     def output(self, line): pass
+    def note(self, line): pass
     def done(self, result): pass
 
 
@@ -329,7 +331,7 @@ def _run_build(
                  "DEVBOX_CONTENT_HASH": digest}
     result = BuildResult(context.spec.name, context.variant, "", content_tag)
     if context.private:
-        progress.output(f"devbox-build: fetching {len(context.private)} conda packages of a "
+        progress.note(f"fetching {len(context.private)} conda packages of a "
                         "private channel on this host (its credentials stay here)")
         context.fetch_private()
     if _mechanism(context, options) == "chain":
@@ -346,7 +348,7 @@ def _run_build(
             assembled = assemble.assemble(
                 engine, context, head_id, environment=proxies,
                 network_mode=options.network_mode, fresh=options.no_cache,
-                report=progress.output)
+                report=progress.note)
         except StepFailed as failure:
             raise _explain(context, [steps[0].layer], failure) from None
         result.image_id = _engine_build(engine, context, TAIL_DOCKERFILE,

@@ -164,7 +164,9 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
               help="Write the whole build context to this folder instead of printing the Dockerfile.")
 @images_dir_option
 def render_command(image, variant, ca_certs, no_host_ca, output, images_dir):
-    """Print the Dockerfile that `build` uses for IMAGE (or write its whole context)."""
+    """Print IMAGE's Dockerfile, one RUN per pip group (what `build --mechanism chain` builds;
+    `build` installs the same groups on their own and assembles them), or write the whole
+    context: that Dockerfile, the assembled build's two (assembled/) and every file they copy."""
     spec = load_spec(image, images_dir)
     ca_files, _ = chosen_ca_certificates(ca_certs, no_host_ca)
     context = render(spec, variant or next(iter(spec.variants)), ca_certificates=ca_files)
@@ -197,6 +199,10 @@ class RichProgress:
     def output(self, line: str) -> None:
         if self.verbose:
             err.print(f"           [dim]│ {escape(line)}[/]")
+
+    def note(self, line: str) -> None:
+        elapsed = time.monotonic() - self.started
+        err.print(f"  [dim]{elapsed:6.1f}s[/] {'':>8}       {escape(line)}")
 
     def done(self, result: BuildResult) -> None:
         _tagged.extend(result.tags)

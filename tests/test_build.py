@@ -47,12 +47,12 @@ class CountingEngine(Engine):
 
 
 class RecordingProgress(SilentProgress):
-    """Keeps every output line a build reports."""
+    """Keeps every note a build reports."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def output(self, line: str) -> None:
+    def note(self, line: str) -> None:
         self.lines.append(line)
 
 
@@ -165,6 +165,34 @@ def test_changing_one_pin_rebuilds_only_its_layer_and_above(engine, stack):
     assert new[changed][1] != old[changed][1]
     assert new[dev] == old[dev]
     assert "installing 1 of the pip groups on their own: pip-02" in progress.lines
+    assert installed(engine, after.content_tag)["six"] == "1.16.0"
+
+
+def test_a_lost_layer_cache_costs_installs_not_layers(engine, stack, tmp_path, monkeypatch):
+    """With this host's layer cache gone (another machine, a cleaned cache), every group is
+    installed again, gives the same bytes, and the engine is sent only what it lacks."""
+    with (stack / "image.toml").open("a") as spec_file:
+        spec_file.write('\n[layers]\nown = ["idna"]\n')  # idna's layer below six's
+    assert locking.lock(load(stack))
+    [before] = build(load(stack), ["cpu"], engine, options())
+    (stack / "requirements.in").write_text("six==1.16.0\nmarkupsafe\nidna\n")
+    assert locking.lock(load(stack))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    progress = RecordingProgress()
+    [after] = build(load(stack), ["cpu"], engine, options(), progress)
+    groups = [step.name for step in render(load(stack), "cpu").assembled_steps]
+    assert groups == ["pip-01", "pip-02", "dev-01"]
+    assert "installing 3 of the pip groups on their own: pip-01, pip-02, dev-01" in progress.lines
+    # Installed again, idna's and the dev group's layers are the same bytes: idna's is not sent
+    # (the engine holds its chain), six's and the one above it are.
+    old = filesystem_layers(engine, before.content_tag)
+    new = filesystem_layers(engine, after.content_tag)
+    for group in ("pip-01", "dev-01"):
+        needle = f"/opt/devbox/requirements/{group}.txt"
+        assert new[layer_index(new, needle)] == old[layer_index(old, needle)]
+    assert "loading 2 of 3 group layers" in next(
+        line for line in progress.lines if line.startswith("loading "))
+    assert sorted((tmp_path / "empty-cache" / "devbox-build" / "layers").glob("*.tar"))
     assert installed(engine, after.content_tag)["six"] == "1.16.0"
 
 

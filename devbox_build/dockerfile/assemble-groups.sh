@@ -14,8 +14,25 @@ shift 4
 for name in "$@"; do
     tree="$work/$name"
     echo "devbox-build: installing $name on its own"
+    find "$venv" -mindepth 1 | sort > "$work/$name.before"
     # shellcheck disable=SC2086  # PIP_INSTALL is the install command's words
     env $PIP_INSTALL --root "$tree" -r "$work/$name.txt"
+    # A package the image below already has (the venv's own setuptools, say) is uninstalled
+    # from it first: the layer whites out what went, as a Dockerfile step's layer would. Only
+    # the top-most path gone is written: a folder the new version has again becomes opaque, a
+    # path it replaces needs nothing, any other gets a .wh. entry.
+    find "$venv" -mindepth 1 | sort > "$work/$name.after"
+    comm -23 "$work/$name.before" "$work/$name.after" > "$work/$name.gone"
+    awk 'NR == FNR { gone[$0] = 1; next }
+         { parent = $0; sub(/\/[^\/]*$/, "", parent); if (!(parent in gone)) print }' \
+        "$work/$name.gone" "$work/$name.gone" | while IFS= read -r path; do
+        if [ -d "$tree$path" ] && [ ! -L "$tree$path" ]; then
+            : > "$tree$path/.wh..wh..opq"
+        elif [ ! -e "$tree$path" ] && [ ! -L "$tree$path" ]; then
+            mkdir -p "$tree${path%/*}"
+            : > "$tree${path%/*}/.wh.${path##*/}"
+        fi
+    done
     mkdir -p "$tree/opt/devbox/requirements"
     cp "$work/$name.txt" "$tree/opt/devbox/requirements/$name.txt"
     # What a Dockerfile step's install gets from the venv's setgid, group-writable folders: the
