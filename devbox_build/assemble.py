@@ -122,9 +122,9 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
     keys = [group_key(context, head_id, step) for step in steps]
     found = {key: None if fresh else layer_cache.get(step, key) for step, key in zip(steps, keys)}
     missing = [(step, key) for step, key in zip(steps, keys) if found[key] is None]
-    for step, key in zip(steps, keys):
-        if found[key] is not None:
-            report(f"{step.name}: {step.count} packages, layer from this host's cache")
+    if cached := [step.name for step, key in zip(steps, keys) if found[key] is not None]:
+        report(f"{len(cached)} of the pip groups' layers from this host's cache: "
+               f"{', '.join(cached)}")
     if missing:
         found.update({layer.key: layer for layer in _install(
             engine, context, head_id, missing, environment, network_mode, layer_cache, report)})
@@ -165,11 +165,11 @@ def _install(engine: Engine, context: BuildContext, head_id: str,
         layer_cache.folder.mkdir(parents=True, exist_ok=True)
         layers = []
         for step, key in missing:
-            partial = layer_cache.folder / f"{key}.tar.partial"
+            partial = layer_cache.folder / f"{key}.{os.getpid()}.partial"  # builds may race
             sha256 = engine.copy_file_out(container, f"{WORK}/{step.name}.tar", partial)
             layers.append(layer_cache.put(step, key, partial, sha256))
             report(f"{step.name}: {step.count} packages, layer "
-                   f"{partial.with_suffix('').stat().st_size / 1e6:.1f} MB")
+                   f"{layers[-1].tar.stat().st_size / 1e6:.1f} MB")
         return layers
     finally:
         engine.remove(container)

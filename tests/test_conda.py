@@ -24,7 +24,7 @@ from devbox_build.errors import DevboxError, InputError, LockError
 from devbox_build.render import render
 
 from .conftest import HOST_CA_CERTS, assert_clean_error, cli, load
-from .test_build import history_ids, index_of
+from .test_build import filesystem_layers, layer_index
 
 SUBDIRS = {"linux-64", "linux-aarch64"}
 
@@ -156,11 +156,11 @@ def test_build_installs_exactly_the_lock(engine, conda_stack):
     assert code == 0 and "goodbye from conda" in out and "hello from conda" in out, out
     code, out = engine.run(cpu, ["python", "-c", "import packaging; print('pip section ok')"])
     assert code == 0 and "pip section ok" in out, out
-    # GPU shares every layer below its accelerator layer, the conda layer included.
-    cpu_history, gpu_history = history_ids(engine, cpu), history_ids(engine, gpu)
-    boundary = index_of(gpu_history, "NVIDIA_VISIBLE_DEVICES")
-    assert boundary > index_of(gpu_history, "install.py --lock /opt/devbox/conda/locks/conda-lock.yml")
-    assert gpu_history[:boundary] == cpu_history[:boundary]
+    # GPU shares every layer below its first GPU-only layer (diff ids), the conda layer included.
+    cpu_layers, gpu_layers = filesystem_layers(engine, cpu), filesystem_layers(engine, gpu)
+    shared = next(i for i, (a, b) in enumerate(zip(cpu_layers, gpu_layers)) if a != b)
+    assert shared > layer_index(gpu_layers, "install.py --lock /opt/devbox/conda/locks/conda-lock.yml")
+    assert gpu_layers[shared][1] not in {diff_id for _, diff_id in cpu_layers}
 
 
 @pytest.mark.engine
@@ -218,26 +218,27 @@ def test_hash_mismatch_fails_the_build(engine, conda_stack):
 @pytest.mark.engine
 def test_layers_rebuild_only_from_what_changed(engine, conda_stack, channel):
     lock(conda_stack)
-    before = history_ids(engine, conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
-    conda_step = index_of(before, "install.py --lock /opt/devbox/conda/locks/conda-lock.yml")
-    apt_step = index_of(before, "apt-get install -y --no-install-recommends less")
+    before = filesystem_layers(engine, conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
+    conda_step = layer_index(before, "install.py --lock /opt/devbox/conda/locks/conda-lock.yml")
+    apt_step = layer_index(before, "apt-get install -y --no-install-recommends less")
 
     # A pip pin moves: the conda layer (and all below it) is reused.
     requirements = conda_stack / "requirements.in"
     requirements.write_text(requirements.read_text().replace("six==1.17.0", "six==1.16.0"))
     lock(conda_stack)
-    after_pip = history_ids(engine, conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
+    after_pip = filesystem_layers(engine,
+                                  conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
     assert after_pip[:conda_step + 1] == before[:conda_step + 1]
-    assert after_pip[-1] != before[-1]
+    assert after_pip != before
 
     # The conda lock changes: the apt layer is reused, the conda layer is not.
     (conda_stack / "environment.yml").write_text(
         environment(channel.url, "greeter >=2", "farewell", "ca-certificates", pip=["packaging"]))
     lock(conda_stack)
-    after_conda = history_ids(engine,
-                              conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
+    after_conda = filesystem_layers(engine,
+                                    conda_build(engine, conda_stack, ["cpu"])["cpu"].content_tag)
     assert after_conda[:apt_step + 1] == after_pip[:apt_step + 1]
-    assert after_conda[conda_step][0] != after_pip[conda_step][0]
+    assert after_conda[conda_step][1] != after_pip[conda_step][1]
 
 
 @pytest.mark.engine

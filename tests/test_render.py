@@ -265,3 +265,37 @@ def stack_copy(tmp_path):
 
     shutil.copytree(TINY, tmp_path / "tiny")
     return tmp_path / "tiny"
+
+
+def test_the_assembled_build_splits_the_chain_around_the_pip_groups():
+    """build installs the first run of pip groups on its own: the head Dockerfile is the chain
+    up to them, the tail the chain after them, FROM the image they were assembled onto (the GPU
+    tail sets the CUDA environment the chain sets at its first GPU-only group)."""
+    from devbox_build.render import HEAD_DOCKERFILE, TAIL_DOCKERFILE
+
+    for variant in ("cpu", "gpu"):
+        context = render(load(TINY), variant)
+        chain, head, tail = (context.files[name].decode()
+                             for name in ("Dockerfile", HEAD_DOCKERFILE, TAIL_DOCKERFILE))
+        steps = [step.name for step in context.assembled_steps]
+        assert steps == [step.name for step in context.install_steps if step.kind == "pip"]
+        assert head == chain[:chain.index("\n\n# ---- layer: pip (")] + "\n"
+        assert "--require-hashes" not in head and "--require-hashes" not in tail
+        assert tail.count("FROM ") == 1 and "ARG DEVBOX_ASSEMBLED\nFROM ${DEVBOX_ASSEMBLED}\n" in tail
+        assert chain.endswith(tail[tail.index("\n# ---- layer: final"):])
+        assert ("NVIDIA_VISIBLE_DEVICES=all" in tail) == (variant == "gpu")
+
+
+def test_a_layer_archive_streams_as_a_tar(tmp_path):
+    import io
+    import tarfile
+
+    from devbox_build.assemble import _archive
+
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(b"x" * 1000)
+    stream = b"".join(_archive([("manifest.json", b"[]"), ("g/layer.tar", layer)]))
+    with tarfile.open(fileobj=io.BytesIO(stream)) as archive:
+        assert [(m.name, m.size) for m in archive.getmembers()] == [
+            ("manifest.json", 2), ("g/layer.tar", 1000)]
+        assert archive.extractfile("g/layer.tar").read() == b"x" * 1000
