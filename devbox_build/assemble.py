@@ -89,13 +89,19 @@ class LayerCache:
                 (self.folder / f"{meta.stem}.tar").unlink(missing_ok=True)
 
 
+def recipe() -> str:
+    """What, beyond the rendered context, decides an assembled image's layers: the installer
+    script (in the content tag, so changing it builds again)."""
+    return hashlib.sha256(template_file(SCRIPT)).hexdigest()
+
+
 def group_key(context: BuildContext, head_id: str, step: InstallStep) -> str:
     """Everything a group's layer bytes depend on: the image below (its Python, its folders),
     the requirements, the installer script and command, and where things go."""
     recipe = {"head": head_id, "platform": context.platform, "name": step.name,
               "requirements": list(step.requirements), "pip": PIP_INSTALL, "venv": VENV,
               "gid": context.spec.user.gid, "mtime": LAYER_MTIME,
-              "script": hashlib.sha256(template_file(SCRIPT)).hexdigest()}
+              "script": recipe()}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 

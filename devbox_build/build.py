@@ -244,8 +244,7 @@ def build_contexts(
     results = []
     for context in (c for c in contexts if c.platform == platform):
         spec, variant = context.spec, context.variant
-        digest = context.digest(base_image_id(engine, spec, variant, platform),
-                                mechanism=_mechanism(context, options))
+        digest = content_digest(context, base_image_id(engine, spec, variant, platform), options)
         content_tag, *human_tags = tags_for(spec, variant, options, digest)
         started = time.monotonic()
         image_id = None if options.no_cache else engine.image_id(content_tag)
@@ -312,9 +311,16 @@ def _signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def content_digest(context: BuildContext, base_image_id: str, options: BuildOptions) -> str:
+    """The content hash a build of ``context`` is tagged with."""
+    return context.digest(base_image_id, mechanism=_mechanism(context, options))
+
+
 def _mechanism(context: BuildContext, options: BuildOptions) -> str:
     """How this context is built: assembled when asked and it has pip groups to assemble."""
-    return "assembled" if options.mechanism == "assembled" and context.assembled_steps else "chain"
+    if options.mechanism == "assembled" and context.assembled_steps:
+        return f"assembled {assemble.recipe()}"
+    return "chain"
 
 
 def _run_build(

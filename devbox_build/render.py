@@ -194,7 +194,7 @@ class BuildContext:
                 count += 1
         return count
 
-    def digest(self, base_image_id: str, mechanism: str = "assembled") -> str:
+    def digest(self, base_image_id: str, mechanism: str = "chain") -> str:
         """Content hash: every context file (spec, locks and template are all in them), the base
         id and how the pip groups become layers (the layers differ, the content does not)."""
         digest = hashlib.sha256(f"base {base_image_id}\nmechanism {mechanism}\n".encode())
