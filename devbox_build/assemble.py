@@ -98,11 +98,11 @@ def recipe() -> str:
 def group_key(context: BuildContext, head_id: str, step: InstallStep) -> str:
     """Everything a group's layer bytes depend on: the image below (its Python, its folders),
     the requirements, the installer script and command, and where things go."""
-    recipe = {"head": head_id, "platform": context.platform, "name": step.name,
+    inputs = {"head": head_id, "platform": context.platform, "name": step.name,
               "requirements": list(step.requirements), "pip": PIP_INSTALL, "venv": VENV,
               "gid": context.spec.user.gid, "mtime": LAYER_MTIME,
               "script": recipe()}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
