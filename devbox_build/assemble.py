@@ -32,8 +32,11 @@ from .render import LAYER_MTIME, PIP_INSTALL, VENV, BuildContext, InstallStep, t
 
 SCRIPT = "assemble-groups.sh"
 WORK = "/tmp/devbox-assemble"
-# A cached layer unused this long is removed at the next assembly.
+# A cached layer unused this long is removed at the next assembly; so are the least recently
+# used ones while the cache holds more than DEVBOX_LAYER_CACHE_MB (a GPU stack's groups are
+# ~6.5 GB; a new base or tool version makes a new set).
 UNUSED_DAYS = 30
+CACHE_MB = 16384
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,22 @@ class LayerCache:
         return GroupLayer(step, key, target, f"sha256:{sha256}")
 
     def prune(self, keep: set[str]) -> None:
-        """Remove layers not used for UNUSED_DAYS (never one of ``keep``)."""
+        """Remove layers not used for UNUSED_DAYS, then the least recently used while the cache
+        is over its budget (never one of ``keep``: the build's own)."""
+        budget = int(os.environ.get("DEVBOX_LAYER_CACHE_MB") or CACHE_MB) * 1_000_000
         cutoff = time.time() - UNUSED_DAYS * 86400
+        entries = []  # (last used, key, bytes), oldest first
         for meta in self.folder.glob("*.json"):
-            if meta.stem not in keep and meta.stat().st_mtime < cutoff:
-                meta.unlink(missing_ok=True)
-                (self.folder / f"{meta.stem}.tar").unlink(missing_ok=True)
+            tar = self.folder / f"{meta.stem}.tar"
+            entries.append((meta.stat().st_mtime, meta.stem,
+                            tar.stat().st_size if tar.exists() else 0))
+        entries.sort()
+        total = sum(size for _, _, size in entries)
+        for used, key, size in entries:
+            if key not in keep and (used < cutoff or total > budget):
+                (self.folder / f"{key}.json").unlink(missing_ok=True)
+                (self.folder / f"{key}.tar").unlink(missing_ok=True)
+                total -= size
 
 
 def recipe() -> str:

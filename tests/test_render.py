@@ -299,3 +299,26 @@ def test_a_layer_archive_streams_as_a_tar(tmp_path):
         assert [(m.name, m.size) for m in archive.getmembers()] == [
             ("manifest.json", 2), ("g/layer.tar", 1000)]
         assert archive.extractfile("g/layer.tar").read() == b"x" * 1000
+
+
+def test_the_layer_cache_keeps_the_build_s_own_and_the_recently_used(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from devbox_build.assemble import LayerCache
+    from devbox_build.render import InstallStep
+
+    cache = LayerCache(tmp_path)
+    step = InstallStep(kind="pip", layer="pip", name="pip-01", lock="locks/pip.txt", count=1,
+                       title="")
+    for age, key in enumerate(["new", "middle", "old", "ancient-but-ours"]):
+        partial = tmp_path / f"{key}.partial"
+        partial.write_bytes(b"x" * 400_000)
+        cache.put(step, key, partial, "0" * 64)
+        used = time.time() - age * 1000  # minutes ago: none is past UNUSED_DAYS
+        os.utime(tmp_path / f"{key}.json", (used, used))
+    assert cache.get(step, "new").diff_id == "sha256:" + "0" * 64
+    monkeypatch.setenv("DEVBOX_LAYER_CACHE_MB", "1")  # room for two
+    cache.prune(keep={"ancient-but-ours"})
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "ancient-but-ours.json", "ancient-but-ours.tar", "new.json", "new.tar"]
