@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import cache
 from .engine import Engine, Step, StepFailed
-from .errors import DevboxError
+from .errors import DevboxError, InputError
 from .render import LAYER_MTIME, PIP_INSTALL, VENV, BuildContext, InstallStep, template_file
 
 SCRIPT = "assemble-groups.sh"
@@ -86,7 +86,7 @@ class LayerCache:
     def prune(self, keep: set[str]) -> None:
         """Remove layers not used for UNUSED_DAYS, then the least recently used while the cache
         is over its budget (never one of ``keep``: the build's own)."""
-        budget = int(os.environ.get("DEVBOX_LAYER_CACHE_MB") or CACHE_MB) * 1_000_000
+        budget = cache_budget()
         cutoff = time.time() - UNUSED_DAYS * 86400
         entries = []  # (last used, key, bytes), oldest first
         for meta in self.folder.glob("*.json"):
@@ -100,6 +100,14 @@ class LayerCache:
                 (self.folder / f"{key}.json").unlink(missing_ok=True)
                 (self.folder / f"{key}.tar").unlink(missing_ok=True)
                 total -= size
+
+
+def cache_budget() -> int:
+    """The layer cache's size budget in bytes (DEVBOX_LAYER_CACHE_MB)."""
+    text = os.environ.get("DEVBOX_LAYER_CACHE_MB") or str(CACHE_MB)
+    if not text.isdigit():
+        raise InputError(f"DEVBOX_LAYER_CACHE_MB: {text!r} is not a whole number of megabytes")
+    return int(text) * 1_000_000
 
 
 def recipe() -> str:

@@ -190,6 +190,8 @@ def prepare(spec: ImageSpec, variants: list[str], options: BuildOptions) -> list
         raise InputError(f"{spec.path}: key 'platforms': --platform {options.platform}, but the "
                          f"spec locks only {', '.join(spec.platforms)}",
                          hint=f"add \"{options.platform}\" to platforms, then: {spec.lock_command}")
+    if options.mechanism == "assembled":
+        assemble.cache_budget()
     platforms = [options.platform] if options.platform else list(spec.platforms)
     contexts = []
     for platform in platforms:

@@ -322,3 +322,11 @@ def test_the_layer_cache_keeps_the_build_s_own_and_the_recently_used(tmp_path, m
     cache.prune(keep={"ancient-but-ours"})
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "ancient-but-ours.json", "ancient-but-ours.tar", "new.json", "new.tar"]
+
+
+def test_a_layer_cache_budget_that_is_not_a_number_is_refused(monkeypatch):
+    from devbox_build.assemble import cache_budget
+
+    monkeypatch.setenv("DEVBOX_LAYER_CACHE_MB", "16GB")
+    with pytest.raises(InputError, match="DEVBOX_LAYER_CACHE_MB: '16GB' is not a whole number"):
+        cache_budget()
