@@ -16,6 +16,7 @@ Everything here goes through engine.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -77,7 +78,7 @@ class LayerCache:
         target = self.folder / f"{key}.tar"
         tar.replace(target)
         meta = self.folder / f"{key}.json"
-        partial = meta.with_suffix(".json.partial")
+        partial = self.folder / f"{key}.{os.getpid()}.json-partial"  # builds may race
         partial.write_text(json.dumps({"diff_id": f"sha256:{sha256}", "group": step.name,
                                        "requirements": list(step.requirements)}))
         partial.replace(meta)
@@ -110,6 +111,7 @@ def cache_budget() -> int:
     return int(text) * 1_000_000
 
 
+@functools.cache
 def recipe() -> str:
     """What, beyond the rendered context, decides an assembled image's layers: the installer
     script (in the content tag, so changing it builds again)."""
@@ -160,11 +162,12 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
     head = engine.image(head_id)
     held = {chain for layers in engine.layer_lists("devbox.spec") for chain in chain_ids(layers)}
     held.update(chain_ids(head["RootFS"]["Layers"]))
+    history = engine.history(head_id)
     try:
-        return _load(engine, head, engine.history(head_id), groups, held, report)
+        return _load(engine, head, history, groups, held, report)
     except DevboxError:
         # A layer this build counted on went away meanwhile (an image removed): send them all.
-        return _load(engine, head, engine.history(head_id), groups, set(), report)
+        return _load(engine, head, history, groups, set(), report)
 
 
 def _install(engine: Engine, context: BuildContext, head_id: str,
