@@ -6,8 +6,9 @@ import json
 
 from .engine import Engine
 from .errors import DevboxError
+from .runtime import contract
 
-MANIFEST_PATH = "/opt/devbox/manifest.json"
+MANIFEST_PATH = contract.MANIFEST
 
 
 def read_manifest(engine: Engine, ref: str) -> dict:

@@ -27,21 +27,33 @@ from packaging.utils import canonicalize_name
 
 from . import __version__, channels, conda, layers, locking
 from .errors import InputError, LockError, SpecError
+from .runtime import contract
 from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, Idle, ImageSpec
 
-VENV = "/opt/venv"  # also named in dockerfile/profile.sh and dockerfile/bin/devbox-train
-# The image's runtime (entrypoint, training runner, healthcheck): context path devbox/bin, in the
-# image /opt/devbox/bin, on PATH.
+VENV = contract.VENV
+# The image's runtime (devbox_build/runtime, the package devbox_runtime in the image) and the
+# launchers that start its programs: context paths under devbox/, in the image /opt/devbox.
 RUNTIME_BIN = "devbox/bin"
-RUNTIME_COMMANDS = ("devbox-entrypoint", "devbox-train", "devbox-healthcheck",
-                    "devbox-devcontainer-setup", "devbox-idle", "devbox-restore", "devbox-cron")
-# What every start of a container runs (the entrypoint runs the same two): put back what the home
-# volume and git keep, then start the idle watcher when an action is set.
-START_HOOKS = "/opt/devbox/bin/devbox-restore; /opt/devbox/bin/devbox-idle watch --detach"
+RUNTIME_LIB = f"devbox/lib/{contract.PACKAGE}"
+RUNTIME_HOOKS = "devbox/start.d"
+EXECUTABLE_FOLDERS = (f"{RUNTIME_BIN}/", f"{RUNTIME_HOOKS}/")
+# A launcher: the system Python (isolated: no user site, no PYTHONPATH) runs one module's main.
+LAUNCHER = (
+    "#!/usr/bin/python3 -I\n"
+    "# {command}: written by devbox-build; the program is {package}.{module}.\n"
+    "import sys\n"
+    "sys.path.insert(0, {lib!r})\n"
+    "from {package}.{module} import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+START_HOOK = "#!/bin/sh\n# The image's own start hook, written by devbox-build.\nexec {command}\n"
+# What every start of a container runs: a dev container's postStartCommand (the entrypoint runs
+# the same hooks).
+START_HOOKS = f"{contract.BIN}/devbox-start"
 # The conda layer's installer (py-rattler and its script): context path, in the image
 # /opt/devbox/conda.
 CONDA_INSTALLER = "conda-installer"
-CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+CA_BUNDLE = contract.CA_BUNDLE
 _CONDA_FILE = re.compile(r"[A-Za-z0-9_.+-]+\.(?:conda|tar\.bz2)")
 # The name ending of a build stage that installs a private channel's packages and is thrown away.
 THROWAWAY_STAGE = "-install"
@@ -232,7 +244,7 @@ class BuildContext:
             for path in sorted(self.files):
                 info = tarfile.TarInfo(path)
                 # COPY keeps the mode: the runtime's commands must arrive executable.
-                mode = 0o755 if path.startswith(f"{RUNTIME_BIN}/") else 0o644
+                mode = 0o755 if path.startswith(EXECUTABLE_FOLDERS) else 0o644
                 info.size, info.mode, info.mtime = len(self.files[path]), mode, 0
                 archive.addfile(info, io.BytesIO(self.files[path]))
             for path in sorted(self.private):
@@ -392,10 +404,7 @@ def render(
     context.files["devbox/build-info.json"] = (
         json.dumps(build_info, indent=2, sort_keys=True) + "\n"
     ).encode()
-    context.files["devbox/finalize.py"] = template_file("finalize.py")
-    context.files["devbox/bash-env.sh"] = template_file("bash-env.sh")
-    for command in RUNTIME_COMMANDS:
-        context.files[f"{RUNTIME_BIN}/{command}"] = template_file(f"bin/{command}")
+    context.files.update(runtime_files())
     context.install_steps = tuple(_install_order(conda_steps, pip_steps))
     template = _environment().get_template("Dockerfile.j2")
     values = dict(
@@ -408,6 +417,10 @@ def render(
         platform=platform,
         base=variant_spec.base,
         venv=VENV,
+        devbox_dir=contract.DEVBOX,
+        devbox_bin=contract.BIN,
+        # The user's `pip install` puts its commands here: first on PATH, in every shell.
+        user_bin=f"{spec.user.home}/.local/bin",
         ca_bundle=CA_BUNDLE,
         ca_files=[p for p in context.files if p.startswith("ca-certificates/")],
         python_mismatch_marker=PYTHON_MISMATCH_MARKER,
@@ -445,7 +458,7 @@ def devcontainer_metadata(spec: ImageSpec, variant: str) -> str:
         "updateRemoteUserUID": True,
         # Hands the environments and /data to a remapped host group; says what to do about a
         # workspace the user cannot write (a root host user).
-        "onCreateCommand": "/opt/devbox/bin/devbox-devcontainer-setup",
+        "onCreateCommand": f"{contract.BIN}/devbox-devcontainer-setup",
         # A dev container's entrypoint is the CLI's own, so the image's start hooks run here.
         "postStartCommand": START_HOOKS,
         "customizations": {"vscode": {
@@ -540,6 +553,25 @@ def _install_order(conda_steps: list[InstallStep],
             run = "after"
         steps.append(replace(step, opens_variant=opens, assembled=run == "in"))
     return steps
+
+
+def runtime_files() -> dict[str, bytes]:
+    """The image's runtime: its package, a launcher per command, the built-in start hooks and
+    the BASH_ENV file."""
+    files = {}
+    package = resources.files("devbox_build.runtime")
+    for item in sorted(package.iterdir(), key=lambda entry: entry.name):
+        if item.name.endswith(".py"):
+            files[f"{RUNTIME_LIB}/{item.name}"] = item.read_bytes()
+    for command, module in contract.COMMANDS.items():
+        files[f"{RUNTIME_BIN}/{command}"] = LAUNCHER.format(
+            command=command, package=contract.PACKAGE, module=module, lib=contract.LIB).encode()
+    for name, argv in contract.BUILT_IN_HOOKS.items():
+        files[f"{RUNTIME_HOOKS}/{name}"] = START_HOOK.format(command=shlex.join(
+            [f"{contract.BIN}/{argv[0]}", *argv[1:]])).encode()
+    files["devbox/bash-env.sh"] = template_file("bash-env.sh").replace(
+        b"@BIN@", contract.BIN.encode())
+    return files
 
 
 def template_file(name: str) -> bytes:

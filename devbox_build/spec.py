@@ -26,6 +26,7 @@ from pydantic import (
 
 from . import credentials, refs
 from .errors import SpecError
+from .runtime import contract, rules
 
 SPEC_FILENAME = "image.toml"
 # What a spec that extends an image locked against: that image's shared pins, and its Python
@@ -98,11 +99,11 @@ class _Model(BaseModel):
 class User(_Model):
     """The non-root user the image runs as (SageMaker Studio's defaults)."""
 
-    name: UserName = "sagemaker-user"
-    uid: Annotated[int, Field(ge=1, le=65535)] = 1000
-    gid: Annotated[int, Field(ge=1, le=65535)] = 100
-    home: AbsolutePath = "/home/sagemaker-user"
-    shell: AbsolutePath = "/bin/bash"
+    name: UserName = contract.USER
+    uid: Annotated[int, Field(ge=1, le=65535)] = contract.UID
+    gid: Annotated[int, Field(ge=1, le=65535)] = contract.GID
+    home: AbsolutePath = contract.HOME
+    shell: AbsolutePath = contract.SHELL
     sudo: bool = True
 
 
@@ -184,14 +185,25 @@ class Idle(_Model):
     Off by default (action "none"): a laptop keeps running; a dev container's template answer
     or an EC2 launch turns the action on through DEVBOX_IDLE_ACTION / DEVBOX_IDLE_TIMEOUT."""
 
-    timeout: Duration = "1h"
-    action: Literal["none", "stop", "poweroff"] = "none"
-    interval: Duration = "60s"
-    warn_before: Duration = "5m"
-    cpu_percent: Percent = 5.0
-    gpu_percent: Percent = 10.0
+    timeout: Duration = contract.IDLE_DEFAULTS["timeout"]
+    action: Literal["none", "stop", "poweroff"] = contract.IDLE_DEFAULTS["action"]
+    interval: Duration = contract.IDLE_DEFAULTS["interval"]
+    warn_before: Duration = contract.IDLE_DEFAULTS["warn_before"]
+    cpu_percent: Percent = contract.IDLE_DEFAULTS["cpu_percent"]
+    gpu_percent: Percent = contract.IDLE_DEFAULTS["gpu_percent"]
     # Process names whose CPU and disk use is not the user's work (a metrics agent, a sync).
     ignore: list[ProcessName] = []
+
+    @field_validator("timeout", "interval", "warn_before", "cpu_percent", "gpu_percent")
+    @classmethod
+    def _as_the_watcher_reads_it(cls, value, info):
+        """The image's watcher reads these with the same rules (runtime/rules.py): a value it
+        would refuse (an interval of 0) is refused here, before any lock or build."""
+        try:
+            rules.validate({info.field_name: value}, "idle")
+        except rules.RuleError as exc:
+            raise ValueError(str(exc).split(": ", 2)[-1]) from None
+        return value
 
 
 PackageName = Annotated[str, _pattern(

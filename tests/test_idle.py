@@ -47,6 +47,19 @@ DOWNLOAD = (f"import os, time\nwith open('/tmp/download.bin', 'wb') as out:\n"
             f"    while not os.path.exists({STOP_FILE!r}):\n"
             "        out.write(os.urandom(1 << 20)); out.flush(); os.fsync(out.fileno())\n"
             "        time.sleep(0.3)\n")
+# Whole-core jobs of 0.6 s each, one after another: no process lives through two samples.
+SHORT_JOBS = (f"while [ ! -e {STOP_FILE} ]; do timeout 0.6 python3 -c 'while 1: pass'; done")
+# A notebook whose one cell waits (a remote job, a queue): run by nbconvert, not the server.
+WAITING_NOTEBOOK = json.dumps({
+    "nbformat": 4, "nbformat_minor": 5, "metadata": {"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}},
+    "cells": [{"cell_type": "code", "id": "wait", "metadata": {}, "outputs": [],
+               "execution_count": None, "source": UNTIL_STOPPED}]})
+# Holds a connection to another machine open and waits on it (a script polling a remote job).
+REMOTE_WAIT = (f"import os, socket, sys, time\nremote = socket.create_connection((sys.argv[1], 8000))\n"
+               f"while not os.path.exists({STOP_FILE!r}): time.sleep(0.2)\n")
+REMOTE_SERVER = ("import socket, time\nserver = socket.create_server(('0.0.0.0', 8000))\n"
+                 "peer = server.accept()\ntime.sleep(3600)\n")
 FAKE_NVIDIA_SMI = ("#!/bin/sh\n# A GPU at 87% while /tmp/gpu-busy exists, idle otherwise.\n"
                    "if [ -e /tmp/gpu-busy ]; then echo '0, 87'; else echo '0, 0'; fi\n")
 
@@ -163,7 +176,10 @@ def start_box(engine: Engine, ref: str, *, jupyter: bool, studio: bool = False,
         environment=environment, publish=[8888] if jupyter else [], volumes=binds,
         files={"/tmp/devbox-keep-alive": keep, "/tmp/train.py": (TRAIN.encode(), *USER),
                "/tmp/until_stopped.py": (UNTIL_STOPPED.encode(), *USER),
-               "/tmp/download.py": (DOWNLOAD.encode(), *USER)})
+               "/tmp/download.py": (DOWNLOAD.encode(), *USER),
+               "/tmp/remote_wait.py": (REMOTE_WAIT.encode(), *USER),
+               "/tmp/remote_server.py": (REMOTE_SERVER.encode(), *USER),
+               "/tmp/wait.ipynb": (WAITING_NOTEBOOK.encode(), *USER)})
     return Box(engine, container, token)
 
 
@@ -172,10 +188,10 @@ def active_signals(state: dict) -> set[str]:
 
 
 def hold_then_release(box: Box, signal: str, release: str | None, *,
-                      keep_alive_is_the_activity=False):
+                      keep_alive_is_the_activity=False, within: float = 180):
     """The scenario's activity is set: it must keep the container up for three timeouts, and
     the container must stop by itself once the activity ends."""
-    box.wait_for(f"the {signal} signal", lambda s: signal in active_signals(s))
+    box.wait_for(f"the {signal} signal", lambda s: signal in active_signals(s), within)
     if not keep_alive_is_the_activity:
         box.exec("rm /tmp/devbox-keep-alive")
         box.wait_for("the keep-alive to end", lambda s: "keep-alive" not in active_signals(s))
@@ -260,6 +276,59 @@ def attached_docker_exec_shell(engine: Engine, ref: str) -> None:
         hold_then_release(box, "session", None)
 
 
+def short_jobs_in_a_loop(engine: Engine, ref: str) -> None:
+    """`for f in *.csv; do python clean.py $f; done`: each job shorter than one interval."""
+    with scenario_box(engine, ref, jupyter=False) as box:
+        box.exec(f"nohup sh -c {json.dumps(SHORT_JOBS)} >/dev/null 2>&1 &")
+        hold_then_release(box, "process", f"touch {STOP_FILE}")
+
+
+def attached_exec_without_a_terminal(engine: Engine, ref: str) -> None:
+    """How VS Code attaches: an exec with no terminal, active from its first second."""
+    with scenario_box(engine, ref, jupyter=False) as box:
+        exec_id = engine.api.exec_create(box.id, ["python3", "/tmp/until_stopped.py"],
+                                         user="1000")
+        engine.api.exec_start(exec_id, detach=True)
+        hold_then_release(box, "session", f"touch {STOP_FILE}", within=6 * INTERVAL + 10)
+
+
+def inhibited_command(engine: Engine, ref: str) -> None:
+    with scenario_box(engine, ref, jupyter=False) as box:
+        box.exec("nohup devbox-idle inhibit -- python3 /tmp/until_stopped.py >/dev/null 2>&1 &")
+        hold_then_release(box, "inhibit", f"touch {STOP_FILE}")
+
+
+def notebook_run_by_nbconvert_waiting(engine: Engine, ref: str) -> None:
+    with scenario_box(engine, ref, jupyter=False) as box:
+        box.exec("cd /tmp && nohup jupyter nbconvert --to notebook --execute wait.ipynb "
+                 "--ExecutePreprocessor.timeout=-1 >/tmp/nbconvert.log 2>&1 &")
+        hold_then_release(box, "notebook", f"touch {STOP_FILE}")
+
+
+def waiting_on_a_remote_connection(engine: Engine, ref: str) -> None:
+    """A script that holds a connection to another machine (here: another container of the
+    test's, on the engine's bridge) and waits: the container is not idle."""
+    remote = engine.start(ref, ["python3", "/tmp/remote_server.py"],
+                          files={"/tmp/remote_server.py": (REMOTE_SERVER.encode(), *USER)})
+    try:
+        address = engine.api.inspect_container(remote)["NetworkSettings"]["IPAddress"]
+        with scenario_box(engine, ref, jupyter=False) as box:
+            box.exec(f"nohup python3 /tmp/remote_wait.py {address} >/tmp/remote.log 2>&1 &")
+            hold_then_release(box, "network", f"touch {STOP_FILE}")
+    finally:
+        engine.remove(remote)
+
+
+def kernel_created_and_never_connected(engine: Engine, ref: str) -> None:
+    """A kernel started through the API that no client ever connects to stays 'starting': it
+    is not work, and the container stops."""
+    with scenario_box(engine, ref, jupyter=True) as box:
+        box.wait_for_server()
+        box.api("POST", "api/kernels", {})
+        box.exec("rm /tmp/devbox-keep-alive")
+        assert_stops_in_time(box)
+
+
 def keep_alive_command(engine: Engine, ref: str) -> None:
     with scenario_box(engine, ref, jupyter=False) as box:
         box.exec("rm /tmp/devbox-keep-alive && devbox-idle keep-alive --for 10m")
@@ -286,10 +355,15 @@ def idle_with_an_open_terminal_is_warned_then_stopped(engine: Engine, ref: str) 
             message = json.loads(terminal.recv())
             if message[0] == "stdout":
                 seen += message[1]
+        warned_at = time.time()
         assert box.running(), "the warning came after the stop"
         assert re.search(r"will stop in \d+ s", seen), seen
         logs = assert_stops_in_time(box)
         assert logs.index("devbox-idle: warning:") < logs.index(": stop; last activity"), logs
+        # The warning itself (written to the terminal) is not the terminal's activity: the
+        # idle clock runs from before it, so the stop is not pushed back by a timeout.
+        last = float(re.search(r"last activity epoch ([\d.]+)", logs).group(1))
+        assert last < warned_at - 1.0, (last, warned_at)
 
 
 def test_busy_containers_are_never_stopped_and_idle_ones_are(engine, default_images,
@@ -311,6 +385,14 @@ def test_busy_containers_are_never_stopped_and_idle_ones_are(engine, default_ima
         "a download writing a file": lambda e, r: background_program(e, r, "download.py"),
         "an attached docker exec shell session": attached_docker_exec_shell,
         "devbox-idle keep-alive": keep_alive_command,
+        "a loop of jobs each shorter than one interval": short_jobs_in_a_loop,
+        "an attached exec with no terminal (VS Code), from its first second":
+            attached_exec_without_a_terminal,
+        "devbox-idle inhibit -- CMD": inhibited_command,
+        "a notebook run by nbconvert whose cell waits": notebook_run_by_nbconvert_waiting,
+        "a script waiting on a connection to another machine": waiting_on_a_remote_connection,
+        "idle, with a kernel created through the API and never connected":
+            kernel_created_and_never_connected,
         "GPU busy (nvidia-smi)": lambda e, r: gpu_busy(e, r, str(fake)),
         "idle, with an open terminal: warned, then stopped":
             idle_with_an_open_terminal_is_warned_then_stopped,

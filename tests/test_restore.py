@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import time
 import uuid
 import zipfile
@@ -44,7 +45,8 @@ def hooks_done(engine: Engine, container: str) -> str:
     """Once the entrypoint has run its start hooks and started the command (a state: the
     command's process exists), so nothing the test does races the hooks."""
     deadline = time.monotonic() + 120
-    while not any("sleep infinity" in " ".join(p) for p in
+    # The command itself (the entrypoint's own arguments name it too).
+    while not any(p[-1] == "sleep infinity" for p in
                   engine.api.top(container)["Processes"] or []):
         assert time.monotonic() < deadline, engine.logs(container)
         time.sleep(0.2)
@@ -90,12 +92,15 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
         assert code == 1, out
         report = json.loads(out)
         assert HOME in report["persistent"], report
-        lost = report["changed_outside_volumes"]
+        lost = report["lost_with_container"]["files"]
         # `pip install` into the image's environment dies with the container, and is listed;
         # `pip install` (to ~/.local on the volume) is not.
         assert any("/site-packages/devbox_other" in p for p in lost), lost
         assert not any(p.startswith(HOME) or "devbox_hello" in p for p in lost), lost
-        dotfiles = next(g for g in report["git"] if g["repository"].endswith("dotfiles-src"))
+        # A repository on the home volume is not lost with the container: kept only there.
+        assert not report["lost_with_container"]["git"], report
+        dotfiles = next(g for g in report["kept_only_on_volume"]["git"]
+                        if g["repository"].endswith("dotfiles-src"))
         assert dotfiles["unpushed_commits"] == 1 and dotfiles["upstream"] is None, dotfiles
         engine.remove(first)
 
@@ -115,12 +120,15 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
             "readlink ~/.devbox-rc;"
             "python -c 'import devbox_hello; print(devbox_hello.GREETING)';"
             "python -c 'import devbox_other' 2>/dev/null || echo other-is-gone;"
+            "pip freeze | grep -c . ; pip freeze | grep -ci '^devbox[-_]hello';"
             "jupyter kernelspec list --json"))
         assert code == 0, out
         lines = out.splitlines()
         assert lines[:3] == ["700", "600", "644"], out
         assert lines[3] == f"{HOME}/.dotfiles/.devbox-rc", out
         assert lines[4:6] == ["hello", "other-is-gone"], out
+        # `pip freeze > requirements.txt` writes the whole environment, the user's installs too.
+        assert int(lines[6]) > 50 and lines[7] == "1", out
         kernels = json.loads(out[out.index("{"):])["kernelspecs"]
         assert kernels["conda-scratch"]["spec"]["argv"][0] == (
             f"{HOME}/.conda/envs/scratch/bin/python"), kernels
@@ -136,7 +144,8 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
             "['content']['status']); km.shutdown_kernel()\""))
         assert code == 0 and "scratch" in out and out.strip().endswith("ok"), out
         code, out = shell(engine, second, "devbox-restore --check")
-        assert "git work in" in out and code == 1, out
+        assert "kept only on this volume: git work in" in out, out
+        assert "LOST with the container: git" not in out, out
     finally:
         engine.remove(first)
         if second:
@@ -167,3 +176,71 @@ def test_a_bad_crontab_line_is_named(engine, default_images):
         "devbox-cron --check")])
     assert code == 2, out
     assert "crontab, line 1: cannot read 61" in out, out
+
+
+def test_a_crontab_written_in_a_running_container_runs_and_a_bad_line_skips_only_itself(
+        engine, default_images):
+    """The runner starts in every container and reads the crontab when it appears or changes:
+    no restart. A five-field line whose command starts with `python3` is five fields; a line it
+    cannot read is reported by the start hook and skipped, and the others run."""
+    ref = default_images["cpu"].content_tag
+    volume = engine.create_volume(f"devbox-test-home-{uuid.uuid4().hex[:12]}")
+    code, out = engine.run(ref, ["sh", "-c", (
+        "mkdir -p ~/.config/devbox && printf '%s\\n' '61 * * * * true'"
+        " '* * * * * * date +%s >> ~/early-ran' > ~/.config/devbox/crontab")],
+        volumes={volume: HOME})
+    assert code == 0, out
+    container = hooks_done(engine, engine.start(ref, ["sleep", "infinity"],
+                                                volumes={volume: HOME}))
+    try:
+        deadline = time.monotonic() + 60  # the engine copies the log asynchronously
+        while "BROKEN line(s) skipped" not in (logs := engine.logs(container)):
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.2)
+        assert "line 1: cannot read 61" in logs, logs
+        deadline = time.monotonic() + 60  # the crontab the container started with runs
+        while not engine.copy_out(container, f"{HOME}/early-ran").get("early-ran"):
+            assert time.monotonic() < deadline, engine.logs(container)
+            time.sleep(0.3)
+        code, out = shell(engine, container, (
+            "printf '%s\\n' '* * * * * * date +%s >> ~/seconds-ran'"
+            " '* * * * * python3 -c \"print(1)\" >> ~/minutes-ran' > ~/.config/devbox/crontab"))
+        assert code == 0, out
+        deadline = time.monotonic() + 75  # the five-field job runs at the next minute
+        wanted = {"seconds-ran", "minutes-ran"}
+        while True:
+            found = {name for name in wanted
+                     if engine.copy_out(container, f"{HOME}/{name}").get(name)}
+            if found == wanted:
+                break
+            assert time.monotonic() < deadline, (found, engine.logs(container))
+            time.sleep(0.5)
+    finally:
+        engine.remove(container)
+        engine.remove_volume(volume)
+
+
+def test_an_empty_home_gets_skel_and_an_unwritable_home_still_starts_jupyterlab(
+        engine, default_images, tmp_path):
+    ref = default_images["cpu"].content_tag
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    os.chown(empty, *USER)
+    code, out = engine.run(ref, ["sh", "-c", "ls -A ~"], volumes={str(empty): HOME})
+    assert code == 0 and ".bashrc" in out.split() and ".profile" in out.split(), out
+    assert "an empty home got" in out, out
+
+    root_owned = tmp_path / "root-owned"
+    root_owned.mkdir()
+    root_owned.chmod(0o755)
+    container = engine.start(ref, None, volumes={str(root_owned): HOME}, publish=[8888],
+                             environment={"JUPYTER_TOKEN": "t"})
+    try:
+        deadline = time.monotonic() + 180
+        while engine.state(container).get("Health", {}).get("Status") != "healthy":
+            assert engine.state(container)["Running"], engine.logs(container)[-3000:]
+            assert time.monotonic() < deadline, engine.logs(container)[-3000:]
+            time.sleep(0.5)
+        assert "is not writable for uid 1000" in engine.logs(container)
+    finally:
+        engine.remove(container)

@@ -138,6 +138,42 @@ def test_v2_estimator_entry_point_in_local_mode(default_images, source, data, tm
     assert model_in(archive) == {"epochs": 3, "rows": 3}
 
 
+MULTI_HOST = """\
+import json, os, pathlib, time
+host = os.environ["SM_CURRENT_HOST"]
+if host != "algo-1":
+    time.sleep(8)  # the other host's program is slower: algo-1 must not end the job first
+pathlib.Path(os.environ["SM_MODEL_DIR"], f"{host}.json").write_text(json.dumps({"host": host}))
+print("trained on", host)
+"""
+
+
+def test_v2_two_instances_in_local_mode_each_host_runs_to_its_end(default_images, data,
+                                                                  tmp_path):
+    """Local mode runs the hosts with docker-compose, which stops every container when the first
+    one exits: the image's hosts wait for each other, so the slower one finishes too."""
+    image = default_images["cpu"].content_tag
+    folder = tmp_path / "multi"
+    folder.mkdir()
+    (folder / "train.py").write_text(MULTI_HOST)
+    result = run_sdk("v2", f"""
+        from sagemaker.estimator import Estimator
+        from sagemaker.local import LocalSession
+        session = LocalSession()
+        session.config = {{"local": {{"local_code": True}}}}
+        estimator = Estimator(
+            image_uri={image!r}, role={ROLE!r}, instance_count=2, instance_type="local",
+            entry_point="train.py", source_dir={str(folder)!r},
+            output_path="file://{tmp_path}/output", sagemaker_session=session)
+        estimator.fit({{"train": "file://{data}"}})
+    """, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "trained on algo-2" in output and "every host finished" in output, output[-4000:]
+    with tarfile.open(next((tmp_path / "output").rglob("model.tar.gz"))) as tar:
+        assert {"algo-1.json", "algo-2.json"} <= set(tar.getnames()), tar.getnames()
+
+
 # -- SDK v2: what the real service gets (code in S3), against moto's S3 ------------------------
 
 

@@ -19,18 +19,19 @@ import testinfra
 
 from ..engine import Engine
 from ..errors import DevboxError
+from ..runtime import contract
 
-MANIFEST = "/opt/devbox/manifest.json"
-REQUIREMENTS = "/opt/devbox/requirements"
+MANIFEST = contract.MANIFEST
+REQUIREMENTS = f"{contract.DEVBOX}/requirements"
 
 # What SageMaker Studio requires of an image's user (its FileSystemConfig defaults), which this
 # tool's images also use on laptops and EC2.
-STUDIO_USER = "sagemaker-user"
-STUDIO_UID = 1000
-STUDIO_GID = 100
-STUDIO_HOME = "/home/sagemaker-user"
-STUDIO_SHELL = "/bin/bash"
-IDE_PORT = 8888
+STUDIO_USER = contract.USER
+STUDIO_UID = contract.UID
+STUDIO_GID = contract.GID
+STUDIO_HOME = contract.HOME
+STUDIO_SHELL = contract.SHELL
+IDE_PORT = contract.IDE_PORT
 
 
 @dataclass

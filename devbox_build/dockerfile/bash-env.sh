@@ -4,5 +4,5 @@
 # outputs writable, inputs the user's own. Anywhere else this is one test and nothing more.
 if [ -z "${DEVBOX_TRAINING_READY:-}" ] && [ -d /opt/ml/input/config ]; then
   export DEVBOX_TRAINING_READY=1
-  /opt/devbox/bin/devbox-train --prepare || true
+  @BIN@/devbox-train --prepare || true
 fi

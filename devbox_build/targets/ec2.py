@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .. import __version__
 from ..errors import CloudError, InputError
+from ..runtime import contract
 from ..spec import ImageReference, Repository, _describe
 
 BOXES_FILENAME = "boxes.toml"
@@ -61,7 +62,7 @@ LOGIN_USERS = {"al2023": "ec2-user", "ubuntu-24.04": "ubuntu",
 # EC2 refuses user data over 16 KB.
 USER_DATA_LIMIT = 16384
 # The image's user (the SageMaker Studio contract every devbox image keeps): owns home and data.
-USER_IDS = "1000:100"
+USER_IDS = f"{contract.UID}:{contract.GID}"
 AwsId = Annotated[str, Field(pattern=r"^[a-z]+-[0-9a-f]{8,17}$")]
 
 
@@ -204,7 +205,7 @@ def boot_script(box: Box, role: str, image: str, volume_id: str) -> str:
     template = (Path(__file__).parent / "ec2-boot.sh.j2").read_text()
     return environment.from_string(template).render(
         version=__version__, box=box, role=role, image=image, volume_id=volume_id,
-        mount=box.volume.mount_point, gpu=role == "gpu", user_ids=USER_IDS)
+        mount=box.volume.mount_point, gpu=role == "gpu", user_ids=USER_IDS, contract=contract)
 
 
 def user_data(box: Box, role: str, image: str, volume_id: str) -> str:
@@ -490,5 +491,5 @@ def ssh_config(box: Box, role: str, instance_id: str) -> str:
             f"    User {user}\n"
             "    ProxyCommand aws ssm start-session --target %h --document-name "
             f"AWS-StartSSHSession --parameters portNumber=%p --region {box.region}\n"
-            "    LocalForward 8888 127.0.0.1:8888\n"
+            f"    LocalForward {contract.IDE_PORT} 127.0.0.1:{contract.IDE_PORT}\n"
             "    ServerAliveInterval 30\n")

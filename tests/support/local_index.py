@@ -72,10 +72,10 @@ def serve(folder: Path):
     index = LocalIndex(folder)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_HEAD(self):  # noqa: N802 (http.server's name)
+        def do_HEAD(self):
             self.do_GET(head=True)
 
-        def do_GET(self, head: bool = False):  # noqa: N802
+        def do_GET(self, head: bool = False):
             index.requests.append(self.path)
             parts = [p for p in self.path.split("?")[0].split("/") if p]
             if len(parts) == 2 and parts[0] == "simple":

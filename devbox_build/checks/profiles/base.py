@@ -6,6 +6,7 @@ import json
 import re
 
 from devbox_build import credentials
+from devbox_build.runtime import contract
 from devbox_build.checks.image import (
     STUDIO_GID,
     STUDIO_HOME,
@@ -107,4 +108,4 @@ def test_idle_watcher_reads_its_rules(image_host):
     assert result.rc == 0, f"devbox-idle status failed: {result.stderr.strip()[-300:]}"
     status = json.loads(result.stdout)
     assert status["action"] in ("none", "stop", "poweroff"), status
-    assert image_host.file("/etc/devbox/idle.toml").exists, "no /etc/devbox/idle.toml"
+    assert image_host.file(contract.IDLE_RULES).exists, f"no {contract.IDLE_RULES}"

@@ -9,6 +9,7 @@ from packaging.utils import canonicalize_name as canonical
 
 from devbox_build.checks.image import REQUIREMENTS
 from devbox_build.render import VENV
+from devbox_build.runtime import contract
 
 INSTALLED = (
     f"{VENV}/bin/python -c 'import importlib.metadata as m, json; "
@@ -19,7 +20,7 @@ INSTALLED = (
 @pytest.fixture(scope="module")
 def manifest(image):
     if image.manifest is None:
-        pytest.fail(f"{image.ref} has no /opt/devbox/manifest.json: it was not built by "
+        pytest.fail(f"{image.ref} has no {contract.MANIFEST}: it was not built by "
                     "devbox-build, so there is no lock to compare with", pytrace=False)
     return image.manifest
 

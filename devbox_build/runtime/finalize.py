@@ -1,10 +1,9 @@
-"""Last build step, run inside the image by its own Python.
+"""devbox-finalize: the last build step, run inside the image by its own Python.
 
 Writes /opt/devbox/manifest.json (what was built from what, and every installed package), gives
 login shells the image's PATH, and
 fails the build when the image breaks a promise the tool makes: no GPU driver baked in, no
-package-manager caches left behind. Standard library only: it runs before any tool is known to
-be installed.
+package-manager caches left behind.
 """
 
 from __future__ import annotations
@@ -18,7 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEVBOX = Path("/opt/devbox")
+from . import contract
+
+DEVBOX = Path(contract.DEVBOX)
 # Leftovers that only cost space. apt's lists and caches, pip's and uv's download caches.
 CACHE_GLOBS = (
     "/var/lib/apt/lists/*_*",
@@ -69,9 +70,10 @@ def conda_packages(info: dict) -> list[dict]:
     return packages
 
 
-def restore_path_for_login_shells() -> None:
+def restore_path_for_login_shells(info: dict) -> None:
     """Debian's /etc/profile resets PATH for login shells (bash -l, Studio and VS Code terminals,
-    ssh); give them the image's PATH back."""
+    ssh); give them the image's PATH back, with ~/.local/bin (where the user's `pip install`
+    puts commands) first, as the image's own PATH has it."""
     Path("/etc/profile.d/devbox.sh").write_text(
         "# Written by devbox-build: the image's PATH, which /etc/profile would reset.\n"
         f"PATH=\"{os.environ['PATH']}\"\nexport PATH\n"
@@ -81,9 +83,9 @@ def restore_path_for_login_shells() -> None:
 def make_data_folder(info: dict) -> None:
     """/data, where dev containers and EC2 boxes mount the data volume: the user's group owns it
     (setgid, group-writable), so a fresh volume mounted there starts out writable for the user."""
-    data = Path("/data")
+    data = Path(contract.DATA)
     data.mkdir(exist_ok=True)
-    gid = info.get("user", {}).get("gid", 100)
+    gid = info.get("user", {}).get("gid", contract.GID)
     os.chown(data, 0, gid)
     data.chmod(0o2775)
 
@@ -97,16 +99,23 @@ def write_idle_rules(info: dict) -> None:
     lines = ["# Written by devbox-build from the image spec's [idle]. DEVBOX_IDLE_* variables",
              "# override these at run time; `devbox-idle status` shows what applies.", "[idle]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in sorted(rules.items())]
-    Path("/etc/devbox").mkdir(exist_ok=True)
-    Path("/etc/devbox/idle.toml").write_text("\n".join(lines) + "\n")
+    Path(contract.IDLE_RULES).parent.mkdir(exist_ok=True)
+    Path(contract.IDLE_RULES).write_text("\n".join(lines) + "\n")
 
 
 def let_pip_install_for_the_user(info: dict) -> None:
-    """`pip install` by the user goes to ~/.local (PIP_USER=1 in the image), which lives on the
-    home volume and so outlives the container. A virtual environment hides the user site unless
-    it includes the system site (Debian's, empty unless the spec adds python3-* packages)."""
+    """`pip install` by the user goes to ~/.local, which lives on the home volume and so outlives
+    the container: the environment's own pip.conf says so for `install` alone, so `pip freeze`,
+    `pip list` and `pip uninstall` see the whole environment (PIP_USER=1 would make `pip freeze`
+    print only the user's packages). PIP_USER=0 (what build steps set) installs into the
+    environment. A virtual environment hides the user site unless it includes the system site
+    (Debian's, empty unless the spec adds python3-* packages)."""
     if info.get("extends"):
         return  # the environment below was opened already
+    Path(contract.PIP_CONFIG).write_text(
+        "# Written by devbox-build: the user's `pip install` goes to ~/.local (on the home\n"
+        "# volume). PIP_USER=0 installs into the environment instead.\n"
+        "[install]\nuser = true\n")
     config = Path(os.environ["VIRTUAL_ENV"], "pyvenv.cfg")
     text = config.read_text()
     config.write_text(re.sub(r"include-system-site-packages = false",
@@ -134,8 +143,8 @@ def driver_libraries() -> list[str]:
     return found
 
 
-def main() -> int:
-    info = json.loads((DEVBOX / "build-info.json").read_text())
+def main(argv: list) -> int:
+    info = json.loads(Path(contract.BUILD_INFO).read_text())
     problems = []
     leftovers = sorted(path for pattern in CACHE_GLOBS for path in glob.glob(pattern))
     if leftovers:
@@ -162,7 +171,7 @@ def main() -> int:
             print(f"devbox-build: {problem}", file=sys.stderr)
         return 1
     # The manifest of the image this one extends (a project on the team image), if any.
-    previous = DEVBOX / "manifest.json"
+    previous = Path(contract.MANIFEST)
     base = json.loads(previous.read_text()) if info.get("extends") and previous.is_file() else None
     if base:
         info["cuda"] = info.get("cuda") or base.get("cuda")  # the accelerator comes from below
@@ -176,11 +185,11 @@ def main() -> int:
         "packages": {"pip": pip_packages(info, base), "conda": conda_packages(info),
                      "apt": apt_packages()},
     }
-    restore_path_for_login_shells()
+    restore_path_for_login_shells(info)
     make_data_folder(info)
     write_idle_rules(info)
     let_pip_install_for_the_user(info)
-    (DEVBOX / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    previous.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(
         f"devbox-build: manifest written: {len(manifest['packages']['pip'])} pip, "
         f"{len(manifest['packages']['conda'])} conda and {len(manifest['packages']['apt'])} "
@@ -188,6 +197,3 @@ def main() -> int:
     )
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

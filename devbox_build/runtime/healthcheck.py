@@ -1,5 +1,5 @@
-#!/usr/bin/python3 -I
-"""The image's HEALTHCHECK: is the IDE server this container started answering?
+"""devbox-healthcheck, the image's HEALTHCHECK: is the IDE server this container started
+answering?
 
 The entrypoint records the server's URL when it starts the IDE (laptop or Studio mode, so the base
 URL differs). A container that runs something else (a training job, a shell) has no server and
@@ -7,19 +7,32 @@ is healthy by definition. `<base>api` answers without a token in both modes. Pro
 a corporate HTTP_PROXY must not see, or break, a request to the container itself.
 """
 
+from __future__ import annotations
+
 import json
 import sys
 import urllib.request
 
-IDE_MARKER = "/tmp/devbox-ide.json"
+from . import contract
+from .log import account_housekeeping
 
 
-def main() -> int:
+def main(argv: list) -> int:
     try:
-        with open(IDE_MARKER) as marker:
+        return check()
+    finally:
+        account_housekeeping(contract.HOUSEKEEPING_CPU)
+
+
+def check() -> int:
+    try:
+        with open(contract.IDE_MARKER) as marker:
             url = json.load(marker)["url"] + "api"
     except FileNotFoundError:
         return 0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"{contract.IDE_MARKER}: {exc}", file=sys.stderr)
+        return 1
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=4) as response:
@@ -27,7 +40,3 @@ def main() -> int:
     except OSError as exc:
         print(f"{url}: {exc}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

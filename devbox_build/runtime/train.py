@@ -1,4 +1,3 @@
-#!/usr/bin/python3 -I
 """SageMaker's training contract, without the sagemaker-training toolkit and its pins.
 
 SageMaker runs `docker run IMAGE train` with the job mounted under /opt/ml:
@@ -18,7 +17,7 @@ sagemaker_submit_directory (s3://.../sourcedir.tar.gz, or a file:// path): it is
 unpacked into /opt/ml/code, and its requirements.txt installed (hash-checked when it has hashes).
 `devbox-train --prepare` only readies /opt/ml for the image's user (writable outputs, inputs
 its own); the image's BASH_ENV runs it when an SDK replaces the entrypoint with bash.
-Standard library only: the system Python runs it (S3 goes through the image's boto3).
+S3 goes through the image's boto3, run by the image's Python.
 """
 
 from __future__ import annotations
@@ -37,6 +36,9 @@ import tempfile
 import threading
 from pathlib import Path
 
+from . import contract, peers
+from .log import Messages
+
 ML = Path(os.environ.get("SAGEMAKER_BASE_DIR", "/opt/ml"))
 CODE = ML / "code"
 CONFIG = ML / "input" / "config"
@@ -46,15 +48,14 @@ OUTPUT = ML / "output"
 FAILURE = OUTPUT / "failure"
 # SageMaker shows this much of the failure file as the job's FailureReason.
 FAILURE_LIMIT = 1024
-PYTHON = "/opt/venv/bin/python"
+PYTHON = f"{contract.VENV}/bin/python"
 
 
 class JobError(Exception):
     """The job cannot start; the message goes to the failure file."""
 
 
-def say(message: str) -> None:
-    print(f"devbox-train: {message}", file=sys.stderr, flush=True)
+say = Messages("devbox-train")
 
 
 def read_json(path: Path, default):
@@ -297,16 +298,40 @@ def main(argv: list[str]) -> int:
             for part in (f"--{name}", value if isinstance(value, str) else json.dumps(value))]
     args += argv  # `docker run IMAGE train --extra` passes the extras on
     command = command_for(path, args)
+    environment = job_environment(user_hps, args)
+    barrier = host_barrier(environment)
     say(f"running {' '.join(command)}")
     # In /opt/ml/code as the toolkit does; beside the program when it lives elsewhere.
-    code, tail = run(command, job_environment(user_hps, args),
-                     CODE if CODE.is_dir() else path.parent)
+    code, tail = run(command, environment, CODE if CODE.is_dir() else path.parent)
+    where = f" on {barrier.me}" if barrier else ""
+    status = 0
     if code != 0:
-        status = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return fail(f"{path.name} {status}\n" + "\n".join(tail), 128 - code if code < 0 else code)
-    say(f"{path.name} finished; model files: {len(list(MODEL.rglob('*')))} in {MODEL}")
-    return 0
+        reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        status = fail(f"{path.name} {reason}{where}\n" + "\n".join(tail),
+                      128 - code if code < 0 else code)
+    else:
+        say(f"{path.name} finished{where}; model files: {len(list(MODEL.rglob('*')))} in "
+            f"{MODEL}")
+    if barrier:
+        others = barrier.wait(status, say)
+        failed = sorted(peer for peer, peer_code in others.items() if peer_code)
+        say(f"every host finished{'; failed on ' + ', '.join(failed) if failed else ''}")
+    return status
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def host_barrier(environment: dict) -> peers.Barrier | None:
+    """A multi-instance job: every host waits for the others before it exits (local mode's
+    docker-compose stops every container when the first one exits)."""
+    hosts = json.loads(environment["SM_HOSTS"])
+    me = environment["SM_CURRENT_HOST"]
+    if len(hosts) < 2 or me not in hosts:
+        return None
+    barrier = peers.Barrier(me, [host for host in hosts if host != me])
+    try:
+        barrier.serve()
+    except OSError as exc:
+        say(f"cannot wait for the other hosts (port {barrier.port}: {exc.strerror}); this host "
+            "exits when its program ends")
+        return None
+    return barrier
+

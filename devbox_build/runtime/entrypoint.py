@@ -1,18 +1,16 @@
-#!/usr/bin/python3 -I
-"""The image's ENTRYPOINT: one image for a laptop, EC2 and SageMaker.
+"""devbox-entrypoint, the image's ENTRYPOINT: one image for a laptop, EC2 and SageMaker.
 
     (no arguments)  the IDE server: JupyterLab, in laptop or SageMaker Studio mode
     train           a SageMaker-style training job (devbox-train)
     anything else   that command, as `exec "$@"` would run it
 
-Before the IDE or a command (not a training job) it runs the start hooks: devbox-restore puts back
-what the home volume and git keep (dotfiles, ~/.ssh permissions, the crontab, conda kernels), and
-devbox-idle starts its watcher when an idle action is set.
+Before the IDE or a command (not a training job) it runs the start hooks (devbox-start: every
+file in /opt/devbox/start.d, the image's restore hook and idle watcher among them).
 
 As PID 1 it stays as a minimal init: it forwards SIGTERM (and the other stop signals) to the
 command and reaps orphaned processes, so `docker stop` ends any command within seconds, even one
 that, as PID 1, would ignore SIGTERM. Not tini: SageMaker passes `train` as an argument, and the
-dispatch has to happen here. Standard library only; the system Python runs it.
+dispatch has to happen here.
 """
 
 from __future__ import annotations
@@ -23,20 +21,38 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 
-BIN = os.path.dirname(os.path.abspath(__file__))
-PORT = 8888
-# The healthcheck reads this to learn whether, and where, this container serves the IDE.
-IDE_MARKER = "/tmp/devbox-ide.json"
-# The value SageMaker Studio sets for a JupyterLab space; the only one that selects Studio mode.
-STUDIO_APP_TYPE = "JupyterLab"
+from . import contract, hooks
+from .log import Messages
+
+PORT = contract.IDE_PORT
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2)
+TRAIN = os.path.join(contract.BIN, "devbox-train")
+
+say = Messages("devbox")
 
 
-def say(message: str) -> None:
-    print(f"devbox: {message}", file=sys.stderr, flush=True)
+def unwritable_home(environ=os.environ) -> None:
+    """A home the user cannot write (a root-owned volume): JupyterLab's runtime, data and
+    settings go under /tmp instead of failing to start; say why, and what fixes it."""
+    home = os.path.expanduser("~")
+    if os.access(home, os.W_OK):
+        return
+    environ.setdefault("JUPYTER_RUNTIME_DIR", contract.JUPYTER_RUNTIME_FALLBACK)
+    environ.setdefault("JUPYTER_DATA_DIR", "/tmp/devbox-jupyter-data")
+    environ.setdefault("JUPYTERLAB_SETTINGS_DIR", "/tmp/devbox-jupyter-settings")
+    environ.setdefault("JUPYTERLAB_WORKSPACES_DIR", "/tmp/devbox-jupyter-workspaces")
+    environ.setdefault("IPYTHONDIR", "/tmp/devbox-ipython")
+    try:
+        info = os.stat(home)
+        owner = f"uid {info.st_uid}, mode {info.st_mode & 0o7777:o}"
+    except OSError:
+        owner = "missing"
+    say(f"the home {home} is not writable for uid {os.getuid()} ({owner}): JupyterLab keeps "
+        "its runtime files and settings under /tmp, and nothing you save in the home will be "
+        f"kept. Mount a volume owned by {contract.UID}:{contract.GID} (or with group "
+        f"{contract.GID} writable) at {home}.")
 
 
 def jupyter_command() -> list[str] | None:
@@ -46,10 +62,10 @@ def jupyter_command() -> list[str] | None:
         return None
     command = [jupyter, "--no-browser", "--ip=0.0.0.0", f"--port={PORT}"]
     app_type = os.environ.get("SAGEMAKER_APP_TYPE")
-    if app_type == STUDIO_APP_TYPE:
+    if app_type == contract.STUDIO_APP_TYPE:
         # Studio authenticates the user before a request reaches the container, and serves the
         # app under /jupyterlab/default; it requires token auth off and every origin allowed.
-        base_url = "/jupyterlab/default/"
+        base_url = contract.STUDIO_BASE_URL
         command += [f"--ServerApp.base_url={base_url}", "--IdentityProvider.token=",
                     "--ServerApp.allow_origin=*"]
         say(f"SageMaker Studio mode: serving {base_url} on port {PORT}, no token")
@@ -57,7 +73,7 @@ def jupyter_command() -> list[str] | None:
     if app_type is not None:
         # Only Studio's exact value turns authentication off; anything else (a typo, another
         # app type) keeps the laptop's token.
-        say(f"SAGEMAKER_APP_TYPE={app_type!r} is not {STUDIO_APP_TYPE!r} (what Studio sets): "
+        say(f"SAGEMAKER_APP_TYPE={app_type!r} is not {contract.STUDIO_APP_TYPE!r} (what Studio sets): "
             "serving in laptop mode, with a token")
     # On a laptop the port is reachable by anything on the host: keep a token. JupyterLab reads
     # JUPYTER_TOKEN itself; otherwise it makes one and prints the URL that carries it.
@@ -78,7 +94,7 @@ def jupyter_command() -> list[str] | None:
 def _marked(command: list[str], base_url: str) -> list[str]:
     """Tell the healthcheck where this container serves the IDE, then return ``command``."""
     try:
-        with open(IDE_MARKER, "w") as marker:
+        with open(contract.IDE_MARKER, "w") as marker:
             json.dump({"url": f"http://127.0.0.1:{PORT}{base_url}"}, marker)
     except OSError:
         pass  # a read-only /tmp only costs the healthcheck its target
@@ -139,16 +155,6 @@ def supervise(command: list[str]) -> int:
             return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
-def start_hooks() -> None:
-    """Restore the user's setup, then start the idle watcher; neither may keep the container from
-    starting, and a hook that hangs is left behind after a minute."""
-    for hook in (["devbox-restore"], ["devbox-idle", "watch", "--detach"]):
-        try:
-            subprocess.run([os.path.join(BIN, hook[0]), *hook[1:]], timeout=60, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            say(f"{hook[0]}: skipped ({exc})")
-
-
 def training_context() -> bool:
     """A SageMaker training job that passed no `train` (the SDK's ModelTrainer without source
     code): its configuration is mounted, or the service named the job."""
@@ -156,19 +162,20 @@ def training_context() -> bool:
             or bool(os.environ.get("TRAINING_JOB_NAME")))
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list) -> int:
     if not argv and training_context():
         say("a SageMaker training job (/opt/ml/input/config): running it, not the IDE")
         argv = ["train"]
     if not argv:
         command = ide_command()
     elif argv[0] == "train":
-        command = [os.path.join(BIN, "devbox-train"), *argv[1:]]
+        command = [TRAIN, *argv[1:]]
     else:
         command = argv
     warn_about_old_driver()
-    if command[0] != os.path.join(BIN, "devbox-train"):
-        start_hooks()  # a training job ends by itself and has no home to restore
+    if command[0] != TRAIN:
+        unwritable_home()
+        hooks.run()  # a training job ends by itself and has no home to restore
     if os.getpid() != 1:
         # Not the container's init (docker run --init, or called from a shell): plain exec.
         try:
@@ -177,7 +184,3 @@ def main(argv: list[str]) -> int:
             say(f"{command[0]}: {exc.strerror}")
             return 127
     return supervise(command)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
