@@ -7,9 +7,11 @@ DevboxError is printed as one message and exits with its class's code (errors.py
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -19,12 +21,28 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, locking, refs
-from .build import (MECHANISMS, BuildOptions, BuildResult, base_image_id, build_contexts, prepare,
-                    resolve_variants)
+from .build import (
+    MECHANISMS,
+    BuildOptions,
+    BuildResult,
+    base_image_id,
+    build_contexts,
+    prepare,
+    resolve_variants,
+)
 from .engine import Engine, Step
-from .errors import ChecksFailed, CloudError, DevboxError, InputError, Interrupted, LockError
+from .errors import (
+    ChecksFailed,
+    CloudError,
+    DevboxError,
+    InputError,
+    Interrupted,
+    LockError,
+    exit_codes_help,
+)
+from .hostca import host_ca_certificates
 from .manifest import read_manifest
-from .render import BuildContext, host_ca_certificates, render
+from .render import BuildContext, render
 from .spec import load_spec
 
 out = Console(highlight=False, soft_wrap=True)
@@ -73,7 +91,7 @@ def cli() -> None:
     \b
     The flow is one way: spec → lock → render → build → check.
       devbox-build lock datascience          resolve pip inputs into hashed locks
-      devbox-build lock datascience --check  exit 1 if any lock is stale (for CI)
+      devbox-build lock datascience --check  exit 3 if any lock is stale (for CI)
       devbox-build render datascience        print the Dockerfile a build will use
       devbox-build build datascience         build the cpu and gpu variants
       devbox-build inspect devbox/datascience:cpu   what is inside a built image
@@ -81,13 +99,10 @@ def cli() -> None:
       devbox-build sagemaker config devbox/datascience:cpu   SageMaker registration inputs
 
     IMAGE is a spec name under --images-dir, a folder with an image.toml, or the file itself.
-
-    \b
-    Exit codes: 0 ok, 1 checks failed, 2 bad input (spec, flag, reference),
-    3 lock missing, stale, edited or unwritable, 4 engine unreachable or refused,
-    5 build step failed, 6 AWS refused or unreachable (ec2), 130 Ctrl-C, 143 SIGTERM
-    (nothing new is tagged).
     """
+
+
+cli.help = f"{inspect.cleandoc(cli.help)}\n\n\b\n{textwrap.fill(exit_codes_help(), 92)}"
 
 
 # -- lock ---------------------------------------------------------------------------------------

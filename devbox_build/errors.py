@@ -3,24 +3,31 @@
 Every failure a user can cause or fix (bad spec, stale lock, missing engine, failing build step)
 is raised as a :class:`DevboxError` subclass. The CLI prints its message and exits with the
 class's code, without a traceback; anything else is a bug and keeps its traceback. The codes let
-CI tell a stale lock from a failed build:
-
-    0  success
-    1  checks ran and at least one failed (ChecksFailed)
-    2  bad input: spec, flag, image reference, CA file (InputError, SpecError; click's usage errors)
-    3  a lock is missing, stale, edited by hand, or could not be resolved or written (LockError)
-    4  the engine is unreachable or refused an operation (EngineError)
-    5  a build step failed (BuildFailed)
-    130 / 143  interrupted by Ctrl-C / SIGTERM (Interrupted); nothing was tagged
+CI tell a stale lock from a failed build. :data:`EXIT_CODES` is the one table of them: `--help`,
+the README's table and each class's ``exit_code`` come from it.
 """
 
 from __future__ import annotations
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 ok, 1 checks failed, 2 bad input (spec, flag, reference), 3 lock missing, "
-    "stale or unwritable, 4 engine unreachable or refused, 5 build step failed, 130/143 "
-    "interrupted (Ctrl-C / SIGTERM)."
-)
+# code → what it means. The classes below take their code from here.
+EXIT_CODES = {
+    0: "success",
+    1: "checks ran and at least one failed (`check`)",
+    2: "bad input: spec, flag, image reference, CA file",
+    3: "a lock is missing, stale, edited by hand, unresolvable or could not be written "
+       "(`lock --check` included)",
+    4: "the engine is unreachable or refused (missing image, pull, push)",
+    5: "a build step failed (its output is shown; nothing is tagged)",
+    6: "AWS refused a request or did not answer (`ec2 up`, `down`, `move`, `status`)",
+    130: "interrupted by Ctrl-C (nothing new is tagged)",
+    143: "interrupted by SIGTERM (nothing new is tagged)",
+}
+
+
+def exit_codes_help() -> str:
+    """The table as `--help` prints it."""
+    return "Exit codes: " + "; ".join(
+        f"{code} {meaning.split(' (')[0]}" for code, meaning in EXIT_CODES.items()) + "."
 
 
 class DevboxError(Exception):
@@ -29,7 +36,7 @@ class DevboxError(Exception):
     ``hint`` is an optional next step ("run devbox-build lock datascience").
     """
 
-    exit_code = 2
+    exit_code = 2  # see EXIT_CODES
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -94,3 +101,15 @@ class Interrupted(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def _check_codes() -> None:
+    """Every class's code is in the table (import time: a new class without a row fails)."""
+    classes = [DevboxError, InputError, LockError, EngineError, BuildFailed, CloudError,
+               ChecksFailed]
+    missing = [cls.__name__ for cls in classes if cls.exit_code not in EXIT_CODES]
+    if missing:
+        raise RuntimeError(f"exit codes missing from EXIT_CODES: {missing}")
+
+
+_check_codes()

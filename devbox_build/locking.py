@@ -46,6 +46,7 @@ from packaging.utils import canonicalize_name
 
 from . import conda
 from .errors import DevboxError, LockError, SpecError
+from .hostca import resolver_environment
 from .lockunit import EDITED, MISSING, STALE, Input, LockResult, LockUnit
 from .spec import PLATFORMS, TEAM_CONSTRAINTS, TEAM_PYTHON_PREFIX, ImageSpec
 
@@ -367,6 +368,7 @@ def _resolve(spec: ImageSpec, layer: PipLock, resolver: str, upgrade: bool) -> s
             constraints = ["-c", os.path.relpath(team_constraints_path(spec), spec.folder)]
         if resolver == "uv":
             command, env = _uv_command(spec, layer, inputs, constraints, output, upgrade)
+            env = resolver_environment(Path(scratch), env)
         else:
             command, env = _pip_compile_command(spec, layer, inputs, constraints, output,
                                                 upgrade)
@@ -544,7 +546,8 @@ def _with_wheel_sizes(spec: ImageSpec, layer: PipLock, body: str) -> str:
             "--generate-hashes", "--python-version", spec.python_version,
             "--python-platform", PLATFORMS[layer.platform], str(pinned), "-o", str(output),
         ]
-        process = subprocess.run(command, capture_output=True, text=True, check=False)
+        process = subprocess.run(command, capture_output=True, text=True, check=False,
+                                 env=resolver_environment(Path(scratch)))
         if process.returncode != 0:
             detail = "\n".join(f"  {line}" for line in process.stderr.strip().splitlines())
             raise LockError(f"{spec.path}: could not read the wheel sizes of layer "

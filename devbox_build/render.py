@@ -258,20 +258,7 @@ class BuildContext:
         return buffer
 
 
-# Where hosts keep the CA certificates they add to the system's (Debian/Ubuntu, RHEL family). A
-# TLS-intercepting network's CA is there on a corporate machine; builds trust it by default.
-HOST_CA_GLOBS = (
-    "/usr/local/share/ca-certificates/*.crt",
-    "/usr/local/share/ca-certificates/*/*.crt",
-    "/etc/pki/ca-trust/source/anchors/*.crt",
-    "/etc/pki/ca-trust/source/anchors/*.pem",
-)
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
-
-
-def host_ca_certificates() -> list[str]:
-    """This host's extra CA certificates, the ones its own tools trust beyond the defaults."""
-    return sorted({path for pattern in HOST_CA_GLOBS for path in glob.glob(pattern)})
 
 
 def ca_certificate_files(spec: ImageSpec, extra: list[str] = ()) -> dict[str, bytes]:

@@ -16,7 +16,7 @@ import pytest
 
 from devbox_build.engine import Engine
 from devbox_build.errors import EngineUnavailable
-from devbox_build.render import host_ca_certificates
+from devbox_build.hostca import host_ca_certificates
 from devbox_build.spec import ImageSpec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -317,3 +317,20 @@ def test_check_list_needs_no_image():
     result = cli("check", "--list", env=NO_ENGINE)
     assert result.returncode == 0, result.stderr
     assert "sagemaker-training" in result.stdout and "drift" in result.stdout
+
+
+def test_the_exit_codes_are_one_table_in_help_readme_and_errors():
+    """errors.EXIT_CODES is the only table: `--help`, the README and every error class agree."""
+    from devbox_build import errors
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- exit-codes:start -->", 1)[1].split("<!-- exit-codes:end -->")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [f"| {code} | {meaning} |" for code, meaning in errors.EXIT_CODES.items()]
+    help_text = " ".join(cli("--help").stdout.split())
+    assert " ".join(errors.exit_codes_help().split()) in help_text
+    for cls in (errors.ChecksFailed, errors.InputError, errors.LockError, errors.EngineError,
+                errors.BuildFailed, errors.CloudError):
+        assert cls.exit_code in errors.EXIT_CODES
+    assert "--check  exit 3" in help_text or "--check exit 3" in help_text
+    assert cli("lock", str(ROOT / "tests/stacks/tiny"), "--check").returncode == 0

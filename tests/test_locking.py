@@ -8,6 +8,8 @@ test serves itself (support/local_index.py). Whether the committed locks are sti
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,25 @@ def test_pip_compile_refuses_another_python(tmp_path):
     # uv locks for it from this 3.11 machine.
     locking.lock(load(folder), resolver="uv")
     assert "six==" in (folder / "locks/linux-amd64/pip.txt").read_text()
+
+
+@pytest.mark.network
+def test_lock_trusts_the_hosts_extra_cas_as_build_does(tmp_path):
+    """Behind a TLS-intercepting proxy (this machine's, a corporate network's) `lock` works with
+    no SSL_CERT_FILE set: its resolver gets the host's extra CAs, as `build` does."""
+    from devbox_build.hostca import host_ca_certificates, resolver_environment
+
+    folder = small_stack(tmp_path / "tls", "six==1.17.0\n")
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR", "UV_NATIVE_TLS",
+                                "UV_SYSTEM_CERTS")}
+    result = subprocess.run([sys.executable, "-m", "devbox_build.cli", "lock", str(folder)],
+                            env=environment, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "six==1.17.0" in (folder / "locks/linux-amd64/pip.txt").read_text()
+    bundle = resolver_environment(tmp_path, environment)
+    if host_ca_certificates():
+        text = Path(bundle["SSL_CERT_FILE"]).read_text()
+        assert all(Path(p).read_text().strip() in text for p in host_ca_certificates())
+    else:
+        assert "SSL_CERT_FILE" not in bundle
