@@ -20,6 +20,8 @@ import functools
 import hashlib
 import json
 import os
+import re
+import socket
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +40,13 @@ WORK = "/tmp/devbox-assemble"
 # ~6.5 GB; a new base or tool version makes a new set).
 UNUSED_DAYS = 30
 CACHE_MB = 16384
+# A half-written entry (a build killed while it copied a layer out) is removed once it is this old:
+# a younger one may be another build's, still being written.
+PARTIAL_SECONDS = 3600
+# The builder containers carry this label (host:pid of the build that made them): a build killed
+# with SIGKILL cannot remove its own, so the next assembly on this host removes those whose
+# build is gone.
+BUILDER_LABEL = "devbox.assemble-builder"
 
 
 @dataclass(frozen=True)
@@ -57,31 +66,93 @@ class GroupLayer:
                 f"from {self.step.lock}, installed on their own")
 
 
-class LayerCache:
-    """Group layers by key: ``<key>.tar`` and ``<key>.json`` (its diff id) in one folder."""
+class LayerCacheError(InputError):
+    """The layer cache folder cannot be written (read-only, full, not a folder)."""
 
-    def __init__(self, folder: Path | None = None) -> None:
+
+class LayerCache:
+    """Group layers by key: ``<key>.tar`` and ``<key>.json`` (its diff id and size) in one
+    folder. A tar whose size is not the recorded one (cut short) is evicted when it is looked
+    up; one whose bytes changed is found by :meth:`damaged` when the engine refuses a load."""
+
+    def __init__(self, folder: Path | None = None, report: Report | None = None) -> None:
         self.folder = folder or cache.folder("layers")
+        self.report = report or (lambda _message: None)
 
     def get(self, step: InstallStep, key: str) -> GroupLayer | None:
         tar, meta = self.folder / f"{key}.tar", self.folder / f"{key}.json"
         try:
-            diff_id = json.loads(meta.read_text())["diff_id"]
-        except (OSError, ValueError, KeyError):
+            record = json.loads(meta.read_text())
+            diff_id = record["diff_id"]
+        except (OSError, ValueError, KeyError, TypeError):
             return None
         if not tar.is_file():
             return None
-        os.utime(meta)  # used now: kept by prune
+        size = tar.stat().st_size
+        if record.get("size") not in (None, size):
+            self.evict(key, f"{tar} ({step.name}) is {size} bytes, not the {record['size']} "
+                            "it was written with (cut short)")
+            return None
+        try:
+            os.utime(meta)  # used now: kept by prune
+        except OSError:
+            pass  # a read-only cache still serves its layers
         return GroupLayer(step, key, tar, diff_id)
+
+    def damaged(self, layer: GroupLayer) -> bool:
+        """Whether the cached tar's bytes no longer give its diff id (evicted when so)."""
+        digest = hashlib.sha256()
+        try:
+            with layer.tar.open("rb") as data:
+                for block in iter(lambda: data.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            return True
+        if f"sha256:{digest.hexdigest()}" == layer.diff_id:
+            return False
+        self.evict(layer.key, f"{layer.tar} ({layer.step.name}) does not have the digest it was "
+                              "written with (changed on disk)")
+        return True
+
+    def evict(self, key: str, why: str) -> None:
+        self.report(f"layer cache: {why}; removed, the group is installed again")
+        for suffix in (".json", ".tar"):
+            try:
+                (self.folder / f"{key}{suffix}").unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def writable(self) -> None:
+        """Fail now, naming the folder, when layers cannot be written into it."""
+        probe = self.folder / f".probe.{os.getpid()}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise LayerCacheError(
+                f"the layer cache {self.folder} cannot be written: {exc.strerror}",
+                hint="free space there, make it writable, or set XDG_CACHE_HOME to another "
+                     "folder") from None
 
     def put(self, step: InstallStep, key: str, tar: Path, sha256: str) -> GroupLayer:
         target = self.folder / f"{key}.tar"
-        tar.replace(target)
         meta = self.folder / f"{key}.json"
         partial = self.folder / f"{key}.{os.getpid()}.json-partial"  # builds may race
-        partial.write_text(json.dumps({"diff_id": f"sha256:{sha256}", "group": step.name,
-                                       "requirements": list(step.requirements)}))
-        partial.replace(meta)
+        try:
+            size = tar.stat().st_size
+            tar.replace(target)
+            partial.write_text(json.dumps({"diff_id": f"sha256:{sha256}", "group": step.name,
+                                           "size": size,
+                                           "requirements": list(step.requirements)}))
+            partial.replace(meta)
+        except OSError as exc:
+            for leftover in (tar, partial, target):
+                leftover.unlink(missing_ok=True)
+            raise LayerCacheError(f"the layer cache {self.folder} cannot take {step.name}'s "
+                                  f"layer: {exc.strerror}",
+                                  hint="free space there, or set XDG_CACHE_HOME to another "
+                                       "folder") from None
         return GroupLayer(step, key, target, f"sha256:{sha256}")
 
     def prune(self, keep: set[str]) -> None:
@@ -89,6 +160,12 @@ class LayerCache:
         is over its budget (never one of ``keep``: the build's own)."""
         budget = cache_budget()
         cutoff = time.time() - UNUSED_DAYS * 86400
+        for partial in [*self.folder.glob("*.partial"), *self.folder.glob("*.json-partial")]:
+            try:
+                if partial.stat().st_mtime < time.time() - PARTIAL_SECONDS:
+                    partial.unlink()
+            except OSError:
+                continue
         entries = []  # (last used, key, bytes), oldest first
         for meta in self.folder.glob("*.json"):
             tar = self.folder / f"{meta.stem}.tar"
@@ -106,7 +183,7 @@ class LayerCache:
 def cache_budget() -> int:
     """The layer cache's size budget in bytes (DEVBOX_LAYER_CACHE_MB)."""
     text = os.environ.get("DEVBOX_LAYER_CACHE_MB") or str(CACHE_MB)
-    if not text.isdigit():
+    if not re.fullmatch(r"[0-9]+", text):  # not str.isdigit: '²' is a digit to it
         raise InputError(f"DEVBOX_LAYER_CACHE_MB: {text!r} is not a whole number of megabytes")
     return int(text) * 1_000_000
 
@@ -146,7 +223,8 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
              layer_cache: LayerCache | None = None) -> str:
     """The image of ``head_id`` with the context's pip groups on top; its id. ``fresh``:
     install every group again, whatever the cache holds (--no-cache)."""
-    layer_cache = layer_cache or LayerCache()
+    layer_cache = layer_cache or LayerCache(report=report)
+    remove_orphaned_builders(engine, report)
     steps = context.assembled_steps
     keys = [group_key(context, head_id, step) for step in steps]
     found = {key: None if fresh else layer_cache.get(step, key) for step, key in zip(steps, keys)}
@@ -154,9 +232,11 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
     if cached := [step.name for step, key in zip(steps, keys) if found[key] is not None]:
         report(f"{len(cached)} of the pip groups' layers from this host's cache: "
                f"{', '.join(cached)}")
+    install = functools.partial(_install, engine, context, head_id, environment=environment,
+                                network_mode=network_mode, layer_cache=layer_cache,
+                                report=report)
     if missing:
-        found.update({layer.key: layer for layer in _install(
-            engine, context, head_id, missing, environment, network_mode, layer_cache, report)})
+        found.update({layer.key: layer for layer in install(missing)})
     groups = [found[key] for key in keys]
     layer_cache.prune(set(keys))
     head = engine.image(head_id)
@@ -165,22 +245,33 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
     history = engine.history(head_id)
     try:
         return _load(engine, head, history, groups, held, report)
-    except DevboxError:
-        # A layer this build counted on went away meanwhile (an image removed): send them all.
-        return _load(engine, head, history, groups, set(), report)
+    except DevboxError as refused:
+        # A cached tar whose bytes changed (the engine computes another digest): evict it,
+        # install its group again. Else a layer this build counted on went away meanwhile (an
+        # image removed): send them all.
+        damaged = [(g.step, g.key) for g in groups if layer_cache.damaged(g)]
+        if damaged:
+            found.update({layer.key: layer for layer in install(damaged)})
+            groups = [found[key] for key in keys]
+        try:
+            return _load(engine, head, history, groups, set(), report)
+        except DevboxError as again:
+            raise type(again)(f"{again.message} (the first try: {refused.message}); the layers "
+                              f"sent were {', '.join(str(g.tar) for g in groups)}") from None
 
 
 def _install(engine: Engine, context: BuildContext, head_id: str,
-             missing: list[tuple[InstallStep, str]], environment: dict[str, str],
+             missing: list[tuple[InstallStep, str]], *, environment: dict[str, str],
              network_mode: str | None, layer_cache: LayerCache, report: Report) -> list[GroupLayer]:
     """Install the missing groups in one builder container of the head image; their layers."""
+    layer_cache.writable()
     names = [step.name for step, _ in missing]
     report(f"installing {len(missing)} of the pip groups on their own: {', '.join(names)}")
     container = engine.create(
         head_id, ["/bin/sh", f"{WORK}/{SCRIPT}", WORK, VENV, str(context.spec.user.gid),
                   str(LAYER_MTIME), *names],
         user="root", entrypoint=[], environment={**environment, "PIP_INSTALL": PIP_INSTALL},
-        network_mode=network_mode)
+        network_mode=network_mode, labels={BUILDER_LABEL: _builder_owner()})
     try:
         files = {f"{step.name}.txt": "".join(f"{line}\n" for line in step.requirements).encode()
                  for step, _ in missing}
@@ -196,13 +287,46 @@ def _install(engine: Engine, context: BuildContext, head_id: str,
         layers = []
         for step, key in missing:
             partial = layer_cache.folder / f"{key}.{os.getpid()}.partial"  # builds may race
-            sha256 = engine.copy_file_out(container, f"{WORK}/{step.name}.tar", partial)
+            try:
+                sha256 = engine.copy_file_out(container, f"{WORK}/{step.name}.tar", partial)
+            except OSError as exc:
+                partial.unlink(missing_ok=True)
+                raise LayerCacheError(f"the layer cache {layer_cache.folder} cannot take "
+                                      f"{step.name}'s layer: {exc.strerror}",
+                                      hint="free space there, or set XDG_CACHE_HOME to another "
+                                           "folder") from None
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
             layers.append(layer_cache.put(step, key, partial, sha256))
             report(f"{step.name}: {step.count} packages, layer "
                    f"{layers[-1].tar.stat().st_size / 1e6:.1f} MB")
         return layers
     finally:
         engine.remove(container)
+
+
+def _builder_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def remove_orphaned_builders(engine: Engine, report: Report) -> None:
+    """Builder containers of this host whose build is gone (killed): removed, by id."""
+    host = socket.gethostname()
+    for container_id, owner in engine.labelled_containers(BUILDER_LABEL).items():
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its build still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's build, alive
+        report(f"removing builder container {container_id[:12]} of a build that was killed "
+               f"(pid {pid})")
+        engine.remove(container_id)
 
 
 def _load(engine: Engine, head: dict, history: list[dict], groups: list[GroupLayer],

@@ -181,6 +181,10 @@ class Engine:
             events = list(self.api.load_image(archive))
         except docker.errors.APIError as exc:
             raise EngineError(f"docker load failed: {_reason(exc)}") from None
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            # The engine dropped the connection (restarted, killed, out of memory).
+            raise EngineError(f"docker load failed: the engine closed the connection "
+                              f"({type(exc).__name__}: {exc})") from None
         for event in events:
             if "error" in event:
                 raise EngineError(f"docker load failed: {event['error']}")
@@ -356,13 +360,18 @@ class Engine:
     def create(self, ref: str, command: list[str], *, user: str | None = None,
                environment: dict[str, str] | None = None,
                volumes: dict[str, str] | None = None, entrypoint: list[str] | None = None,
-               network_mode: str | None = None) -> str:
+               network_mode: str | None = None, labels: dict[str, str] | None = None) -> str:
         """Create (not start) a container, e.g. to copy files in first; see :meth:`start_created`."""
         return self.api.create_container(
             ref, command=command, user=user or "", environment=environment,
-            entrypoint=entrypoint,
+            entrypoint=entrypoint, labels=labels,
             host_config=self._host_config(volumes=volumes, network_mode=network_mode),
         )["Id"]
+
+    def labelled_containers(self, label: str) -> dict[str, str]:
+        """Every container (running or not) carrying ``label``: id → the label's value."""
+        return {container["Id"]: container["Labels"].get(label, "")
+                for container in self.api.containers(all=True, filters={"label": label})}
 
     def start_created(self, container_id: str) -> None:
         self.api.start(container_id)

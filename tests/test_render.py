@@ -327,6 +327,40 @@ def test_the_layer_cache_keeps_the_build_s_own_and_the_recently_used(tmp_path, m
 def test_a_layer_cache_budget_that_is_not_a_number_is_refused(monkeypatch):
     from devbox_build.assemble import cache_budget
 
-    monkeypatch.setenv("DEVBOX_LAYER_CACHE_MB", "16GB")
-    with pytest.raises(InputError, match="DEVBOX_LAYER_CACHE_MB: '16GB' is not a whole number"):
-        cache_budget()
+    for text in ("16GB", "²", "١٦"):  # str.isdigit() says yes to the last two
+        monkeypatch.setenv("DEVBOX_LAYER_CACHE_MB", text)
+        with pytest.raises(InputError, match=f"DEVBOX_LAYER_CACHE_MB: '{text}' is not a whole"):
+            cache_budget()
+
+
+def test_a_cached_layer_cut_short_or_changed_is_evicted_and_old_partials_pruned(tmp_path):
+    import hashlib
+    import os
+    import time
+
+    from devbox_build.assemble import PARTIAL_SECONDS, LayerCache
+    from devbox_build.render import InstallStep
+
+    notes: list[str] = []
+    cache = LayerCache(tmp_path, report=notes.append)
+    step = InstallStep(kind="pip", layer="pip", name="pip-01", lock="locks/pip.txt", count=1,
+                       title="")
+    data = b"layer bytes" * 1000
+    for key in ("short", "changed", "good"):
+        partial = tmp_path / f"{key}.partial"
+        partial.write_bytes(data)
+        cache.put(step, key, partial, hashlib.sha256(data).hexdigest())
+    (tmp_path / "short.tar").write_bytes(data[:100])
+    assert cache.get(step, "short") is None and not (tmp_path / "short.json").exists()
+    assert "is 100 bytes, not the 11000 it was written with (cut short)" in notes[-1]
+    (tmp_path / "changed.tar").write_bytes(data.replace(b"layer", b"LAYER"))
+    changed = cache.get(step, "changed")
+    assert changed is not None and cache.damaged(changed)
+    assert not (tmp_path / "changed.tar").exists() and "changed on disk" in notes[-1]
+    assert not cache.damaged(cache.get(step, "good"))
+    old, fresh = tmp_path / "x.123.partial", tmp_path / "y.456.json-partial"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (time.time() - PARTIAL_SECONDS - 5,) * 2)
+    cache.prune(keep=set())
+    assert not old.exists() and fresh.exists()

@@ -1,0 +1,216 @@
+"""The host's layer cache (assemble.py) under faults: a damaged entry, a full or read-only
+folder, a build killed while its groups install, the engine dropping the connection during
+`docker load`. Each is one message naming the file or step, its exit code, nothing left behind.
+Real engine, the tiny stack, the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from devbox_build import assemble, locking
+from devbox_build.build import build
+
+from .conftest import assert_clean_error, cli, load
+from .test_build import RecordingProgress, content_tag, options
+
+pytestmark = pytest.mark.engine
+
+
+def unique_stack(stack: Path, six: str) -> None:
+    """A pin of six no other test uses, so the group holding it (and those above) make chains
+    no other image in the engine holds: the engine must read their cached tars."""
+    (stack / "requirements.in").write_text(f"six=={six}\nmarkupsafe\nidna\n")
+    assert locking.lock(load(stack))
+
+
+def cached_entry(cache: Path, package: str) -> tuple[Path, dict]:
+    for meta in cache.glob("devbox-build/layers/*.json"):
+        record = json.loads(meta.read_text())
+        if any(line.startswith(f"{package}==") for line in record["requirements"]):
+            return meta.with_suffix(".tar"), record
+    raise AssertionError(f"no cached group holds {package}")
+
+
+def remove_images(engine, stack) -> None:
+    if earlier := engine.image_id(content_tag(engine, stack, "cpu")):
+        engine.remove_image(earlier)
+
+
+@pytest.mark.parametrize("damage", ["changed", "cut-short"])
+def test_a_damaged_cached_layer_is_evicted_and_installed_again(engine, stack, tmp_path,
+                                                               monkeypatch, damage):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    unique_stack(stack, "1.14.0" if damage == "changed" else "1.13.0")
+    remove_images(engine, stack)
+    build(load(stack), ["cpu"], engine, options())
+    tar, record = cached_entry(tmp_path / "cache", "six")
+    data = bytearray(tar.read_bytes())
+    if damage == "changed":
+        data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    else:
+        del data[len(data) // 2:]
+    tar.write_bytes(bytes(data))
+    remove_images(engine, stack)  # the engine must read the cached tars again
+    progress = RecordingProgress()
+    [after] = build(load(stack), ["cpu"], engine, options(), progress)
+    notes = "\n".join(progress.lines)
+    why = "does not have the digest" if damage == "changed" else "cut short"
+    assert f"layer cache: {tar} ({record['group']}) " in notes and why in notes, notes
+    assert f"installing 1 of the pip groups on their own: {record['group']}" in notes, notes
+    fixed, _ = cached_entry(tmp_path / "cache", "six")
+    assert fixed.stat().st_size == record["size"]
+    assert engine.image_id(after.content_tag)
+    # The next build uses the repaired entry as it is.
+    remove_images(engine, stack)
+    progress = RecordingProgress()
+    build(load(stack), ["cpu"], engine, options(), progress)
+    assert not [line for line in progress.lines if "installing" in line], progress.lines
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mounts = []
+
+    def mount(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True, check=False).returncode != 0:
+            pytest.fail("mounting a tmpfs needs root (CI runs as root)")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_layer_cache_is_one_error_naming_it_and_leaves_nothing(engine, stack,
+                                                                      tiny_tmpfs):
+    full = tiny_tmpfs("full", "size=64k")
+    result = cli("build", str(stack), "--variant", "cpu", "--no-cache",
+                 env={"XDG_CACHE_HOME": str(full)})
+    assert_clean_error(result, f"the layer cache {full}/devbox-build/layers cannot take",
+                       "No space left on device")
+    assert result.returncode == 2
+    left = [p.name for p in (full / "devbox-build" / "layers").iterdir()]
+    assert not [name for name in left if "partial" in name], left
+    assert not engine.labelled_containers(assemble.BUILDER_LABEL)
+
+
+def test_a_read_only_layer_cache_is_one_error_before_any_install(engine, stack, tiny_tmpfs):
+    read_only = tiny_tmpfs("read-only", "ro,size=1m")
+    result = cli("build", str(stack), "--variant", "cpu", "--no-cache",
+                 env={"XDG_CACHE_HOME": str(read_only)})
+    assert_clean_error(result, f"the layer cache {read_only}/devbox-build/layers cannot be "
+                               "written", "Read-only file system")
+    assert result.returncode == 2
+    assert "installing" not in result.stderr
+
+
+def test_a_killed_build_leaves_no_builder_container_after_the_next(engine, stack, tmp_path):
+    """SIGKILL cannot be caught: the next assembly on this host removes the builder container
+    of a build that is gone."""
+    unique_stack(stack, "1.12.0")
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = subprocess.Popen([sys.executable, "-m", "devbox_build.cli", "build", str(stack),
+                              "--variant", "cpu", "--no-cache"], env=environment,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    try:
+        while not (builders := engine.labelled_containers(assemble.BUILDER_LABEL)):
+            assert first.poll() is None, "the build ended before its groups were installed"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    [orphan] = [cid for cid, owner in builders.items() if owner.endswith(f":{first.pid}")]
+    result = cli("build", str(stack), "--variant", "cpu", env={
+        "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"removing builder container {orphan[:12]}" in result.stderr
+    assert orphan not in engine.labelled_containers(assemble.BUILDER_LABEL)
+
+
+class DroppingEngineProxy:
+    """TCP on loopback → the engine's unix socket; closes the connection of the first
+    `POST /images/load` once some of its body went through."""
+
+    def __init__(self, drops: int, socket_path: str = "/var/run/docker.sock") -> None:
+        self.drops = drops
+        self.socket_path = socket_path
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(self.socket_path)
+
+        def back() -> None:
+            try:
+                while data := upstream.recv(65536):
+                    client.sendall(data)
+            except OSError:
+                pass
+            finally:
+                client.close()
+
+        threading.Thread(target=back, daemon=True).start()
+        seen = b""
+        try:
+            while data := client.recv(65536):
+                seen = (seen + data)[-200_000:]
+                if b"POST /v" in seen and b"/images/load" in seen \
+                        and self.dropped < self.drops and len(seen) > 20_000:
+                    self.dropped += 1
+                    break
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("drops", [1, 99])
+def test_the_engine_dropping_the_connection_during_load(engine, stack, tmp_path, drops):
+    """Once: the load is sent again and the build succeeds. Every time: exit 4, one message."""
+    unique_stack(stack, "1.11.0" if drops == 1 else "1.10.0")
+    remove_images(engine, stack)
+    proxy = DroppingEngineProxy(drops)
+    try:
+        environment = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "DOCKER_HOST": proxy.url}
+        result = cli("build", str(stack), "--variant", "cpu", env=environment)
+        assert proxy.dropped >= 1
+        if drops == 1:
+            assert result.returncode == 0, result.stderr[-3000:]
+        else:
+            assert_clean_error(result, "docker load failed", "closed the connection")
+            assert result.returncode == 4
+        assert not engine.labelled_containers(assemble.BUILDER_LABEL)
+    finally:
+        proxy.close()
