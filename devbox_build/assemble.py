@@ -195,10 +195,13 @@ def recipe() -> str:
     return hashlib.sha256(template_file(SCRIPT)).hexdigest()
 
 
-def group_key(context: BuildContext, head_id: str, step: InstallStep) -> str:
-    """Everything a group's layer bytes depend on: the image below (its Python, its folders),
-    the requirements, the installer script and command, and where things go."""
-    inputs = {"head": head_id, "platform": context.platform, "name": step.name,
+def group_key(context: BuildContext, head: dict, step: InstallStep) -> str:
+    """Everything a group's layer bytes depend on: the image below by content (its layers'
+    digests and its environment, not the engine's id for it: a base rebuilt with the same bytes
+    keeps every group), the requirements, the installer script and command, and where things
+    go."""
+    below = {"layers": head["RootFS"]["Layers"], "env": sorted(head["Config"].get("Env") or [])}
+    inputs = {"head": below, "platform": context.platform, "name": step.name,
               "requirements": list(step.requirements), "pip": PIP_INSTALL, "venv": VENV,
               "gid": context.spec.user.gid, "mtime": LAYER_MTIME,
               "script": recipe()}
@@ -226,7 +229,8 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
     layer_cache = layer_cache or LayerCache(report=report)
     remove_orphaned_builders(engine, report)
     steps = context.assembled_steps
-    keys = [group_key(context, head_id, step) for step in steps]
+    head = engine.image(head_id)
+    keys = [group_key(context, head, step) for step in steps]
     found = {key: None if fresh else layer_cache.get(step, key) for step, key in zip(steps, keys)}
     missing = [(step, key) for step, key in zip(steps, keys) if found[key] is None]
     if cached := [step.name for step, key in zip(steps, keys) if found[key] is not None]:
@@ -239,7 +243,6 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
         found.update({layer.key: layer for layer in install(missing)})
     groups = [found[key] for key in keys]
     layer_cache.prune(set(keys))
-    head = engine.image(head_id)
     held = {chain for layers in engine.layer_lists("devbox.spec") for chain in chain_ids(layers)}
     held.update(chain_ids(head["RootFS"]["Layers"]))
     history = engine.history(head_id)

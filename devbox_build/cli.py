@@ -304,7 +304,8 @@ def inspect_command(ref, packages, as_json):
         ("spec", f"{manifest['spec']} variant {manifest['variant']} ({manifest['platform']})"),
         ("python", manifest["python_version"]),
         ("size", f"{manifest['image']['size'] / 1e6:.0f} MB"),
-        ("built", f"{manifest['build_time']} by devbox-build {manifest['tool_version']}"),
+        ("built", f"{labels.get('org.opencontainers.image.created', '?')} by devbox-build "
+                  f"{manifest['tool_version']}"),
         ("content", manifest["content_hash"][:12]),
         ("cuda", labels.get("devbox.cuda.version", "-")
          + (f" (driver ≥ {labels['devbox.cuda.min-driver']})" if "devbox.cuda.min-driver" in labels else "")),

@@ -33,9 +33,16 @@ from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, Idle, ImageSpec
 VENV = contract.VENV
 # The image's runtime (devbox_build/runtime, the package devbox_runtime in the image) and the
 # launchers that start its programs: context paths under devbox/, in the image /opt/devbox.
-RUNTIME_BIN = "devbox/bin"
-RUNTIME_LIB = f"devbox/lib/{contract.PACKAGE}"
-RUNTIME_HOOKS = "devbox/start.d"
+# A COPY whose source holds the image's own paths from / (`COPY final/ /`): every folder it makes
+# is then an entry of the context tar, with fixed metadata, so the layer's bytes depend on the
+# files alone (a COPY into a folder of its own making stamps the folder with the build's time).
+FINAL_ROOT = "final"
+CA_ROOT = "ca"
+CA_FOLDER = "/usr/local/share/ca-certificates/devbox"
+DEVBOX_CONTEXT = f"{FINAL_ROOT}{contract.DEVBOX}"
+RUNTIME_BIN = f"{FINAL_ROOT}{contract.BIN}"
+RUNTIME_LIB = f"{FINAL_ROOT}{contract.LIB}/{contract.PACKAGE}"
+RUNTIME_HOOKS = f"{FINAL_ROOT}{contract.START_HOOKS}"
 EXECUTABLE_FOLDERS = (f"{RUNTIME_BIN}/", f"{RUNTIME_HOOKS}/")
 # A launcher: the system Python (isolated: no user site, no PYTHONPATH) runs one module's main.
 LAUNCHER = (
@@ -66,9 +73,19 @@ HEAD_DOCKERFILE = "assembled/head.Dockerfile"
 TAIL_DOCKERFILE = "assembled/tail.Dockerfile"
 # Printed by the Python check in the os layer; the build turns it into an error naming the spec key.
 PYTHON_MISMATCH_MARKER = "devbox-build: the base image provides Python"
+# apt's lists and caches go (the lists folder's own `partial` and `lock` stay: deleting what the
+# base has would leave a whiteout stamped with the build's time in the layer).
 APT_CLEANUP = (
-    "apt-get clean; rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* "
-    "/var/log/dpkg.log /var/cache/debconf/*-old /root/.cache"
+    "apt-get clean; find /var/lib/apt/lists -mindepth 1 -maxdepth 1 ! -name partial "
+    "! -name lock -exec rm -rf {} +; rm -rf /var/cache/apt/*.bin /root/.cache"
+)
+# Files a RUN of apt, dpkg or ldconfig rewrites with its own time or history: each is put back as
+# the layer below had it (or removed when it had none), so the layer does not carry them.
+VOLATILE_FILES = (
+    "/var/cache/ldconfig/aux-cache", "/var/log/dpkg.log", "/var/log/alternatives.log",
+    "/var/log/apt/history.log", "/var/log/apt/term.log", "/var/log/apt/eipp.log.xz",
+    "/var/cache/debconf/config.dat-old", "/var/cache/debconf/templates.dat-old",
+    "/var/cache/debconf/passwords.dat-old",
 )
 # Every file an install layer adds gets this mtime (2000-01-01), and its bytecode is compiled
 # against it: the same lock gives the same layer bytes, and so the same digest, on any machine.
@@ -241,6 +258,14 @@ class BuildContext:
         Spooled to disk past 64 MiB: private conda packages can be large."""
         buffer = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 (returned open)
         with tarfile.open(fileobj=buffer, mode="w") as archive:
+            # Every folder too, with the same fixed metadata: a COPY gives the folders it makes
+            # (and the one it copies into) the source folder's time, not the build's.
+            folders = sorted({str(parent) for path in [*self.files, *self.private]
+                              for parent in PurePosixPath(path).parents if parent.name})
+            for folder in folders:
+                info = tarfile.TarInfo(folder)
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+                archive.addfile(info)
             for path in sorted(self.files):
                 info = tarfile.TarInfo(path)
                 # COPY keeps the mode: the runtime's commands must arrive executable.
@@ -317,7 +342,7 @@ def render(
     for index, (path, blocks) in enumerate(ca_certificate_files(spec, list(ca_certificates)).items()):
         # update-ca-certificates only picks up *.crt files; the name is kept to safe characters.
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)
-        context.files[f"ca-certificates/{index:02d}-{stem}.crt"] = blocks
+        context.files[f"{CA_ROOT}{CA_FOLDER}/{index:02d}-{stem}.crt"] = blocks
 
     conda_steps = _conda_steps(spec, variant, platform, context)
     pip_steps, lock_digests, locked_closure = [], {}, {}
@@ -388,7 +413,7 @@ def render(
         "idle": None if spec.extends and spec.idle is None
         else (spec.idle or Idle()).model_dump(),
     }
-    context.files["devbox/build-info.json"] = (
+    context.files[f"{DEVBOX_CONTEXT}/build-info.json"] = (
         json.dumps(build_info, indent=2, sort_keys=True) + "\n"
     ).encode()
     context.files.update(runtime_files())
@@ -409,9 +434,13 @@ def render(
         # The user's `pip install` puts its commands here: first on PATH, in every shell.
         user_bin=f"{spec.user.home}/.local/bin",
         ca_bundle=CA_BUNDLE,
-        ca_files=[p for p in context.files if p.startswith("ca-certificates/")],
+        ca_files=[p for p in context.files if p.startswith(f"{CA_ROOT}/")],
+        ca_root=CA_ROOT,
+        final_root=FINAL_ROOT,
+        shadow_day=LAYER_MTIME // 86400,
         python_mismatch_marker=PYTHON_MISMATCH_MARKER,
         apt_cleanup=APT_CLEANUP,
+        volatile_files=" ".join(VOLATILE_FILES),
         install_steps=context.install_steps,
         pip_install=PIP_INSTALL,
         layer_mtime=LAYER_MTIME,
@@ -556,7 +585,7 @@ def runtime_files() -> dict[str, bytes]:
     for name, argv in contract.BUILT_IN_HOOKS.items():
         files[f"{RUNTIME_HOOKS}/{name}"] = START_HOOK.format(command=shlex.join(
             [f"{contract.BIN}/{argv[0]}", *argv[1:]])).encode()
-    files["devbox/bash-env.sh"] = template_file("bash-env.sh").replace(
+    files[f"{DEVBOX_CONTEXT}/bash-env.sh"] = template_file("bash-env.sh").replace(
         b"@BIN@", contract.BIN.encode())
     return files
 

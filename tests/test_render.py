@@ -45,7 +45,7 @@ def written_requirements(dockerfile: str) -> dict[str, list[str]]:
 
 def test_each_install_step_carries_only_its_own_pins():
     context = render(load(TINY), "gpu")
-    assert re.findall(r"^COPY (\S+) ", context.dockerfile, re.M) == ["devbox/"]
+    assert re.findall(r"^COPY (\S+) ", context.dockerfile, re.M) == ["final/"]
     written = written_requirements(context.dockerfile)
     # The tiny stack's locks are small: one group each; each holds what its lock adds.
     assert {name: [line.split("==")[0] for line in lines] for name, lines in written.items()} == {
@@ -83,8 +83,9 @@ def test_proxies_are_never_declared():
 def test_ca_certificates_are_installed_before_any_download():
     context = render(load(TINY), "cpu", ca_certificates=HOST_CA_CERTS)
     dockerfile = context.dockerfile
-    assert dockerfile.index("COPY ca-certificates/") < dockerfile.index("apt-get update")
-    assert len([p for p in context.files if p.startswith("ca-certificates/")]) == len(HOST_CA_CERTS)
+    assert dockerfile.index("COPY ca/ /") < dockerfile.index("apt-get update")
+    assert len([p for p in context.files
+                if p.startswith("ca/usr/local/share/ca-certificates/devbox/")]) == len(HOST_CA_CERTS)
     for variable in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "NODE_EXTRA_CA_CERTS"):
         assert f"{variable}=/etc/ssl/certs/ca-certificates.crt" in dockerfile
 

@@ -392,11 +392,12 @@ def test_an_empty_home_gets_skel_without_overwriting(tmp_path, monkeypatch):
 
 
 def test_check_counts_files_put_in_place_with_old_dates(tmp_path):
-    built, started = 1000.0, 2000.0
-    old = os.stat_result((0o644, 0, 0, 1, 0, 0, 1, 500, 500, 2500))  # tar -x: old mtime, new ctime
-    image = os.stat_result((0o644, 0, 0, 1, 0, 0, 1, 500, 500, 900))
-    assert restore.changed(old, built, started)
-    assert not restore.changed(image, built, started)
+    created = 1_800_000_000.0
+    old = os.stat_result((0o644, 0, 0, 1, 0, 0, 1, 0, 1_500_000_000, 1_800_000_500))  # tar -x
+    written = os.stat_result((0o644, 0, 0, 1, 0, 0, 1, 0, 1_800_000_100, 1_800_000_100))
+    image = os.stat_result((0o644, 0, 0, 1, 0, 0, 1, 0, 946_684_800, 1_790_000_000))  # layers
+    assert restore.changed(old, created) and restore.changed(written, created)
+    assert not restore.changed(image, created)
 
 
 def test_git_work_deep_in_a_tree_is_found_and_a_volume_repository_is_not_lost(tmp_path):

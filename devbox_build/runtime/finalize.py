@@ -179,7 +179,6 @@ def main(argv: list) -> int:
                            "content_hash": base.get("content_hash")}
     manifest = {
         **info,
-        "build_time": os.environ.get("DEVBOX_BUILD_TIME", "unknown"),
         "content_hash": os.environ.get("DEVBOX_CONTENT_HASH", "unknown"),
         "python_version": sys.version.split()[0],
         "packages": {"pip": pip_packages(info, base), "conda": conda_packages(info),

@@ -257,8 +257,19 @@ def persistent_mounts(mountinfo: str = "/proc/self/mountinfo") -> list:
     return sorted(set(mounts))
 
 
-def container_started() -> float:
-    """When this container's init started (epoch seconds)."""
+# Written by the engine when it creates a container (Docker, Podman): their times are the
+# container's creation, before which nothing in it was the user's.
+CREATION_MARKERS = ("/.dockerenv", "/run/.containerenv")
+
+
+def container_created() -> float:
+    """When this container was made (epoch seconds): the engine's marker file, else when its
+    init started (a restarted container: its latest start)."""
+    for marker in CREATION_MARKERS:
+        try:
+            return os.stat(marker).st_mtime
+        except OSError:
+            continue
     ticks = os.sysconf("SC_CLK_TCK")
     with open("/proc/1/stat") as handle:
         stat_line = handle.read()
@@ -268,13 +279,14 @@ def container_started() -> float:
     return time.time() - (uptime - started)
 
 
-def changed(info: os.stat_result, built: float, started: float) -> bool:
-    """Changed in this container: written after the image was built, or put in place after the
-    container started (an archive unpacked with its old dates, `cp -p`: the change time moves)."""
-    return info.st_mtime > built or info.st_ctime > started
+def changed(info: os.stat_result, created: float) -> bool:
+    """Changed in this container: written, or put in place (an archive unpacked with its old
+    dates, `cp -p`: the change time moves), after the container was made. The image's own files
+    carry fixed dates (its layers are reproducible), so they say nothing about the build."""
+    return info.st_mtime > created or info.st_ctime > created
 
 
-def changed_files(built: float, started: float, keep: list) -> list:
+def changed_files(created: float, keep: list) -> list:
     skip = (set(SCRATCH) | set(keep) | set(RUNTIME_FILES) | set(DEVCONTAINER_CLI_FILES)
             | {os.path.join(home(), name) for name in HOME_SCRATCH})
     found = []
@@ -286,7 +298,7 @@ def changed_files(built: float, started: float, keep: list) -> list:
             if path in skip or name.endswith(".pyc"):
                 continue
             try:
-                if changed(os.lstat(path), built, started):
+                if changed(os.lstat(path), created):
                     found.append(path)
             except OSError:
                 continue
@@ -328,15 +340,15 @@ def on_volume(path: str, keep: list) -> bool:
     return any(path == point or path.startswith(point.rstrip("/") + "/") for point in keep)
 
 
-def report(built: float, started: float, keep: list) -> dict:
-    files = changed_files(built, started, keep)
+def report(created: float, keep: list) -> dict:
+    files = changed_files(created, keep)
     roots = sorted({os.getcwd(), home(), "/workspaces", *keep})
     work = [w for w in (git_work(r) for r in git_repositories(roots)) if w]
     lost_git = [w for w in work if not on_volume(w["repository"], keep)]
     volume_git = [w for w in work if on_volume(w["repository"], keep)]
     return {
         "persistent": keep,
-        "image_built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(built)),
+        "container_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
         "lost_with_container": {"files": files, "git": lost_git},
         "kept_only_on_volume": {"git": volume_git},
         "would_lose_something": bool(files or lost_git),
@@ -369,12 +381,10 @@ def print_report(result: dict) -> None:
 
 
 def check(as_json: bool) -> int:
-    try:
-        built = os.stat(contract.MANIFEST).st_mtime
-    except OSError:
+    if not os.path.exists(contract.MANIFEST):
         say(f"{contract.MANIFEST} is missing: not an image built by devbox-build")
         return 2
-    result = report(built, container_started(), persistent_mounts())
+    result = report(container_created(), persistent_mounts())
     if as_json:
         print(json.dumps(result, indent=2))
     else:
