@@ -2,8 +2,11 @@
 
     python benchmarks/idle.py            # overhead over 10 minutes, latency over 3 rounds
     python benchmarks/idle.py --quick    # overhead over 1 minute
+    python benchmarks/idle.py --against 2057d35   # also the watcher of that commit, side by side
 
-Contenders: the default check interval (60 s) and a short one (5 s).
+Contenders: the default check interval (60 s) and a short one (5 s); with --against, the same
+two intervals run by the watcher of an earlier commit (its stand-alone script, started in a
+container of the same image), all four over the same minutes.
   overhead   CPU (% of one core) and memory (RSS) of the watcher in an idle container running
              JupyterLab, both containers side by side over the same minutes
   latency    activity ends at a known instant (a keep-alive that expires), timeout 10 s:
@@ -19,6 +22,7 @@ import argparse
 import datetime
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,13 +52,36 @@ def watcher_sample(engine: Engine, container: str) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / int(ticks), int(rss.split()[1])
 
 
-def overhead(engine: Engine, seconds: float) -> dict[str, tuple[float, float]]:
+OLD_SCRIPT = "devbox_build/dockerfile/bin/devbox-idle"  # where the watcher lived before
+
+
+def old_watcher(commit: str) -> bytes:
+    return subprocess.run(["git", "show", f"{commit}:{OLD_SCRIPT}"], cwd=ROOT, check=True,
+                          capture_output=True).stdout
+
+
+def overhead(engine: Engine, seconds: float, against: str | None) -> dict[str, tuple[float, float]]:
     containers = {}
+    contenders = {name: (interval, None) for name, interval in CONTENDERS.items()}
+    if against:
+        script = old_watcher(against)
+        contenders.update({f"{name}, watcher of {against}": (interval, script)
+                           for name, interval in CONTENDERS.items()})
     try:
-        for name, interval in CONTENDERS.items():
-            containers[name] = engine.start(IMAGE, environment={
-                "DEVBOX_IDLE_ACTION": "stop", "DEVBOX_IDLE_TIMEOUT": "24h",
-                "DEVBOX_IDLE_INTERVAL": interval})
+        for name, (interval, script) in contenders.items():
+            environment = {"DEVBOX_IDLE_ACTION": "stop", "DEVBOX_IDLE_TIMEOUT": "24h",
+                           "DEVBOX_IDLE_INTERVAL": interval}
+            if script is None:
+                containers[name] = engine.start(IMAGE, environment=environment)
+                continue
+            # The image's own watcher stays off (action none); the old one watches instead.
+            container = engine.start(IMAGE, environment={"DEVBOX_IDLE_ACTION": "none"},
+                                     files={"/tmp/devbox-idle-old": (script, *USER)})
+            exec_id = engine.api.exec_create(
+                container, ["/usr/bin/python3", "-I", "/tmp/devbox-idle-old", "watch",
+                            "--detach"], environment=environment, user="1000")
+            engine.api.exec_start(exec_id)
+            containers[name] = container
         while not all(_has_watcher(engine, c) for c in containers.values()):
             time.sleep(0.5)
         before = {name: watcher_sample(engine, c) for name, c in containers.items()}
@@ -95,14 +122,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="overhead over 1 minute, not 10")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--against", metavar="COMMIT",
+                        help="also measure the watcher of this earlier commit, side by side")
     args = parser.parse_args()
     engine = Engine.connect()
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in CONTENDERS}
     for _ in range(args.rounds):
         for name, interval in CONTENDERS.items():
             samples[name].append(latency(engine, interval))
-    costs = overhead(engine, 60 if args.quick else 600)
-    names = list(CONTENDERS)
+    costs = overhead(engine, 60 if args.quick else 600, args.against)
+    names = list(costs)
     print(f"| figure | {' | '.join(names)} |")
     print(f"|---|{'---|' * len(names)}")
     print(f"| watcher CPU, idle JupyterLab container, {'1' if args.quick else '10'} min "
@@ -112,8 +141,9 @@ def main() -> None:
     for index, label in ((0, "action"), (1, "container exited")):
         cells = []
         for name in names:
-            values = [sample[index] for sample in samples[name]]
-            cells.append(f"{min(values):.1f} / {statistics.median(values):.1f} s")
+            values = [sample[index] for sample in samples.get(name, [])]
+            cells.append(f"{min(values):.1f} / {statistics.median(values):.1f} s" if values
+                         else "-")
         print(f"| activity ended → {label}, timeout {TIMEOUT:g} s (min / median of "
               f"{args.rounds}) | " + " | ".join(cells) + " |")
 

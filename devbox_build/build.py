@@ -169,8 +169,11 @@ def base_image_id(engine: Engine, spec: ImageSpec, variant: str,
 
 
 def _missing_base(spec: ImageSpec, variant: str, base: str, exc: DevboxError) -> SpecError:
+    # Under `extends` a variant's base is implied (<extends>:<variant>): name the key written.
+    key = "extends" if spec.extends and base == f"{spec.extends}:{variant}" \
+        else f"variants.{variant}.base"
     return SpecError(
-        f"{spec.path}: key 'variants.{variant}.base': base image {base!r} is not in the "
+        f"{spec.path}: key '{key}': base image {base!r} (variant {variant}) is not in the "
         f"engine and could not be pulled ({exc.message.removeprefix(f'cannot pull {base}: ')})",
         hint="build the image it extends first (devbox-build build <its spec>) or pull it"
         if spec.extends else f"without a registry, build it from a Debian mirror: "

@@ -156,11 +156,18 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
     if spec.extends:
         # The image it layers on decides the pins it must keep: read them from its manifests.
         engine = Engine.connect()
-        base_manifests = {}
-        for variant, variant_spec in spec.variants.items():
-            base_image_id(engine, spec, variant)  # pulled if missing, else one clear error
-            base_manifests[variant_spec.base] = read_manifest(engine, variant_spec.base)
-        err.print(f"constraints from {', '.join(base_manifests)}")
+        absent = [vs.base for vs in spec.variants.values() if engine.image_id(vs.base) is None]
+        recorded = locking.team_constraints_path(spec)
+        if absent and recorded.is_file() and not upgrade:
+            # A CPU dev container of a cpu+gpu project must not need the GPU team image.
+            err.print(f"{', '.join(absent)} not in this engine: keeping the team's pins as "
+                      f"{recorded.name} records them (pull it and lock again to refresh)")
+        else:
+            base_manifests = {}
+            for variant, variant_spec in spec.variants.items():
+                base_image_id(engine, spec, variant)  # pulled if missing, else one clear error
+                base_manifests[variant_spec.base] = read_manifest(engine, variant_spec.base)
+            err.print(f"constraints from {', '.join(base_manifests)}")
     err.print(f"locking {spec.name} with {resolver}")
     results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
                            on_result=report, base_manifests=base_manifests)

@@ -288,18 +288,20 @@ def lock(
     """Write every stale or missing lock of the spec (all when ``upgrade``).
 
     A spec that extends an image needs ``base_manifests`` (base ref → manifest, see
-    :func:`team_constraints`); the CLI reads them from the engine.
+    :func:`team_constraints`); the CLI reads them from the engine. Without them the team's pins
+    recorded by the last lock are kept.
     """
     if resolver not in RESOLVERS:
         raise LockError(f"unknown resolver {resolver!r}; choose one of {', '.join(RESOLVERS)}")
     if spec.extends:
-        if base_manifests is None:
+        path = team_constraints_path(spec)
+        if base_manifests is None and not path.is_file():
             raise LockError(f"{spec.path}: key 'extends': locking needs the manifests of "
                             f"{spec.extends}'s images")
-        text = team_constraints(spec, base_manifests)
-        path = team_constraints_path(spec)
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            write_atomic(path, text)
+        if base_manifests is not None:  # else: the pins recorded last time are kept
+            text = team_constraints(spec, base_manifests)
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                write_atomic(path, text)
     results = []
     for unit in units(spec, platforms):
         started = time.monotonic()

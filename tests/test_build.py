@@ -583,3 +583,38 @@ def content_tag(engine: Engine, stack: Path, variant: str) -> str:
     context = render(spec, variant, ca_certificates=HOST_CA_CERTS)
     base = engine.image_id(spec.variants[variant].base)
     return f"{repository(spec, None)}:{variant}-{content_digest(context, base, options())[:12]}"
+
+
+def test_a_cpu_and_gpu_project_locks_and_builds_cpu_without_the_gpu_team_image(
+        engine, tiny_images, tmp_path):
+    """A project on a cpu+gpu team image opens its CPU dev container (`lock`, then `build
+    --variant cpu`) with only the team's CPU image in the engine, once its locks record the
+    team's pins. The first lock needs both, and says so on the key the project wrote."""
+    _, results = tiny_images
+    team = f"devbox-test/team-{os.getpid()}"
+    for variant, result in results.items():
+        engine.tag(result.image_id, f"{team}:{variant}")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "requirements.in").write_text("iniconfig\n")
+    (project / "image.toml").write_text(
+        f'name = "project"\nrepository = "devbox-test/project-{os.getpid()}"\n'
+        f'extends = "{team}"\n[pip]\nrequirements = ["requirements.in"]\n'
+        "[variants.cpu]\n[variants.gpu]\n")
+    try:
+        assert cli("lock", str(project)).returncode == 0
+        engine.remove_image(f"{team}:gpu")  # the GPU team image is not on this laptop
+        again = cli("lock", str(project))
+        assert again.returncode == 0, again.stderr
+        assert f"{team}:gpu not in this engine: keeping the team's pins" in again.stderr
+        built = cli("build", str(project), "--variant", "cpu", env=CA)
+        assert built.returncode == 0, built.stderr[-3000:]
+        (project / "locks" / "team-constraints.txt").unlink()
+        first = cli("lock", str(project))
+        assert_clean_error(first, "key 'extends'", f"{team}:gpu", "variant gpu")
+        assert first.returncode == 2
+    finally:
+        for variant in ("cpu", "gpu"):
+            engine.remove_image(f"{team}:{variant}")
+        if project_image := engine.image_id(f"devbox-test/project-{os.getpid()}:cpu"):
+            engine.remove_image(project_image)

@@ -75,6 +75,7 @@ def test_a_damaged_cached_layer_is_evicted_and_installed_again(engine, stack, tm
     progress = RecordingProgress()
     build(load(stack), ["cpu"], engine, options(), progress)
     assert not [line for line in progress.lines if "installing" in line], progress.lines
+    remove_images(engine, stack)
 
 
 @pytest.fixture
@@ -122,6 +123,7 @@ def test_a_killed_build_leaves_no_builder_container_after_the_next(engine, stack
     """SIGKILL cannot be caught: the next assembly on this host removes the builder container
     of a build that is gone."""
     unique_stack(stack, "1.12.0")
+    remove_images(engine, stack)  # an earlier run's: the next build must not be a no-op
     environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     first = subprocess.Popen([sys.executable, "-m", "devbox_build.cli", "build", str(stack),
                               "--variant", "cpu", "--no-cache"], env=environment,
@@ -141,6 +143,7 @@ def test_a_killed_build_leaves_no_builder_container_after_the_next(engine, stack
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"removing builder container {orphan[:12]}" in result.stderr
     assert orphan not in engine.labelled_containers(assemble.BUILDER_LABEL)
+    remove_images(engine, stack)
 
 
 class DroppingEngineProxy:
@@ -214,3 +217,4 @@ def test_the_engine_dropping_the_connection_during_load(engine, stack, tmp_path,
         assert not engine.labelled_containers(assemble.BUILDER_LABEL)
     finally:
         proxy.close()
+        remove_images(engine, stack)

@@ -59,7 +59,7 @@ def shell(engine: Engine, container: str, script: str) -> tuple[int, str]:
     return engine.api.exec_inspect(exec_id)["ExitCode"], out
 
 
-SET_UP = f"""set -e
+SET_UP = """set -e
 mkdir -p ~/.ssh && chmod 755 ~/.ssh
 echo not-a-real-key > ~/.ssh/id_ed25519 && chmod 644 ~/.ssh/id_ed25519
 echo ssh-ed25519 AAAA test > ~/.ssh/id_ed25519.pub
@@ -73,6 +73,10 @@ echo /opt/venv/lib/python3.11/site-packages \\
     > ~/.conda/envs/scratch/lib/python3.11/site-packages/image-packages.pth
 pip install --no-index -q /tmp/devbox_hello-1.0-py3-none-any.whl
 PIP_USER=0 pip install --no-index -q /tmp/devbox_other-1.0-py3-none-any.whl
+mkdir -p /tmp/old && echo data > /tmp/old/results.csv && touch -d 2001-01-01 /tmp/old/results.csv
+tar -C /tmp/old -cf /tmp/old.tar results.csv && tar -C /opt/venv/share -xf /tmp/old.tar
+git init -q ~/projects/a/b/c/d/deep && cd ~/projects/a/b/c/d/deep && echo x > x
+git add . && git -c user.email=t@example.com -c user.name=t commit -qm deep
 """
 
 
@@ -96,11 +100,15 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
         # `pip install` into the image's environment dies with the container, and is listed;
         # `pip install` (to ~/.local on the volume) is not.
         assert any("/site-packages/devbox_other" in p for p in lost), lost
+        # Unpacked with its 2001 date (tar -x): still written in this container.
+        assert "/opt/venv/share/results.csv" in lost, lost
         assert not any(p.startswith(HOME) or "devbox_hello" in p for p in lost), lost
         # A repository on the home volume is not lost with the container: kept only there.
         assert not report["lost_with_container"]["git"], report
         dotfiles = next(g for g in report["kept_only_on_volume"]["git"]
                         if g["repository"].endswith("dotfiles-src"))
+        assert any(g["repository"].endswith("a/b/c/d/deep")
+                   for g in report["kept_only_on_volume"]["git"]), report
         assert dotfiles["unpushed_commits"] == 1 and dotfiles["upstream"] is None, dotfiles
         engine.remove(first)
 
@@ -121,6 +129,7 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
             "python -c 'import devbox_hello; print(devbox_hello.GREETING)';"
             "python -c 'import devbox_other' 2>/dev/null || echo other-is-gone;"
             "pip freeze | grep -c . ; pip freeze | grep -ci '^devbox[-_]hello';"
+            "case :$PATH: in *:$HOME/.local/bin:*) echo user-bin-on-path;; esac;"
             "jupyter kernelspec list --json"))
         assert code == 0, out
         lines = out.splitlines()
@@ -129,6 +138,7 @@ def test_a_deleted_container_comes_back_with_everything_on_its_home_volume(engin
         assert lines[4:6] == ["hello", "other-is-gone"], out
         # `pip freeze > requirements.txt` writes the whole environment, the user's installs too.
         assert int(lines[6]) > 50 and lines[7] == "1", out
+        assert lines[8] == "user-bin-on-path", out
         kernels = json.loads(out[out.index("{"):])["kernelspecs"]
         assert kernels["conda-scratch"]["spec"]["argv"][0] == (
             f"{HOME}/.conda/envs/scratch/bin/python"), kernels

@@ -476,3 +476,33 @@ def test_housekeeping_cpu_is_accounted_and_not_counted_as_work(tmp_path):
               "sum(range(3_000_000)); log.account_housekeeping({!r})").format(str(ROOT), ledger)
     subprocess.run([sys.executable, "-c", script], check=True)
     assert log.housekeeping_seconds(ledger) > first
+
+
+def test_a_hub_single_user_server_is_baseline_like_jupyterlab():
+    rules_ = rules.Rules()
+    for argv in (["/opt/venv/bin/python", "/opt/venv/bin/jupyterhub-singleuser"],
+                 ["/opt/venv/bin/python", "/opt/venv/bin/jupyter-lab"]):
+        assert idle.baseline(proc(9, "python", 1, argv=argv), rules_, own=set())
+    assert not idle.baseline(proc(9, "python", 1, argv=["python", "train.py"]), rules_, set())
+
+
+def test_a_submitted_source_tarball_is_unpacked_and_one_escaping_it_refused(tmp_path):
+    import io
+    import tarfile
+
+    def tarball(name: str, members: dict) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for member, data in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    good = tarball("good.tar.gz", {"train.py": b"print(1)\n", "pkg/util.py": b"x = 1\n"})
+    train.unpack(good, tmp_path / "code")
+    assert (tmp_path / "code" / "pkg" / "util.py").read_text() == "x = 1\n"
+    bad = tarball("bad.tar.gz", {"../escape.py": b"boom\n"})
+    with pytest.raises(train.JobError, match="would be written outside"):
+        train.unpack(bad, tmp_path / "code2")
+    assert not (tmp_path / "escape.py").exists()

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fcntl
+import http.client
 import json
 import os
 import re
@@ -51,7 +52,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 
 from . import contract
@@ -154,11 +154,15 @@ def _io_bytes(folder: str) -> int | None:
         return None  # another user's process: its CPU still counts
 
 
+_BASELINE = frozenset(BASELINE)
+
+
 def baseline(process: Process, rules: Rules, own: set) -> bool:
     # comm is cut at 15 characters, and a script's argv starts with its interpreter.
+    if process.pid in own:
+        return True
     names = {process.name, *(os.path.basename(a) for a in process.argv[:3])}
-    return (process.pid in own
-            or bool(names & (set(BASELINE) | set(rules.ignore)))
+    return (not names.isdisjoint(_BASELINE) or not names.isdisjoint(rules.ignore)
             or any(p in arg for arg in process.argv[:3] for p in BASELINE_PATHS))
 
 
@@ -200,11 +204,12 @@ def cgroup_cpu_seconds(root: str = "/sys/fs/cgroup") -> float | None:
 
 
 def process_signals(before: dict, after: dict, elapsed: float, rules: Rules,
-                    cgroup_used: float | None = None) -> list:
+                    cgroup_used: float | None = None, own: set | None = None) -> list:
     """CPU and disk work outside the baseline. ``cgroup_used``: the container's CPU seconds in
     the interval; what the baseline's processes did not use of it is the user's work, short-lived
     processes included (a loop of 0.5 s jobs never lives through one sample)."""
-    signals, own, baseline_cpu = [], own_lineage(after), 0.0
+    signals, baseline_cpu = [], 0.0
+    own = own_lineage(after) if own is None else own
     elapsed = max(elapsed, 1e-3)
     for pid, now in sorted(after.items()):
         then = before.get(pid)
@@ -258,10 +263,11 @@ def session_signals(table: dict, rules: Rules, own: set | None = None) -> list:
     return signals
 
 
-def notebook_signals(table: dict, rules: Rules) -> list:
+def notebook_signals(table: dict, rules: Rules, own: set | None = None) -> list:
     """Kernels that no Jupyter server started: a notebook run by nbconvert or papermill. Active
     while they live, whether their cell computes or waits."""
-    signals, own = [], own_lineage(table)
+    signals = []
+    own = own_lineage(table) if own is None else own
     for process in table.values():
         if not any(marker in arg for arg in process.argv[:4] for marker in KERNEL_MARKERS):
             continue
@@ -274,9 +280,9 @@ def notebook_signals(table: dict, rules: Rules) -> list:
     return signals
 
 
-def _socket_owners(table: dict, rules: Rules, proc: str = "/proc") -> dict:
+def socket_owners(table: dict, rules: Rules, own: set, proc: str = "/proc") -> dict:
     """socket inode → the non-baseline process holding it."""
-    owners, own = {}, own_lineage(table)
+    owners: dict = {}
     for process in table.values():
         if baseline(process, rules, own):
             continue
@@ -313,8 +319,15 @@ def _loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip == "0" * 31 + "1"
 
 
+# A loopback peer, as /proc/net/tcp{,6} write it (little-endian words): 127.x.x.x, ::1, and
+# ::ffff:127.x.x.x. Checked on the text, so the many short local connections (the server's
+# own API calls, each left in TIME_WAIT) cost no parsing.
+_LOOPBACK_HEX = re.compile(r"^(?:[0-9A-F]{6}7F|0{24}01000000|0{16}FFFF0000[0-9A-F]{6}7F):")
+
+
 def tcp_table(proc: str = "/proc") -> list:
-    """(local ip, local port, remote ip, remote port, state, inode) of every TCP socket."""
+    """(local ip, local port, remote ip, remote port, state, inode) of every TCP socket that
+    listens or may be a connection to another machine (finished and loopback ones left out)."""
     rows = []
     for name in ("tcp", "tcp6"):
         try:
@@ -324,21 +337,27 @@ def tcp_table(proc: str = "/proc") -> list:
             continue
         for line in lines:
             parts = line.split()
-            if len(parts) < 10:
+            if len(parts) < 10 or parts[3] in _CLOSED:
+                continue
+            if parts[3] != _LISTEN and _LOOPBACK_HEX.match(parts[2].upper()):
                 continue
             (lip, lport), (rip, rport) = _address(parts[1]), _address(parts[2])
             rows.append((lip, lport, rip, rport, parts[3], parts[9]))
     return rows
 
 
-def network_signals(rows: list, owners: dict) -> list:
-    """Connections to other machines that a process of the container opened (not the ones a
+def outbound(rows: list) -> list:
+    """The rows that are connections to other machines this container opened (not the ones a
     browser opened to the IDE's port: those arrive on a listening port)."""
     listening = {lport for _lip, lport, _rip, _rport, state, _inode in rows if state == _LISTEN}
+    return [row for row in rows if row[4] != _LISTEN and row[4] not in _CLOSED
+            and not _loopback(row[2]) and row[1] not in listening]
+
+
+def network_signals(rows: list, owners: dict) -> list:
+    """The outbound connections held by a process of the container (``owners``: inode → it)."""
     signals = []
-    for _lip, lport, rip, rport, state, inode in rows:
-        if state == _LISTEN or state in _CLOSED or _loopback(rip) or lport in listening:
-            continue
+    for _lip, _lport, rip, rport, _state, inode in outbound(rows):
         process = owners.get(inode)
         if process is None:
             continue  # the baseline's, or nobody's any more
@@ -369,9 +388,32 @@ def inhibit_signals(folder: str = contract.INHIBIT_DIR) -> list:
     return signals
 
 
-def _opener():
-    # The server is local: a corporate HTTP_PROXY must not see, or break, these requests.
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# One kept-alive connection per server port: the watcher asks every interval, and a new
+# connection each time would leave sockets in TIME_WAIT for the network signal to read past.
+# Loopback, never through a proxy (a corporate HTTP_PROXY must not see these requests).
+_CONNECTIONS: dict = {}
+
+
+def _get_json(port: int, path: str, headers: dict):
+    for attempt in (1, 2):
+        connection = _CONNECTIONS.get(port)
+        if connection is None:
+            connection = _CONNECTIONS[port] = http.client.HTTPConnection("127.0.0.1", port,
+                                                                          timeout=5)
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            _CONNECTIONS.pop(port, None)
+            if attempt == 2:
+                raise OSError(str(exc) or type(exc).__name__) from None
+            continue  # the server closed a kept-alive connection: once more, anew
+        if response.status != 200:
+            raise OSError(f"HTTP {response.status}")
+        return json.loads(body)
+    return None
 
 
 def jupyter_servers() -> list:
@@ -433,9 +475,8 @@ def jupyter_signals() -> list:
         for kind in ("kernels", "terminals"):
             url = f"{base}api/{kind}"
             try:
-                request = urllib.request.Request(url, headers=headers)
-                with _opener().open(request, timeout=5) as response:
-                    items = json.load(response)
+                items = _get_json(int(server["port"]), f"{server.get('base_url', '/')}api/{kind}",
+                                  headers)
             except (OSError, ValueError) as exc:
                 # Its process lives but it does not answer (overloaded, or busy in a way we
                 # cannot see): counted as active, since busy work must never be stopped.
@@ -538,11 +579,17 @@ class Sampler:
     def sample(self, now: float) -> list:
         table, cpu, taken = processes(), self._container_cpu(), time.monotonic()
         used = cpu - self.cpu if cpu is not None and self.cpu is not None else None
+        own = own_lineage(table)
+        # The kernel's TCP tables cost a millisecond or more to read whatever they hold: read
+        # only when a process outside the baseline holds a socket (an idle box has none).
+        owners = socket_owners(table, self.rules, own)
+        connections = outbound(tcp_table()) if owners else []
         signals = [*jupyter_signals(),
-                   *process_signals(self.table, table, taken - self.taken, self.rules, used),
-                   *session_signals(table, self.rules),
-                   *notebook_signals(table, self.rules),
-                   *network_signals(tcp_table(), _socket_owners(table, self.rules)),
+                   *process_signals(self.table, table, taken - self.taken, self.rules, used,
+                                    own),
+                   *session_signals(table, self.rules, own),
+                   *notebook_signals(table, self.rules, own),
+                   *network_signals(connections, owners),
                    *gpu_signals(self.rules),
                    *keep_alive_signals(now),
                    *inhibit_signals(),
