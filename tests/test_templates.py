@@ -709,7 +709,8 @@ def test_remapped_user_writes_the_workspace_installs_and_keeps_home(
     container = devcontainers.up(project, config, user=user)
     # The image's group is joined, not handed over file by file: the container's own layer
     # stays small (a chgrp of the environment copied all of it up: ~900 MB).
-    written = engine.api.inspect_container(container, size=True).get("SizeRw", 0)
+    [listed] = engine.api.containers(all=True, filters={"id": container}, size=True)
+    written = listed.get("SizeRw", 0)
     assert written < 10_000_000, f"the container's layer holds {written / 1e6:.0f} MB"
     out = devcontainers.exec(project, config, (
         "id -u; id -g; touch notes.txt && echo workspace-writable;"

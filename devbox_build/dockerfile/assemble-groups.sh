@@ -37,8 +37,11 @@ for name in "$@"; do
     cp "$work/$name.txt" "$tree/opt/devbox/requirements/$name.txt"
     # What a Dockerfile step's install gets from the venv's setgid, group-writable folders: the
     # user's group owns everything it adds, and every folder hands the group on.
-    chgrp -R "$gid" "$tree$venv"
-    find "$tree$venv" -type d -exec chmod g+s {} +
+    # (A group whose every pin the image below already has installs nothing: no venv tree.)
+    if [ -d "$tree$venv" ]; then
+        chgrp -R "$gid" "$tree$venv"
+        find "$tree$venv" -type d -exec chmod g+s {} +
+    fi
     # A folder the steps below already made (/opt, the venv, its site-packages) keeps their
     # owner and mode: the layer's entry for it replaces theirs.
     (cd "$tree" && find . -mindepth 1 -type d) | while IFS= read -r folder; do
@@ -50,7 +53,9 @@ for name in "$@"; do
     # Fixed mtimes, then bytecode compiled against them (pip's own would embed the install time
     # and the tree's path), then the bytecode's mtimes fixed too.
     find "$tree" -exec touch -h -d "@$mtime" {} +
-    "$venv/bin/python" -m compileall -q -j 0 -s "$tree" -p / "$tree$venv" > /dev/null || :
+    if [ -d "$tree$venv" ]; then
+        "$venv/bin/python" -m compileall -q -j 0 -s "$tree" -p / "$tree$venv" > /dev/null || :
+    fi
     find "$tree" -exec touch -h -d "@$mtime" {} +
     # Sorted entries and numeric owners: the same tree gives the same tar.
     (cd "$tree" && ls -A) > "$work/$name.top"
