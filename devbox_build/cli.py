@@ -43,6 +43,7 @@ from .errors import (
 from .hostca import host_ca_certificates
 from .manifest import read_manifest
 from .render import BuildContext, render
+from .runtime import contract
 from .spec import load_spec
 
 out = Console(highlight=False, soft_wrap=True)
@@ -634,7 +635,8 @@ def ec2_up_command(boxes_path, role, wait_image, as_json):
     _print_status(status, as_json)
     if not as_json:
         err.print(f"[green]✓[/] the {role} box is up in {time.monotonic() - started:.0f} s. "
-                  "Connect (VS Code Remote-SSH, or ssh; JupyterLab at http://127.0.0.1:8888):")
+                  "Connect (VS Code Remote-SSH, or ssh; JupyterLab at "
+                  f"http://127.0.0.1:{contract.IDE_PORT}):")
         out.print(f"devbox-build ec2 ssh-config --role {role} --boxes {boxes_path} >> ~/.ssh/config")
         out.print(f"ssh devbox-{box.name}-{role}")
 

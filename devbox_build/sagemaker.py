@@ -21,6 +21,7 @@ from botocore.validate import ParamValidator
 
 from .checks.image import STUDIO_GID, STUDIO_HOME, STUDIO_UID, ImageUnderTest
 from .errors import InputError
+from .runtime import contract
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ def requests_for(
     if image.manifest is None:
         raise InputError(
             f"{image.ref} was not built by devbox-build: nothing says it keeps Studio's contract "
-            "(user 1000:100, JupyterLab on 8888 under /jupyterlab/default, no token)",
+            f"(user {contract.UID}:{contract.GID}, JupyterLab on {contract.IDE_PORT} under "
+            f"{contract.STUDIO_BASE_URL.rstrip('/')}, no token)",
             hint=f"build it with devbox-build, then: devbox-build check {image.ref}")
     if not image.has_jupyterlab:
         raise InputError(

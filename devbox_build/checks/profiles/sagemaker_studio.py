@@ -12,11 +12,12 @@ from devbox_build.checks.image import (
     STUDIO_UID,
     running,
 )
+from devbox_build.runtime import contract
 
-STUDIO_ENV = {"SAGEMAKER_APP_TYPE": "JupyterLab"}
+STUDIO_ENV = {"SAGEMAKER_APP_TYPE": contract.STUDIO_APP_TYPE}
 # Studio mounts the space's volume, owned by the user, over the home directory.
 EMPTY_HOME = {STUDIO_HOME: f"uid={STUDIO_UID},gid={STUDIO_GID},mode=0755"}
-BASE_URL = "/jupyterlab/default"
+BASE_URL = contract.STUDIO_BASE_URL.rstrip("/")
 
 
 @pytest.fixture(scope="module")
