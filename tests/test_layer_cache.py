@@ -21,7 +21,7 @@ from devbox_build import assemble, locking
 from devbox_build.build import build
 
 from .conftest import assert_clean_error, cli, load
-from .test_build import RecordingProgress, content_tag, options
+from .test_build import RecordingProgress, options, remove_repository
 
 pytestmark = pytest.mark.engine
 
@@ -42,8 +42,7 @@ def cached_entry(cache: Path, package: str) -> tuple[Path, dict]:
 
 
 def remove_images(engine, stack) -> None:
-    if earlier := engine.image_id(content_tag(engine, stack, "cpu")):
-        engine.remove_image(earlier)
+    remove_repository(engine, stack)
 
 
 @pytest.mark.parametrize("damage", ["changed", "cut-short"])
