@@ -74,7 +74,7 @@ def stand_in_round(engine: Engine, folder: Path) -> tuple[float, float]:
     boxes.write_text((ROOT / "boxes.toml").read_text().replace(
         'name = "datascience"', f'name = "{name}"').replace(
         "[volume]\n", f'[volume]\nmount_point = "{mount}"\n'))
-    script = yaml.safe_load(user_data(load_box(boxes), "cpu", IMAGE, VOLUME_ID))[
+    script = yaml.safe_load(user_data(load_box(boxes), "cpu", IMAGE, VOLUME_ID, KEY))[
         "write_files"][0]["content"]
     (folder / "instance").mkdir()
     try:

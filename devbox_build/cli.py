@@ -528,12 +528,15 @@ def ec2_preflight_command(boxes_path, as_json):
         engine = None
     for role in box.roles:
         ref = f"{box.image}:{role}"
-        attrs = engine.api.inspect_image(ref) if engine and engine.image_id(ref) else None
+        # Pushed to ECR from a local build: the engine may know it by the repository's name alone.
+        local = ref.split("/", 1)[1] if "." in ref.split("/", 1)[0] else ref
+        found = next((name for name in (ref, local) if engine and engine.image_id(name)), None)
+        attrs = engine.api.inspect_image(found) if found else None
         if attrs is None:
             unchecked.append(ref)
             continue
         labels = (attrs.get("Config") or {}).get("Labels") or {}
-        images[role] = ImageFacts(ref, attrs.get("Architecture", "amd64"),
+        images[role] = ImageFacts(found, attrs.get("Architecture", "amd64"),
                                   labels.get("devbox.cuda.min-driver"))
     problems = preflight(box, images)
     if as_json:
@@ -560,7 +563,7 @@ def _checked_box(boxes_path: Path):
 
 
 def _fleet(box):
-    from .targets.ec2 import Fleet
+    from .targets.fleet import Fleet
 
     return Fleet(box, say=lambda message: err.print(f"  {escape(message)}"))
 
@@ -570,134 +573,287 @@ boxes_option = click.option(
     default=Path("boxes.toml"), show_default=True, help="The box definition.")
 role_option = click.option("--role", type=click.Choice(["cpu", "gpu"]), required=True,
                            help="Which box: the cheap CPU one or the GPU one.")
+key_option = click.option(
+    "--public-key", "key_path", type=click.Path(dir_okay=False, path_type=Path),
+    help="The ssh public key the box lets in (default: ~/.ssh/id_ed25519.pub, id_ecdsa.pub or "
+         "id_rsa.pub, the first that exists).")
 
 
 def _print_status(status: dict, as_json: bool) -> None:
     if as_json:
         out.print_json(data=status)
         return
-    volume = status["volume"]
-    out.print(f"{status['box']} ({status['region']}): data volume "
-              + (f"{volume['volume_id']} {volume['size_gb']} GB, {volume['state']}"
-                 + (f", attached to {volume['attached_to']}" if volume["attached_to"] else "")
-                 if volume else "not created yet"))
-    for role, instance in status["roles"].items():
-        out.print(f"  {role}: " + ("no instance" if instance is None else (
-            f"{instance['instance_id']} {instance['instance_type']}"
-            f"{' spot' if instance['spot'] else ''}, {instance['state']}"
-            f"{', has the data volume' if instance['has_data_volume'] else ''}")))
+    people = status.get("team") or {status.get("owner", "?"): status}
+    for owner, entry in people.items():
+        volume = entry["volume"]
+        out.print(f"{status['box']} ({status['region']}), {owner}: data volume "
+                  + (f"{volume['volume_id']} {volume['size_gb']} GB in {volume['zone']}, "
+                     f"{volume['state']} (about ${volume['monthly_usd']:.2f}/month, stopped or "
+                     "not)" + (f", attached to {volume['attached_to']}"
+                               if volume["attached_to"] else "")
+                     if volume else "not created yet"))
+        for role, instance in entry["roles"].items():
+            cost = ""
+            if instance and instance["state"] in ("pending", "running"):
+                cost = (f", running {instance['running_hours']:.1f} h, about "
+                        f"${instance['cost_this_run_usd']:.2f} so far at "
+                        f"${instance['hourly_usd']:.2f}/h" if instance["hourly_usd"] else "")
+            out.print(f"  {role}: " + ("no instance" if instance is None else (
+                f"{instance['instance_id']} {instance['instance_type']}"
+                f"{' spot' if instance['spot'] else ''}, {instance['state']}{cost}"
+                f"{', has the data volume' if instance['has_data_volume'] else ''}")))
 
 
 @ec2_group.command("user-data")
 @boxes_option
 @role_option
+@key_option
 @click.option("--volume-id", default="vol-00000000000000000", show_default=True,
               help="The data volume's id (`ec2 up` passes the real one).")
-def ec2_user_data_command(boxes_path, role, volume_id):
+def ec2_user_data_command(boxes_path, role, key_path, volume_id):
     """Print the cloud-init user data a box boots with. Every boot: Docker (and the NVIDIA
     container toolkit where the AMI lacks it), ECR login through the credential helper, the
     data volume found by its id, formatted only if it has no filesystem, mounted and grown, then
-    the image with --gpus all on GPU, home and /data on the volume, JupyterLab on 127.0.0.1, the
-    idle watcher powering the instance off.
+    the image with --gpus all on GPU, home and /data on the volume, JupyterLab and sshd on
+    127.0.0.1, the idle watcher powering the instance off, and the failsafe that powers it off
+    when any of this fails.
 
     \b
       devbox-build ec2 user-data --role gpu > user-data.yml
     """
-    from .targets.ec2 import user_data
+    from .targets.ec2 import public_key, user_data
 
     box = _checked_box(boxes_path)
-    click.echo(user_data(box, role, f"{box.image}:{role}", volume_id), nl=False)
+    key, _ = public_key(key_path)
+    click.echo(user_data(box, role, f"{box.image}:{role}", volume_id, key), nl=False)
+
+
+def _connect_lines(box, role: str, boxes_path: Path) -> None:
+    from .targets.ec2 import host_alias
+
+    out.print(f"devbox-build ec2 ssh-config --role {role} --boxes {boxes_path} >> ~/.ssh/config")
+    out.print(f"ssh {host_alias(box, role)}")
+    out.print(f"devbox-build ec2 connect --role {role} --boxes {boxes_path}")
 
 
 @ec2_group.command("up")
 @boxes_option
 @role_option
+@key_option
 @click.option("--wait-image/--no-wait-image", default=True, show_default=True,
               help="Wait until the boot script says the image answers (serial console).")
 @json_option
-def ec2_up_command(boxes_path, role, wait_image, as_json):
-    """Start the role's box (create it, and the data volume, the first time) with the data
-    volume attached; a second `up` finds both by their tags. Refuses while the other box holds
-    the volume: use `ec2 move`.
+def ec2_up_command(boxes_path, role, key_path, wait_image, as_json):
+    """Start your box for the role (create it, and the data volume, the first time) with the
+    data volume attached; a second `up` finds both by their tags, yours only (the tags name you,
+    from your AWS identity). The role's image must be in ECR. A box whose boxes.toml changed
+    (type, image, idle minutes, key) is updated while stopped; a running one is refused with the
+    command that does it. Refuses while your other box runs with the volume: use `ec2 move`.
 
     \b
       devbox-build ec2 up --role cpu
     """
+    from .targets.ec2 import public_key
+
     box = _checked_box(boxes_path)
+    key, _ = public_key(key_path)
     fleet = _fleet(box)
     started = time.monotonic()
-    status = fleet.up(role, f"{box.image}:{role}")
+    status = fleet.up(role, f"{box.image}:{role}", key)
     instance = status["roles"][role]
     if wait_image and not fleet.wait_for_image(role):
         raise CloudError(f"{instance['instance_id']} runs, but the image did not answer in 15 "
-                         "minutes", hint="see its serial console: aws ec2 get-console-output "
+                         "minutes (the box's failsafe powers it off)",
+                         hint="see its serial console: aws ec2 get-console-output "
                          f"--instance-id {instance['instance_id']}")
     _print_status(status, as_json)
     if not as_json:
         err.print(f"[green]✓[/] the {role} box is up in {time.monotonic() - started:.0f} s. "
-                  "Connect (VS Code Remote-SSH, or ssh; JupyterLab at "
-                  f"http://127.0.0.1:{contract.IDE_PORT}):")
-        out.print(f"devbox-build ec2 ssh-config --role {role} --boxes {boxes_path} >> ~/.ssh/config")
-        out.print(f"ssh devbox-{box.name}-{role}")
+                  "Connect (VS Code Remote-SSH, ssh, scp; then JupyterLab's URL):")
+        _connect_lines(box, role, boxes_path)
 
 
 @ec2_group.command("down")
 @boxes_option
 @click.option("--role", type=click.Choice(["cpu", "gpu"]), help="Only this box (default: both).")
+@click.option("--snapshot", is_flag=True, help="Then snapshot the data volume.")
 @json_option
-def ec2_down_command(boxes_path, role, as_json):
-    """Stop the box(es). Nothing is deleted: the data volume and the instances stay, and the
-    next `up` starts them again.
+def ec2_down_command(boxes_path, role, snapshot, as_json):
+    """Stop your box(es). Nothing is deleted: the data volume and the instances stay, and the
+    next `up` starts them again. Stopped, the volume (and any snapshot) still bills; the
+    instances do not.
 
     \b
       devbox-build ec2 down
+      devbox-build ec2 down --snapshot     # and keep a snapshot of the data volume
     """
-    _print_status(_fleet(_checked_box(boxes_path)).down(role), as_json)
+    _print_status(_fleet(_checked_box(boxes_path)).down(role, snapshot=snapshot), as_json)
 
 
 @ec2_group.command("move")
 @boxes_option
+@key_option
 @click.option("--to", "to", type=click.Choice(["cpu", "gpu"]), required=True,
               help="The box that gets the data volume.")
 @json_option
-def ec2_move_command(boxes_path, to, as_json):
-    """Move your work to the other box: stop the current one, detach the data volume, attach
-    it to the other box and start that one (created the first time).
+def ec2_move_command(boxes_path, key_path, to, as_json):
+    """Move your work to the other box: start it first (created the first time; its type must
+    be offered in the volume's zone), then stop the current one and move the data volume. When
+    EC2 has no capacity for the target, nothing changes; when a step after the start fails, the
+    volume goes back to the box you had.
 
     \b
       devbox-build ec2 move --to gpu      # train
       devbox-build ec2 move --to cpu      # back to the cheap box
     """
+    from .targets.ec2 import public_key
+
     box = _checked_box(boxes_path)
-    _print_status(_fleet(box).move(to, f"{box.image}:{to}"), as_json)
+    key, _ = public_key(key_path)
+    _print_status(_fleet(box).move(to, f"{box.image}:{to}", key), as_json)
+    if not as_json:
+        _connect_lines(box, to, boxes_path)
 
 
 @ec2_group.command("status")
 @boxes_option
+@click.option("--all", "everyone", is_flag=True, help="The whole team's boxes, by owner.")
 @json_option
-def ec2_status_command(boxes_path, as_json):
-    """Each box's instance and state, and where the data volume is attached."""
-    _print_status(_fleet(_checked_box(boxes_path)).status(), as_json)
+def ec2_status_command(boxes_path, everyone, as_json):
+    """Your boxes: each instance and state, what this run has cost so far (on-demand price, an
+    estimate), where the data volume is and what it costs a month. --all: everyone's."""
+    _print_status(_fleet(_checked_box(boxes_path)).status(everyone), as_json)
+
+
+@ec2_group.command("destroy")
+@boxes_option
+@click.option("--role", type=click.Choice(["cpu", "gpu"]), help="Only this box (default: both).")
+@click.option("--delete-volume", is_flag=True,
+              help="Also delete the data volume, after a final snapshot.")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@json_option
+def ec2_destroy_command(boxes_path, role, delete_volume, yes, as_json):
+    """Terminate your boxes (and cancel their spot requests). The data volume stays unless
+    --delete-volume, which snapshots it first; the snapshot bills until you delete it.
+
+    \b
+      devbox-build ec2 destroy --role gpu
+      devbox-build ec2 destroy --delete-volume --yes
+    """
+    box = _checked_box(boxes_path)
+    if delete_volume and not yes:
+        click.confirm("Terminate the boxes and delete the data volume (after a snapshot)?",
+                      abort=True, err=True)
+    _print_status(_fleet(box).destroy(role, delete_volume), as_json)
+
+
+@ec2_group.command("relocate")
+@boxes_option
+@click.option("--zone", required=True, help="The availability zone to move the volume to.")
+@json_option
+def ec2_relocate_command(boxes_path, zone, as_json):
+    """When the volume's zone has no capacity for your type: snapshot the volume, create it in
+    ZONE from the snapshot, end the old zone's instances (they hold nothing). Then set
+    availability_zone = ZONE in boxes.toml and run `ec2 up`. The old volume stays, tagged
+    devbox:purpose=relocated, until you delete it.
+
+    \b
+      devbox-build ec2 relocate --zone us-east-1b
+    """
+    result = _fleet(_checked_box(boxes_path)).relocate(zone)
+    if as_json:
+        out.print_json(data=result)
+    else:
+        out.print(f"the data volume is {result['volume_id']} in {zone} now (from "
+                  f"{result['snapshot']}); set availability_zone = \"{zone}\" in {boxes_path}")
 
 
 @ec2_group.command("ssh-config")
 @boxes_option
 @role_option
-def ec2_ssh_config_command(boxes_path, role):
-    """Print an ~/.ssh/config entry for the box, through SSM Session Manager (no inbound port,
-    no public IP), forwarding JupyterLab's port: VS Code Remote-SSH (debugger included) or a
-    local notebook client then works as on the box. Needs the AWS CLI's session-manager-plugin.
+@key_option
+def ec2_ssh_config_command(boxes_path, role, key_path):
+    """Print an ~/.ssh/config entry that logs in to the environment itself: the container, as
+    the image's user (its Python, kernels, home and /data), through SSM Session Manager (no
+    inbound port, no public IP), with your agent and JupyterLab's port forwarded. VS Code
+    Remote-SSH, scp and git over your agent then work as on any host. Needs the AWS CLI's
+    session-manager-plugin.
 
     \b
       devbox-build ec2 ssh-config --role gpu >> ~/.ssh/config
     """
-    from .targets.ec2 import ssh_config
+    import os
+
+    from .targets.ec2 import public_key, ssh_config
 
     box = _checked_box(boxes_path)
+    _, key_file = public_key(key_path)
     instance = _fleet(box).instance(role)
     if instance is None:
         raise InputError(f"{box.name} has no {role} box yet", hint=f"run: devbox-build ec2 up --role {role}")
-    click.echo(ssh_config(box, role, instance["InstanceId"]), nl=False)
+    click.echo(ssh_config(box, role, instance["InstanceId"], key_file.with_suffix(""),
+                          os.environ.get("AWS_PROFILE")), nl=False)
+
+
+@ec2_group.command("connect")
+@boxes_option
+@role_option
+@click.option("--ssh-config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The ssh configuration with the box's entry (default: ssh's own).")
+def ec2_connect_command(boxes_path, role, config_file):
+    """Print JupyterLab's URL, token included, for a browser on this machine: it asks the
+    environment over ssh (the `ec2 ssh-config` entry), whose forwarded port it names.
+
+    \b
+      devbox-build ec2 connect --role gpu
+    """
+    import subprocess
+
+    from .targets.ec2 import host_alias
+
+    box = _checked_box(boxes_path)
+    alias = host_alias(box, role)
+    command = ["ssh", *(["-F", str(config_file)] if config_file else []), "-o", "BatchMode=yes",
+               alias, "cat", contract.IDE_MARKER]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CloudError(f"ssh {alias}: {exc}") from None
+    try:
+        marker = json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        marker = None
+    if not marker:
+        raise CloudError(f"ssh {alias}: no JupyterLab answer ({result.stderr.strip()[-300:]})",
+                         hint=f"devbox-build ec2 ssh-config --role {role} >> ~/.ssh/config; is "
+                              f"the box up? devbox-build ec2 status")
+    token = marker.get("token")
+    out.print(marker["url"] + ("lab" if marker["url"].endswith("/") else "/lab")
+              + (f"?token={token}" if token else ""))
+
+
+@ec2_group.command("iam-policy")
+@click.option("--for", "who", type=click.Choice(["user", "box"]), required=True,
+              help="user: what running the ec2 commands needs; box: the instance role's.")
+@boxes_option
+@click.option("--bucket", "buckets", multiple=True, help="An S3 bucket the box reads and writes "
+              "(repeat for more).")
+@click.option("--kms-key", "kms_keys", multiple=True, help="A KMS key ARN that encrypts the "
+              "volumes (a customer-managed key; repeat for more).")
+def ec2_iam_policy_command(who, boxes_path, buckets, kms_keys):
+    """Print a least-privilege IAM policy (JSON): for a person running `devbox-build ec2` (their
+    own boxes, by the owner tag), or for the boxes' instance role (SSM, ECR reads, the buckets).
+
+    \b
+      devbox-build ec2 iam-policy --for user > devbox-user.json
+      devbox-build ec2 iam-policy --for box --bucket team-data > devbox-box.json
+    """
+    from .targets.iam import box_policy, user_policy
+
+    box = _checked_box(boxes_path)
+    policy = (user_policy(box, kms_keys) if who == "user"
+              else box_policy(box, buckets, kms_keys))
+    click.echo(json.dumps(policy, indent=2))
 
 
 # -- bootstrap-base -----------------------------------------------------------------------------

@@ -79,6 +79,13 @@ APT_CLEANUP = (
     "apt-get clean; find /var/lib/apt/lists -mindepth 1 -maxdepth 1 ! -name partial "
     "! -name lock -exec rm -rf {} +; rm -rf /var/cache/apt/*.bin /root/.cache"
 )
+# What a package makes for one machine at install time: an ssh server's host keys (a key baked
+# into an image is every container's, and anyone's who pulls it; devbox-sshd makes its own), and
+# the day a system user was added (shadow's last-change field: a build's date in the layer).
+INSTALL_SECRETS_CLEANUP = (
+    "rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; "
+    "sed -i -E 's/^([^:]*:[^:]*:)[0-9]+:/\\1{day}:/' /etc/shadow"
+)
 # Files a RUN of apt, dpkg or ldconfig rewrites with its own time or history: each is put back as
 # the layer below had it (or removed when it had none), so the layer does not carry them.
 VOLATILE_FILES = (
@@ -440,6 +447,7 @@ def render(
         shadow_day=LAYER_MTIME // 86400,
         python_mismatch_marker=PYTHON_MISMATCH_MARKER,
         apt_cleanup=APT_CLEANUP,
+        install_secrets_cleanup=INSTALL_SECRETS_CLEANUP.format(day=LAYER_MTIME // 86400),
         volatile_files=" ".join(VOLATILE_FILES),
         install_steps=context.install_steps,
         pip_install=PIP_INSTALL,

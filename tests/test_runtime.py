@@ -251,6 +251,26 @@ def test_an_attached_exec_session_counts_from_its_first_second_and_the_healthche
     assert "pid 31" in signals[0].detail
 
 
+def test_ssh_logins_count_tunnels_included_but_not_the_one_asking():
+    """sshd's titles: the listener and a not-yet-logged-in connection carry brackets, a login's
+    monitor ends in [priv]; a terminal, a command session (VS Code) and a bare tunnel
+    (`ssh -N -L`) each count; a `devbox-idle status` asked over ssh does not count its own."""
+    table = {1: proc(1, "devbox-entrypoi", 0),
+             15: proc(15, "sshd", 1, argv=["sshd: /usr/sbin/sshd -f c [listener] 0 of 10-100"]),
+             20: proc(20, "sshd", 15, argv=["sshd: sagemaker-user [priv]"]),
+             21: proc(21, "sshd", 20, argv=["sshd: sagemaker-user"]),
+             30: proc(30, "sshd", 15, argv=["sshd: sagemaker-user [priv]"]),
+             31: proc(31, "sshd", 30, argv=["sshd: sagemaker-user@notty"]),
+             40: proc(40, "sshd", 15, argv=["sshd: unknown [net]"]),
+             50: proc(50, "sshd", 15, argv=["sshd: sagemaker-user [priv]"]),
+             51: proc(51, "sshd", 50, argv=["sshd: sagemaker-user@notty"]),
+             52: proc(52, "python3", 51, argv=["/usr/bin/python3", "-I",
+                                               "/opt/devbox/bin/devbox-idle", "status"])}
+    signals = idle.session_signals(table, rules.Rules(), own={52, 51, 50, 15, 1})
+    assert sorted(s.detail for s in signals if s.source == "sshd") == [
+        "ssh login pid 21 (sshd: sagemaker-user)", "ssh login pid 31 (sshd: sagemaker-user@notty)"]
+
+
 def test_a_kernel_run_by_nbconvert_counts_while_it_lives():
     rules_ = rules.Rules()
     table = {5: proc(5, "jupyter-lab", 1),
@@ -506,3 +526,36 @@ def test_a_submitted_source_tarball_is_unpacked_and_one_escaping_it_refused(tmp_
     with pytest.raises(train.JobError, match="would be written outside"):
         train.unpack(bad, tmp_path / "code2")
     assert not (tmp_path / "escape.py").exists()
+
+
+# ---- devbox-sshd
+
+def test_ssh_sessions_get_the_containers_environment_less_secrets_and_per_session_names():
+    from devbox_build.runtime import sshd
+
+    environ = {"PATH": "/opt/venv/bin:/usr/bin", "SSL_CERT_FILE": "/etc/ssl/certs/x.crt",
+               "JUPYTER_TOKEN": "secret", "HOME": "/root", "HOSTNAME": "abc", "SSH_AUTH_SOCK": "/x",
+               "ODD": 'say "hi"', "LANG": "C.UTF-8", "DEVBOX_BOX": "datascience"}
+    assert sshd.session_environment(environ) == {
+        "DEVBOX_BOX": "datascience", "LANG": "C.UTF-8", "PATH": "/opt/venv/bin:/usr/bin",
+        "SSL_CERT_FILE": "/etc/ssl/certs/x.crt"}
+    text = sshd.config("/home/u", environ, contract.USER)
+    for line in (f"Port {contract.SSH_PORT}",
+                 f"HostKey /home/u/{contract.SSH_HOST_KEY}",
+                 f"AuthorizedKeysFile .ssh/authorized_keys {contract.SSH_AUTHORIZED_KEYS}",
+                 f"AllowUsers {contract.USER}", "PasswordAuthentication no",
+                 "AllowAgentForwarding yes", "Subsystem sftp internal-sftp"):
+        assert line + "\n" in text, text
+    assert 'SetEnv DEVBOX_BOX="datascience" LANG="C.UTF-8" PATH="/opt/venv/bin:/usr/bin"' in text
+    assert "secret" not in text
+
+
+def test_sshd_starts_only_when_the_host_gave_keys(monkeypatch, tmp_path):
+    from devbox_build.runtime import sshd
+
+    monkeypatch.setattr(contract, "SSH_AUTHORIZED_KEYS", str(tmp_path / "authorized_keys"))
+    monkeypatch.setattr(sshd, "sshd_binary", lambda: pytest.fail("looked for sshd"))
+    assert sshd.start({}) == 0  # no keys: a laptop, a dev container, Studio
+    (tmp_path / "authorized_keys").write_text("ssh-ed25519 AAAA laptop\n")
+    monkeypatch.setattr(sshd, "sshd_binary", lambda: None)
+    assert sshd.start({}) == 1  # keys, but an image without openssh-server: said, not hidden

@@ -31,10 +31,11 @@ COMMANDS = {
     "devbox-entrypoint": "entrypoint", "devbox-start": "hooks", "devbox-idle": "idle",
     "devbox-restore": "restore", "devbox-cron": "cron", "devbox-train": "train",
     "devbox-healthcheck": "healthcheck", "devbox-devcontainer-setup": "devcontainer_setup",
-    "devbox-finalize": "finalize",
+    "devbox-finalize": "finalize", "devbox-sshd": "sshd",
 }
 # The image's own start hooks (files in START_HOOKS): name → the command it runs.
-BUILT_IN_HOOKS = {"10-restore": ["devbox-restore"], "50-idle": ["devbox-idle", "watch", "--detach"]}
+BUILT_IN_HOOKS = {"10-restore": ["devbox-restore"], "40-sshd": ["devbox-sshd", "start"],
+                  "50-idle": ["devbox-idle", "watch", "--detach"]}
 
 # ---- the IDE server
 IDE_PORT = 8888
@@ -57,6 +58,15 @@ HOUSEKEEPING_CPU = "/tmp/devbox-idle/housekeeping-cpu"
 INHIBIT_DIR = "/tmp/devbox-idle/inhibit"  # one file per `devbox-idle inhibit -- CMD` running
 SAGEMAKER_ACTIVE_FILE = "/tmp/.sagemaker-last-active-timestamp"
 HOST_CHANNEL = "/run/devbox/host"  # an EC2 box's host reads requests (poweroff) written here
+# The watcher touches this in the host channel at every sample: the host powers off a box whose
+# watcher went quiet (its failsafe).
+HEARTBEAT = "heartbeat"
+
+# ---- ssh into the environment (an EC2 box: SSM's tunnel reaches the host's loopback port, which
+# is this one in the container): sshd runs as the image's user, only when the host put keys here.
+SSH_PORT = 2222
+SSH_AUTHORIZED_KEYS = f"{HOST_CHANNEL}/authorized_keys"
+SSH_RUN_DIR = "/tmp/devbox-sshd"
 IDLE_ACTIONS = ("none", "stop", "poweroff")
 IDLE_DEFAULTS = {"timeout": "1h", "action": "none", "interval": "60s", "warn_before": "5m",
                  "cpu_percent": 5.0, "gpu_percent": 10.0}
@@ -65,6 +75,7 @@ IDLE_DEFAULTS = {"timeout": "1h", "action": "none", "interval": "60s", "warn_bef
 CRONTAB = ".config/devbox/crontab"
 STATE = ".local/state/devbox"
 DOTFILES = ".dotfiles"
+SSH_HOST_KEY = f"{STATE}/ssh/ssh_host_ed25519_key"  # one per volume: it follows a move
 
 # ---- image labels
 LABEL_CONTENT_HASH = "devbox.content-hash"

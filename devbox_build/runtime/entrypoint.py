@@ -88,14 +88,16 @@ def jupyter_command() -> list[str] | None:
         command.append("--IdentityProvider.token=")
         say(f"JUPYTER_TOKEN is empty: no token, anyone who reaches port {PORT} can use this "
             f"server; open http://127.0.0.1:{PORT}/lab")
-    return _marked(command, "/")
+    return _marked(command, "/", token)
 
 
-def _marked(command: list[str], base_url: str) -> list[str]:
-    """Tell the healthcheck where this container serves the IDE, then return ``command``."""
+def _marked(command: list[str], base_url: str, token: str = "") -> list[str]:
+    """Tell the healthcheck where this container serves the IDE, and `ec2 connect` (over ssh,
+    as this user) its token; then return ``command``."""
     try:
-        with open(contract.IDE_MARKER, "w") as marker:
-            json.dump({"url": f"http://127.0.0.1:{PORT}{base_url}"}, marker)
+        descriptor = os.open(contract.IDE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w") as marker:
+            json.dump({"url": f"http://127.0.0.1:{PORT}{base_url}", "token": token}, marker)
     except OSError:
         pass  # a read-only /tmp only costs the healthcheck its target
     return command

@@ -256,9 +256,14 @@ def session_signals(table: dict, rules: Rules, own: set | None = None) -> list:
             signals.append(Signal("session", "terminal",
                                   f"a command runs in the terminal of {process.label}: "
                                   f"{job.label if job else process.tpgid}"))
-    # ssh logins: sshd's per-session child is named "sshd: user@pts/0" (argv[0] rewritten).
+    # ssh logins: sshd names a logged-in connection's process "sshd: user@pts/0" (a terminal),
+    # "sshd: user@notty" (commands, VS Code) or "sshd: user" (a tunnel only, `ssh -N -L`); its
+    # monitor ends in "[priv]", and the listener and connections not yet logged in carry their
+    # own brackets. One that asks (`ssh box devbox-idle status`) is this process's lineage.
     for process in table.values():
-        if process.argv and process.argv[0].startswith("sshd:") and "@" in process.argv[0]:
+        title = process.argv[0] if process.argv else ""
+        if (title.startswith("sshd: ") and not title.endswith("]")
+                and process.pid not in own):
             signals.append(Signal("session", "sshd", f"ssh login {process.label}"))
     return signals
 
@@ -792,6 +797,7 @@ def watch(rules: Rules) -> int:
         write_atomic(STATE_FILE, json.dumps({
             **current.as_json(), "started": started, "last_active": clock.last_active,
             "warned_at": clock.warned_at, "check_seconds": round(check_seconds, 3)}))
+        heartbeat(rules)
         if rules.acting and not active:
             if current.idle_for >= rules.timeout:
                 say(f"idle since {_iso(clock.last_active)} ({current.idle_for:.1f} s, timeout "
@@ -810,6 +816,17 @@ def watch(rules: Rules) -> int:
                 if mark is not None and mark > current.idle_for:
                     due.append(mark - current.idle_for)
         time.sleep(max(0.1, min(due) - (time.time() - now)))
+
+
+def heartbeat(rules: Rules, folder: str = contract.HOST_CHANNEL) -> None:
+    """Tell the host this watcher still runs (an EC2 box powers off when it goes quiet)."""
+    if rules.action != "poweroff" or not os.path.isdir(folder):
+        return
+    try:
+        with open(os.path.join(folder, contract.HEARTBEAT), "w") as handle:
+            handle.write(f"{time.time():.0f} {rules.interval:g}\n")
+    except OSError:
+        pass
 
 
 def detach(rules: Rules) -> int:

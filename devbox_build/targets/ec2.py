@@ -9,10 +9,9 @@ does not (which families have GPUs or Arm CPUs, what driver each AMI family ship
 
 from __future__ import annotations
 
-import base64
+import fnmatch
 import re
 import shlex
-import time
 import tomllib
 from dataclasses import dataclass
 from functools import cache
@@ -21,10 +20,18 @@ from typing import Annotated, Literal
 
 import jinja2
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .. import __version__
-from ..errors import CloudError, InputError
+from ..errors import InputError
 from ..runtime import contract
 from ..spec import ImageReference, Repository, _describe
 
@@ -57,8 +64,6 @@ AMI_PARAMETERS = {
     "dlami-base-gpu-ubuntu-24.04":
         "/aws/service/deeplearning/ami/{arch}/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id",
 }
-LOGIN_USERS = {"al2023": "ec2-user", "ubuntu-24.04": "ubuntu",
-               "dlami-base-gpu-al2023": "ec2-user", "dlami-base-gpu-ubuntu-24.04": "ubuntu"}
 # EC2 refuses user data over 16 KB.
 USER_DATA_LIMIT = 16384
 # The image's user (the SageMaker Studio contract every devbox image keeps): owns home and data.
@@ -73,12 +78,38 @@ class Role(_Model):
     ami: Annotated[str, Field(pattern=r"^ami-[0-9a-f]{8,17}$")] | None = None
 
 
+# EBS's size limits per volume type (GiB; the EBS volume types page, 2026-11).
+VOLUME_LIMITS = {"gp3": (1, 16384), "gp2": (1, 16384), "io2": (4, 65536), "st1": (125, 16384)}
+# Mounting the volume over one of these would hide the host's own system.
+SYSTEM_FOLDERS = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/mnt",
+                  "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr",
+                  "/var", "/var/lib", "/var/lib/docker"}
+
+
 class Volume(_Model):
-    size_gb: Annotated[int, Field(ge=1, le=65536)] = 100
-    type: Literal["gp3", "gp2", "io2", "st1"] = "gp3"
+    size_gb: Annotated[int, Field(ge=1)] = 100
+    type: Literal[tuple(VOLUME_LIMITS)] = "gp3"  # type: ignore[valid-type]
     availability_zone: str | None = None  # default: the box's
     # Where the boxes mount it; the container's home and /data live under it.
     mount_point: Annotated[str, Field(pattern=r"^(/[A-Za-z0-9_.+-]+)+$")] = "/mnt/devbox"
+
+    @field_validator("mount_point")
+    @classmethod
+    def _a_folder_of_its_own(cls, value: str) -> str:
+        if any(part in (".", "..") for part in value.split("/")):
+            raise ValueError(f"{value!r} has a '.' or '..' part: name the folder itself")
+        if value.rstrip("/") in SYSTEM_FOLDERS:
+            raise ValueError(f"{value!r} is a system folder; mounting there hides the host's "
+                             "own files (use a folder of its own, like /mnt/devbox)")
+        return value
+
+    @model_validator(mode="after")
+    def _size_within_the_type(self) -> Volume:
+        low, high = VOLUME_LIMITS[self.type]
+        if not low <= self.size_gb <= high:
+            raise ValueError(f"size_gb: {self.size_gb} GiB; a {self.type} volume is {low} to "
+                             f"{high} GiB")
+        return self
 
 
 class Metadata(_Model):
@@ -87,12 +118,56 @@ class Metadata(_Model):
     hop_limit: Annotated[int, Field(ge=1, le=64)] = 2
 
 
+class Guardrails(_Model):
+    """What the team allows, checked by the preflight before anything is launched."""
+
+    # fnmatch patterns per role; empty: any type (the price cap still holds).
+    allowed_types: dict[Literal["cpu", "gpu"], list[str]] = {}
+    # The most an hour of each role may cost (USD, on demand; spot's MaxPrice too); a role not
+    # named keeps the default cap.
+    max_hourly_usd: dict[Literal["cpu", "gpu"], Annotated[float, Field(gt=0)]] = {}
+    # Prices for types the shipped table lacks (USD per hour).
+    prices: dict[str, Annotated[float, Field(gt=0)]] = {}
+    # A GPU box with idle_minutes = 0 runs until someone stops it: only when said so here.
+    allow_gpu_without_idle_stop: bool = False
+
+
+DEFAULT_HOURLY_CAPS = {"cpu": 1.0, "gpu": 4.0}
+# On-demand Linux prices in us-east-1, USD per hour (AWS's EC2 pricing page, 2026-11). Other
+# regions differ by a few percent; a type missing here needs guardrails.prices. An estimate
+# for caps and `status`, not a bill.
+PRICES = {
+    "t3.medium": 0.0416, "t3.large": 0.0832, "t3.xlarge": 0.1664, "t3.2xlarge": 0.3328,
+    "m6i.large": 0.096, "m6i.xlarge": 0.192, "m6i.2xlarge": 0.384, "m6i.4xlarge": 0.768,
+    "m7i.large": 0.1008, "m7i.xlarge": 0.2016, "m7i.2xlarge": 0.4032, "m7i.4xlarge": 0.8064,
+    "m7g.large": 0.0816, "m7g.xlarge": 0.1632, "m7g.2xlarge": 0.3264,
+    "c7i.large": 0.0893, "c7i.xlarge": 0.1785, "c7i.2xlarge": 0.357,
+    "r7i.large": 0.1323, "r7i.xlarge": 0.2646, "r7i.2xlarge": 0.5292,
+    "g4dn.xlarge": 0.526, "g4dn.2xlarge": 0.752, "g4dn.4xlarge": 1.204, "g4dn.12xlarge": 3.912,
+    "g5.xlarge": 1.006, "g5.2xlarge": 1.212, "g5.4xlarge": 1.624, "g5.12xlarge": 5.672,
+    "g5.48xlarge": 16.288, "g6.xlarge": 0.8048, "g6.2xlarge": 0.9776, "g6.4xlarge": 1.3232,
+    "g6.12xlarge": 4.6016, "g6e.xlarge": 1.861, "g6e.2xlarge": 2.242, "g6e.12xlarge": 10.493,
+    "p4d.24xlarge": 21.9576, "p5.48xlarge": 55.04,
+}
+# What stays billed while the boxes are stopped: the data volume and snapshots (USD per GiB-month).
+VOLUME_PRICES = {"gp3": 0.08, "gp2": 0.10, "io2": 0.125, "st1": 0.045}
+SNAPSHOT_PRICE = 0.05
+
+
+def hourly_price(box: Box, instance_type: str) -> float | None:
+    return box.guardrails.prices.get(instance_type, PRICES.get(instance_type))
+
+
 class Box(_Model):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
-    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")]
-    availability_zone: Annotated[str, Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")]
-    image: Repository  # tags cpu and gpu, one per role
+    # [0-9], not \d: a Unicode digit (Arabic-Indic, fullwidth) is not a region.
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]$")]
+    availability_zone: Annotated[str, Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]$")]
+    image: Repository  # tags cpu and gpu, one per role; an ECR repository the boxes can read
     idle_minutes: Annotated[int, Field(ge=0)] = 60
+    # When the boot script fails or the container's watcher goes quiet, the host powers off
+    # after this long (time to log in and look).
+    failsafe_minutes: Annotated[int, Field(ge=1, le=240)] = 15
     # Network and access: no inbound port is needed (SSM); the profile needs SSM and ECR reads.
     subnet_id: AwsId | None = None
     security_group_ids: list[AwsId] = []
@@ -103,6 +178,7 @@ class Box(_Model):
     roles: dict[Literal["cpu", "gpu"], Role]
     volume: Volume = Volume()
     metadata: Metadata = Metadata()
+    guardrails: Guardrails = Guardrails()
     path: Path = Field(default=Path(BOXES_FILENAME), exclude=True)
 
 
@@ -128,11 +204,20 @@ class ImageFacts:
     cuda_min_driver: str | None  # the label devbox.cuda.min-driver
 
 
+# An ECR repository: its account, region and name.
+ECR_REPOSITORY = re.compile(r"(?P<account>[0-9]{12})\.dkr\.ecr\.(?P<region>[a-z]{2}(-gov)?-[a-z]+-[0-9])"
+                            r"\.amazonaws\.com(\.cn)?/(?P<name>[a-z0-9][a-z0-9._/-]*)")
+
+
 @cache
 def instance_types() -> frozenset[str]:
-    import botocore.session
+    """From botocore's bundled model, read without a session: no profile or credential is
+    looked at (the preflight is offline, and works with AWS_PROFILE naming nothing)."""
+    import botocore.loaders
+    import botocore.model
 
-    model = botocore.session.get_session().get_service_model("ec2")
+    model = botocore.model.ServiceModel(
+        botocore.loaders.Loader().load_service_model("ec2", "service-2"))
     return frozenset(model.shape_for("InstanceType").enum)
 
 
@@ -163,6 +248,10 @@ def preflight(box: Box, images: dict[str, ImageFacts]) -> list[str]:
         if role == "gpu" and not gpu:
             problems.append(f"{key}: {spec.instance_type} has no GPU, and the gpu role runs "
                             f"{box.image}:gpu (a GPU image)")
+        if role == "cpu" and gpu:
+            problems.append(f"{key}: {spec.instance_type} is a GPU instance; the cpu role is the "
+                            "cheap box, and a GPU bills by the hour whether used or not")
+        problems += _guardrails(box, role, spec.instance_type, key, gpu)
         image = images.get(role)
         if image is None:
             continue
@@ -186,6 +275,10 @@ def preflight(box: Box, images: dict[str, ImageFacts]) -> list[str]:
                         f"{box.availability_zone}: an EBS volume attaches only in its own zone")
     if not volume_zone.startswith(box.region):
         problems.append(f"{where} 'availability_zone': {volume_zone} is not in {box.region}")
+    if not ECR_REPOSITORY.fullmatch(box.image):
+        problems.append(f"{where} 'image': {box.image} is not in ECR; a box pulls with its "
+                        "instance role, which reads ECR (ACCOUNT.dkr.ecr.REGION.amazonaws.com/"
+                        "NAME: push there with `devbox-build build ... --registry ... --push`)")
     if box.metadata.http_tokens != "required":
         problems.append(f"{where} 'metadata.http_tokens': use 'required' (IMDSv2 only)")
     if box.metadata.hop_limit < 2:
@@ -194,10 +287,63 @@ def preflight(box: Box, images: dict[str, ImageFacts]) -> list[str]:
     return problems
 
 
+def _guardrails(box: Box, role: str, instance_type: str, key: str, gpu: bool) -> list[str]:
+    rails, where = box.guardrails, f"{box.path}: key"
+    problems = []
+    allowed = rails.allowed_types.get(role)
+    if allowed and not any(fnmatch.fnmatchcase(instance_type, pattern) for pattern in allowed):
+        problems.append(f"{key}: {instance_type} is not allowed for the {role} role "
+                        f"(guardrails.allowed_types.{role}: {', '.join(allowed)})")
+    price, cap = hourly_price(box, instance_type), hourly_cap(box, role)
+    if price is None:
+        problems.append(f"{key}: no price known for {instance_type}; add it to "
+                        f"guardrails.prices (USD per hour) so the cap can be checked")
+    elif price > cap:
+        problems.append(f"{key}: {instance_type} costs about ${price:.2f}/h, over the {role} "
+                        f"role's cap of ${cap:.2f}/h (guardrails.max_hourly_usd.{role})")
+    if gpu and box.idle_minutes == 0 and not rails.allow_gpu_without_idle_stop:
+        problems.append(f"{where} 'idle_minutes': 0 turns the idle stop off, and the {role} box "
+                        f"({instance_type}) has a GPU: it would bill until someone stops it "
+                        "(set guardrails.allow_gpu_without_idle_stop = true to mean it)")
+    return problems
+
+
+def hourly_cap(box: Box, role: str) -> float:
+    return box.guardrails.max_hourly_usd.get(role, DEFAULT_HOURLY_CAPS[role])
+
+
 # -- user data --------------------------------------------------------------------------------
 
 
-def boot_script(box: Box, role: str, image: str, volume_id: str) -> str:
+# One OpenSSH public key line: type, base64 key, an optional comment.
+PUBLIC_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|"
+                        r"sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) "
+                        r"[A-Za-z0-9+/]+={0,3}( [\x20-\x7e]{0,200})?")
+KEY_FILES = ("id_ed25519", "id_ecdsa", "id_ed25519_sk", "id_rsa")
+
+
+def public_key(path: Path | None) -> tuple[str, Path]:
+    """The public key a box accepts (its line, and its file): ``path``, or the first of ssh's
+    usual keys in ~/.ssh."""
+    if path is None:
+        candidates = [Path.home() / ".ssh" / f"{name}.pub" for name in KEY_FILES]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise InputError("no ssh public key in ~/.ssh (" + ", ".join(
+                f"{n}.pub" for n in KEY_FILES) + ") to log in to the box with",
+                hint="make one: ssh-keygen -t ed25519   (or pass --public-key FILE)")
+    try:
+        line = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the public key: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not PUBLIC_KEY.fullmatch(line):
+        raise InputError(f"{path}: not one OpenSSH public key line (ssh-ed25519 AAAA... "
+                         "comment)", hint="pass the .pub file, never the private key")
+    return line, path
+
+
+def boot_script(box: Box, role: str, image: str, volume_id: str, key: str) -> str:
     """The script every boot of the role's instance runs (see ec2-boot.sh.j2)."""
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                                      autoescape=False)
@@ -205,12 +351,14 @@ def boot_script(box: Box, role: str, image: str, volume_id: str) -> str:
     template = (Path(__file__).parent / "ec2-boot.sh.j2").read_text()
     return environment.from_string(template).render(
         version=__version__, box=box, role=role, image=image, volume_id=volume_id,
-        mount=box.volume.mount_point, gpu=role == "gpu", user_ids=USER_IDS, contract=contract)
+        public_key=key, mount=box.volume.mount_point, gpu=role == "gpu", user_ids=USER_IDS, contract=contract)
 
 
-def user_data(box: Box, role: str, image: str, volume_id: str) -> str:
+def user_data(box: Box, role: str, image: str, volume_id: str, key: str) -> str:
     """cloud-config: install the boot script and a unit that runs it on every boot."""
     _check_reference(image)
+    if not PUBLIC_KEY.fullmatch(key):
+        raise InputError("not one OpenSSH public key line")
     if not re.fullmatch(r"vol-[0-9a-f]{8,17}", volume_id):
         raise InputError(f"{volume_id!r} is not an EBS volume id")
     unit = ("[Unit]\nDescription=devbox-build box: data volume, image, IDE\n"
@@ -221,7 +369,7 @@ def user_data(box: Box, role: str, image: str, volume_id: str) -> str:
     document = {
         "write_files": [
             {"path": "/usr/local/sbin/devbox-box", "permissions": "0755", "owner": "root:root",
-             "content": boot_script(box, role, image, volume_id)},
+             "content": boot_script(box, role, image, volume_id, key)},
             {"path": "/etc/systemd/system/devbox-box.service", "permissions": "0644",
              "owner": "root:root", "content": unit},
         ],
@@ -249,247 +397,29 @@ def _check_reference(image: str) -> None:
         raise InputError(f"{image!r} is not an image reference") from None
 
 
-# -- the boxes on EC2 -------------------------------------------------------------------------
-
-TAG_BOX, TAG_ROLE, TAG_PURPOSE = "devbox:box", "devbox:role", "devbox:purpose"
-LIVE_STATES = ["pending", "running", "stopping", "stopped"]
-DATA_DEVICE = "/dev/sdf"  # the attach name; the boot script finds the volume by its id anyway
-READY_MARKER = "devbox-box: ready"
+def host_alias(box: Box, role: str) -> str:
+    return f"devbox-{box.name}-{role}"
 
 
-class Fleet:
-    """A box's instances (one per role) and its data volume, found by their tags, so a second
-    `up` finds what the first made. Every call goes through boto3, whose client checks each
-    request against botocore's model before sending it; AWS_ENDPOINT_URL points it elsewhere
-    (the tests: moto's server on loopback)."""
-
-    def __init__(self, box: Box, say=lambda message: None, poll_seconds: float = 5.0) -> None:
-        import boto3  # here, not at the top: it costs every other command a third of a second
-
-        self.box, self.say, self.poll = box, say, poll_seconds
-        self.ec2 = boto3.client("ec2", region_name=box.region)
-        self.ssm = boto3.client("ssm", region_name=box.region)
-
-    # -- calls, each failure one CloudError naming the operation
-
-    def call(self, client, operation: str, **request):
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            EndpointConnectionError,
-            NoCredentialsError,
-        )
-
-        try:
-            return getattr(client, operation)(**request)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            raise CloudError(f"{client.meta.service_model.service_name} {operation}: "
-                             f"{error.get('Code')}: {error.get('Message')}") from None
-        except EndpointConnectionError as exc:
-            raise CloudError(f"{client.meta.service_model.service_name} {operation}: {exc}",
-                             hint="check the network (and AWS_ENDPOINT_URL, if set)") from None
-        except NoCredentialsError as exc:
-            raise CloudError(f"{client.meta.service_model.service_name} {operation}: {exc}",
-                             hint="set AWS_PROFILE, or AWS_ACCESS_KEY_ID and "
-                                  "AWS_SECRET_ACCESS_KEY") from None
-        except BotoCoreError as exc:  # an invalid request (botocore's model), a timeout
-            raise CloudError(f"{client.meta.service_model.service_name} {operation}: "
-                             f"{exc}") from None
-
-    def wait(self, waiter: str, **request) -> None:
-        from botocore.exceptions import WaiterError
-
-        try:
-            self.ec2.get_waiter(waiter).wait(
-                **request, WaiterConfig={"Delay": self.poll, "MaxAttempts": int(900 / self.poll)})
-        except WaiterError as exc:
-            raise CloudError(f"ec2 {waiter}: {exc}") from None
-
-    def _tags(self, kind: str, **tags: str) -> list[dict]:
-        return [{"ResourceType": kind, "Tags": [{"Key": TAG_BOX, "Value": self.box.name},
-                                               *({"Key": k, "Value": v} for k, v in tags.items())]}]
-
-    # -- what exists
-
-    def instance(self, role: str) -> dict | None:
-        reservations = self.call(self.ec2, "describe_instances", Filters=[
-            {"Name": f"tag:{TAG_BOX}", "Values": [self.box.name]},
-            {"Name": f"tag:{TAG_ROLE}", "Values": [role]},
-            {"Name": "instance-state-name", "Values": LIVE_STATES}])["Reservations"]
-        found = [i for r in reservations for i in r["Instances"]]
-        return sorted(found, key=lambda i: i["LaunchTime"])[0] if found else None
-
-    def volume(self) -> dict | None:
-        volumes = self.call(self.ec2, "describe_volumes", Filters=[
-            {"Name": f"tag:{TAG_BOX}", "Values": [self.box.name]},
-            {"Name": f"tag:{TAG_PURPOSE}", "Values": ["data"]}])["Volumes"]
-        return volumes[0] if volumes else None
-
-    def attached_to(self, volume: dict) -> str | None:
-        attached = [a["InstanceId"] for a in volume.get("Attachments", [])
-                    if a["State"] in ("attaching", "attached")]
-        return attached[0] if attached else None
-
-    def ami(self, role: str) -> str:
-        spec = self.box.roles[role]
-        if spec.ami:
-            return spec.ami
-        arch = architecture(spec.instance_type)
-        name = AMI_PARAMETERS[spec.ami_family].format(
-            arch="x86_64" if arch == "amd64" else "arm64", deb=arch)
-        return self.call(self.ssm, "get_parameter", Name=name)["Parameter"]["Value"]
-
-    # -- actions
-
-    def ensure_volume(self) -> dict:
-        volume = self.volume()
-        if volume:
-            return volume
-        zone = self.box.volume.availability_zone or self.box.availability_zone
-        self.say(f"creating the data volume ({self.box.volume.size_gb} GB {self.box.volume.type} "
-                 f"in {zone})")
-        volume = self.call(self.ec2, "create_volume", AvailabilityZone=zone,
-                           Size=self.box.volume.size_gb, VolumeType=self.box.volume.type,
-                           Encrypted=True, TagSpecifications=self._tags(
-                               "volume", **{TAG_PURPOSE: "data",
-                                            "Name": f"devbox-{self.box.name}-data"}))
-        self.wait("volume_available", VolumeIds=[volume["VolumeId"]])
-        return self.volume() or volume
-
-    def launch(self, role: str, image: str, volume_id: str) -> dict:
-        spec = self.box.roles[role]
-        request = {
-            "ImageId": self.ami(role), "InstanceType": spec.instance_type,
-            "MinCount": 1, "MaxCount": 1,
-            "Placement": {"AvailabilityZone": self.box.availability_zone},
-            "UserData": user_data(self.box, role, image, volume_id),
-            # IMDSv2 only, and 2 hops so the container behind Docker's bridge reaches it.
-            "MetadataOptions": {"HttpTokens": self.box.metadata.http_tokens,
-                                "HttpPutResponseHopLimit": self.box.metadata.hop_limit,
-                                "HttpEndpoint": "enabled"},
-            "TagSpecifications": self._tags("instance", **{
-                TAG_ROLE: role, "Name": f"devbox-{self.box.name}-{role}"}),
-        }
-        if self.box.spot:
-            request["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
-                "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}}
-        else:
-            # The idle watcher powers the host off; that must stop the instance, not end it.
-            request["InstanceInitiatedShutdownBehavior"] = "stop"
-        if self.box.subnet_id:
-            request["SubnetId"] = self.box.subnet_id
-        if self.box.security_group_ids:
-            request["SecurityGroupIds"] = list(self.box.security_group_ids)
-        if self.box.instance_profile:
-            request["IamInstanceProfile"] = {"Name": self.box.instance_profile}
-        self.say(f"launching the {role} box ({spec.instance_type}, {request['ImageId']}"
-                 f"{', spot' if self.box.spot else ''})")
-        return self.call(self.ec2, "run_instances", **request)["Instances"][0]
-
-    def up(self, role: str, image: str) -> dict:
-        volume = self.ensure_volume()
-        holder = self.attached_to(volume)
-        other = next((r for r in self.box.roles if r != role), None)
-        other_instance = self.instance(other) if other else None
-        if holder and other_instance and holder == other_instance["InstanceId"]:
-            if other_instance["State"]["Name"] in ("pending", "running"):
-                raise InputError(f"the data volume is attached to the running {other} box "
-                              f"({holder})", hint=f"run: devbox-build ec2 move --to {role}")
-            self.detach(volume)
-            holder = None
-        instance = self.instance(role)
-        if instance is None:
-            instance = self.launch(role, image, volume["VolumeId"])
-            self.wait("instance_running", InstanceIds=[instance["InstanceId"]])
-        instance_id = instance["InstanceId"]
-        if holder != instance_id:
-            if instance["State"]["Name"] == "stopping":
-                self.wait("instance_stopped", InstanceIds=[instance_id])
-            self.say(f"attaching the data volume {volume['VolumeId']} to {instance_id}")
-            self.call(self.ec2, "attach_volume", VolumeId=volume["VolumeId"],
-                      InstanceId=instance_id, Device=DATA_DEVICE)
-            self.wait("volume_in_use", VolumeIds=[volume["VolumeId"]])
-        if (self.instance(role) or instance)["State"]["Name"] != "running":
-            self.say(f"starting {instance_id}")
-            self.call(self.ec2, "start_instances", InstanceIds=[instance_id])
-            self.wait("instance_running", InstanceIds=[instance_id])
-        return self.status()
-
-    def detach(self, volume: dict) -> None:
-        holder = self.attached_to(volume)
-        if holder:
-            self.say(f"detaching the data volume from {holder}")
-            self.call(self.ec2, "detach_volume", VolumeId=volume["VolumeId"], InstanceId=holder)
-            self.wait("volume_available", VolumeIds=[volume["VolumeId"]])
-
-    def down(self, role: str | None = None) -> dict:
-        for name in [role] if role else list(self.box.roles):
-            instance = self.instance(name)
-            if instance and instance["State"]["Name"] in ("pending", "running"):
-                self.say(f"stopping the {name} box ({instance['InstanceId']})")
-                self.call(self.ec2, "stop_instances", InstanceIds=[instance["InstanceId"]])
-                self.wait("instance_stopped", InstanceIds=[instance["InstanceId"]])
-        return self.status()
-
-    def move(self, to: str, image: str) -> dict:
-        """Stop the other box, move the data volume to the ``to`` box, start it."""
-        for role in self.box.roles:
-            if role != to:
-                self.down(role)
-        volume = self.volume()
-        if volume:
-            holder = self.attached_to(volume)
-            target = self.instance(to)
-            if holder and (target is None or holder != target["InstanceId"]):
-                self.detach(volume)
-        return self.up(to, image)
-
-    def wait_for_image(self, role: str, timeout: float = 900) -> bool:
-        """Until the boot script says the image answers (its line on the serial console)."""
-        instance = self.instance(role)
-        deadline = time.monotonic() + timeout
-        while instance and time.monotonic() < deadline:
-            output = self.call(self.ec2, "get_console_output",
-                               InstanceId=instance["InstanceId"], Latest=True).get("Output", "")
-            try:
-                text = base64.b64decode(output).decode(errors="replace")
-            except ValueError:
-                text = output
-            if READY_MARKER in text:
-                return True
-            time.sleep(self.poll)
-        return False
-
-    def status(self) -> dict:
-        volume = self.volume()
-        roles = {}
-        for role in self.box.roles:
-            instance = self.instance(role)
-            roles[role] = None if instance is None else {
-                "instance_id": instance["InstanceId"],
-                "state": instance["State"]["Name"],
-                "instance_type": instance["InstanceType"],
-                "spot": instance.get("InstanceLifecycle") == "spot",
-                "private_ip": instance.get("PrivateIpAddress"),
-                "has_data_volume": bool(volume) and self.attached_to(volume) == instance[
-                    "InstanceId"],
-            }
-        return {"box": self.box.name, "region": self.box.region, "roles": roles,
-                "volume": None if volume is None else {
-                    "volume_id": volume["VolumeId"], "state": volume["State"],
-                    "size_gb": volume["Size"], "attached_to": self.attached_to(volume)}}
-
-
-def ssh_config(box: Box, role: str, instance_id: str) -> str:
-    """A VS Code Remote-SSH (and plain ssh) entry through SSM: no inbound port, no public IP;
-    JupyterLab's port forwarded, so a local browser or notebook client reaches the box's."""
-    user = LOGIN_USERS[box.roles[role].ami_family]
-    return (f"# devbox-build ec2 ssh-config: box {box.name}, role {role}\n"
-            f"Host devbox-{box.name}-{role}\n"
-            f"    HostName {instance_id}\n"
-            f"    User {user}\n"
-            "    ProxyCommand aws ssm start-session --target %h --document-name "
-            f"AWS-StartSSHSession --parameters portNumber=%p --region {box.region}\n"
-            f"    LocalForward {contract.IDE_PORT} 127.0.0.1:{contract.IDE_PORT}\n"
-            "    ServerAliveInterval 30\n")
+def ssh_config(box: Box, role: str, instance_id: str, identity: Path | None = None,
+               profile: str | None = None) -> str:
+    """An ~/.ssh/config entry that logs in to the environment itself (sshd in the container, as
+    the image's user, on the host's loopback), through SSM: no inbound port, no public IP.
+    VS Code Remote-SSH, scp and git over the forwarded agent work as on any host; JupyterLab's
+    port is forwarded. Both roles share one host-key alias: the host key lives on the volume."""
+    profile_option = f" --profile {profile}" if profile else ""
+    lines = [f"# devbox-build ec2 ssh-config: box {box.name}, role {role}",
+             f"Host {host_alias(box, role)}",
+             f"    HostName {instance_id}",
+             f"    User {contract.USER}",
+             f"    Port {contract.SSH_PORT}",
+             f"    HostKeyAlias devbox-{box.name}",
+             ("    ProxyCommand aws ssm start-session --target %h --document-name "
+              f"AWS-StartSSHSession --parameters portNumber=%p --region {box.region}"
+              f"{profile_option}")]
+    if identity is not None:
+        lines += [f"    IdentityFile {identity}", "    IdentitiesOnly yes"]
+    lines += ["    ForwardAgent yes",
+              f"    LocalForward {contract.IDE_PORT} 127.0.0.1:{contract.IDE_PORT}",
+              "    ServerAliveInterval 30"]
+    return "\n".join(lines) + "\n"

@@ -6,12 +6,14 @@ Used by tests/test_ec2.py and benchmarks/ec2.py.
 from __future__ import annotations
 
 import http.server
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -106,14 +108,19 @@ class StandInInstance:
 
     def __enter__(self) -> StandInInstance:
         Path(self.mount).mkdir(parents=True)
+        self.channel = f"{self.mount}-host"  # the host channel, at one path for both sides
+        Path(self.channel).mkdir()
         subprocess.run(["mount", "--bind", self.mount, self.mount], check=True)
         subprocess.run(["mount", "--make-rshared", self.mount], check=True)
         self.imds = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
         threading.Thread(target=self.imds.serve_forever, daemon=True).start()
         return self
 
-    def boot(self) -> str:
-        """One boot: attach, run the boot script, stop (unmount, detach). Its output."""
+    def boot(self, env: dict | None = None, attach: bool = True, args: str = "",
+             check: bool = True):
+        """One boot: attach, run the boot script (with ``args``: `check`), stop (unmount,
+        detach). Its output; with ``check=False``, (exit status, output). The failsafe's
+        poweroff writes ``powered-off`` in the folder instead."""
         import docker
 
         device = subprocess.run(["losetup", "-f", "--show", str(self.folder / "ebs.img")],
@@ -126,35 +133,118 @@ class StandInInstance:
                 security_opt=["apparmor=unconfined"], mounts=[
                     docker.types.Mount(self.mount, self.mount, type="bind",
                                        propagation="rshared"),
+                    docker.types.Mount(self.channel, self.channel, type="bind"),
                     docker.types.Mount("/var/run/docker.sock", "/var/run/docker.sock",
                                        type="bind"),
                     docker.types.Mount("/usr/local/bin/docker", shutil.which("docker"),
                                        type="bind", read_only=True),
                     docker.types.Mount("/stand-in", str(self.folder), type="bind")]))["Id"]
+        settings = {"DEVBOX_IMDS_ENDPOINT": f"http://127.0.0.1:{self.imds.server_address[1]}",
+                    "DEVBOX_HOST_CHANNEL": self.channel,
+                    "DEVBOX_POWEROFF": "touch /stand-in/powered-off", **(env or {})}
+        link = (f" mkdir -p /dev/disk/by-id; ln -s {device} /dev/disk/by-id/"
+                f"nvme-Amazon_Elastic_Block_Store_{VOLUME_ID.replace('-', '')};" if attach else "")
         try:
             api.start(stand_in)
             script = (
-                "set -e; mkdir -p /dev/disk/by-id;"
-                f" ln -s {device} /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
-                f"{VOLUME_ID.replace('-', '')};"
-                f" DEVBOX_IMDS_ENDPOINT=http://127.0.0.1:{self.imds.server_address[1]}"
-                " bash /stand-in/devbox-box 2>&1;"
-                f" umount {self.mount}")  # the instance stops; the container keeps its mount
+                f"{link} " + " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
+                + f" bash /stand-in/devbox-box {args} 2>&1; status=$?;"
+                f" if mountpoint -q {self.mount}; then umount {self.mount}; fi; exit $status")
             exec_id = api.exec_create(stand_in, ["bash", "-c", script])
             out = api.exec_start(exec_id).decode(errors="replace")
             code = api.exec_inspect(exec_id)["ExitCode"]
         finally:
             self.engine.remove(stand_in)
             subprocess.run(["losetup", "-d", device], check=False)  # autoclear when unused
+        if not check:
+            return code, out
         if code != 0:
             raise AssertionError(f"the boot script failed ({code}):\n{out}")
         return out
+
+    @property
+    def powered_off(self) -> bool:
+        return (self.folder / "powered-off").exists()
 
     def __exit__(self, *_exc) -> None:
         self.imds.shutdown()
         for _ in range(2):  # the bind and the propagated mount
             subprocess.run(["umount", "-l", self.mount], capture_output=True, check=False)
         shutil.rmtree(self.mount, ignore_errors=True)  # only the mount point is left
+        shutil.rmtree(self.channel, ignore_errors=True)
         for line in subprocess.run(["losetup", "-j", str(self.folder / "ebs.img")],
                                    capture_output=True, text=True).stdout.splitlines():
             subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+
+
+class FaultyAws:
+    """A pass-through to moto's server that answers chosen EC2 calls with the error AWS gives
+    (an InsufficientInstanceCapacity on RunInstances or StartInstances, a failed AttachVolume),
+    so a test sees what our code does when AWS says no mid-way. ``rules`` maps an EC2 Action to
+    (a predicate on the request's parameters, the error code, its HTTP status)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream, self.rules, self.refused = upstream, {}, []
+
+    def fail(self, action: str, when, code: str = "InsufficientInstanceCapacity",
+             status: int = 500) -> None:
+        self.rules[action] = (when, code, status)
+
+    def clear(self) -> None:
+        self.rules.clear()
+
+    def __enter__(self) -> FaultyAws:
+        import urllib.parse
+
+        faulty = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                params = dict(urllib.parse.parse_qsl(body.decode(errors="replace")))
+                rule = faulty.rules.get(params.get("Action", ""))
+                if rule and rule[0](params):
+                    faulty.refused.append(params["Action"])
+                    xml = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>"
+                           f"<Code>{rule[1]}</Code><Message>We currently do not have sufficient "
+                           "capacity in the Availability Zone you requested (injected by the "
+                           "test).</Message></Error></Errors><RequestID>fault</RequestID>"
+                           "</Response>").encode()
+                    return self._send(rule[2], {"Content-Type": "text/xml"}, xml)
+                self._forward(body)
+
+            def do_GET(self):
+                self._forward(None)
+
+            def _forward(self, body):
+                request = urllib.request.Request(
+                    faulty.upstream + self.path, data=body, method=self.command,
+                    headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                try:
+                    with opener.open(request, timeout=60) as answer:
+                        self._send(answer.status, dict(answer.headers), answer.read())
+                except urllib.error.HTTPError as answer:
+                    self._send(answer.code, dict(answer.headers), answer.read())
+
+            def _send(self, status, headers, payload):
+                self.send_response(status)
+                for key, value in headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection",
+                                           "date", "server"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
