@@ -7,6 +7,7 @@ Measured here, min / median over the rounds:
   ec2 up (CLI), first        volume created, instance launched, volume attached: boto3 against
                              moto's server on loopback (the AWS side is instant here)
   ec2 up (CLI), again        the same box found by its tags, nothing to do
+  ec2 move (CLI)             the other box launched, the first stopped, the volume moved
   boot script, first boot    on a stand-in instance (tests/support/aws.py): blank volume
                              formatted and mounted, the image started with the volume as home,
                              until JupyterLab answers
@@ -39,9 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from devbox_build.engine import Engine  # noqa: E402
 from devbox_build.targets.ec2 import load_box, user_data  # noqa: E402
-from tests.support.aws import VOLUME_ID, MotoServer, StandInInstance  # noqa: E402
+from tests.support.aws import VOLUME_ID, MotoServer, StandInInstance, seed_boxes  # noqa: E402
 
 IMAGE = "devbox/datascience:cpu"
+KEY_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvbOaQj5DuSdW1pHcUSnlRa4Zy6ZtuazpUq2QQLu3Sv bench"
 # Assumptions for the estimate, stated so they can be argued with: instance start (pending →
 # running, then the OS and cloud-init until the unit runs) and ECR pull bandwidth in the region.
 INSTANCE_START_S = 60.0
@@ -55,16 +57,14 @@ def cli(env: dict, *args: str) -> float:
     return time.monotonic() - started
 
 
-def moto_round(folder: Path) -> tuple[float, float]:
-    boxes = folder / "boxes.toml"
+def moto_round(folder: Path) -> tuple[float, float, float]:
     with MotoServer() as aws:
-        ami = next(i["ImageId"] for i in aws.client().describe_images(Owners=["amazon"])["Images"]
-                   if i.get("Platform") != "windows")
-        boxes.write_text((ROOT / "boxes.toml").read_text().replace(
-            'ami_family = "dlami-base-gpu-al2023"', f'ami_family = "dlami-base-gpu-al2023"\nami = "{ami}"'))
-        first = cli(aws.env, "up", "--role", "gpu", "--boxes", str(boxes), "--no-wait-image")
-        again = cli(aws.env, "up", "--role", "gpu", "--boxes", str(boxes), "--no-wait-image")
-    return first, again
+        boxes = seed_boxes(aws, folder, (ROOT / "boxes.toml").read_text())
+        key = ["--public-key", str(folder / "id_ed25519.pub")]
+        first = cli(aws.env, "up", "--role", "gpu", "--boxes", str(boxes), "--no-wait-image", *key)
+        again = cli(aws.env, "up", "--role", "gpu", "--boxes", str(boxes), "--no-wait-image", *key)
+        move = cli(aws.env, "move", "--to", "cpu", "--boxes", str(boxes), *key)
+    return first, again, move
 
 
 def stand_in_round(engine: Engine, folder: Path) -> tuple[float, float]:
@@ -74,7 +74,7 @@ def stand_in_round(engine: Engine, folder: Path) -> tuple[float, float]:
     boxes.write_text((ROOT / "boxes.toml").read_text().replace(
         'name = "datascience"', f'name = "{name}"').replace(
         "[volume]\n", f'[volume]\nmount_point = "{mount}"\n'))
-    script = yaml.safe_load(user_data(load_box(boxes), "cpu", IMAGE, VOLUME_ID, KEY))[
+    script = yaml.safe_load(user_data(load_box(boxes), "cpu", IMAGE, VOLUME_ID, KEY_LINE))[
         "write_files"][0]["content"]
     (folder / "instance").mkdir()
     try:
@@ -141,6 +141,8 @@ def main() -> None:
     print("|---|---|")
     print(f"| `ec2 up`, first (moto) | {cell([m[0] for m in moto])} |")
     print(f"| `ec2 up`, again (moto) | {cell([m[1] for m in moto])} |")
+    print(f"| `ec2 move --to cpu` (launch, stop, detach, attach; moto) | "
+          f"{cell([m[2] for m in moto])} |")
     print(f"| boot script, first boot (stand-in, until JupyterLab answers) | {cell([b[0] for b in boots])} |")
     print(f"| boot script, next boot (stand-in, until JupyterLab answers) | {cell([b[1] for b in boots])} |")
     size = compressed_mb(engine)

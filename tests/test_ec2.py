@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import yaml
 from devbox_build.targets.ec2 import ImageFacts, architecture, load_box, preflight
 
 from .conftest import ROOT, assert_clean_error, cli
-from .support.aws import VOLUME_ID, Imds, MotoServer, StandInInstance
+from .support.aws import VOLUME_ID, Imds, MotoServer, StandInInstance, seed_boxes
 
 GOOD = (ROOT / "boxes.toml").read_text()
 # A public key line in OpenSSH's format (what `ec2 up` puts on the box).
@@ -98,32 +99,8 @@ def aws():
         yield server
 
 
-REPOSITORY = "devbox/datascience"
-MANIFEST = json.dumps({"schemaVersion": 2,
-                       "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                       "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                                  "size": 2, "digest": "sha256:" + "0" * 64}, "layers": []})
-
-
 def moto_boxes(tmp_path, aws, extra: str = "", push=("cpu", "gpu")) -> Path:
-    """The committed box definition, with the GPU role on an AMI moto knows (moto publishes
-    Amazon Linux's SSM parameter, which the CPU role resolves, but not the DLAMI's), its images
-    pushed to moto's ECR, and an ssh key pair of the test's own."""
-    ami = next(i["ImageId"] for i in aws.client().describe_images(Owners=["amazon"])["Images"]
-               if i.get("Platform") != "windows")
-    ecr = aws.client("ecr")
-    if not ecr.describe_repositories()["repositories"]:
-        ecr.create_repository(repositoryName=REPOSITORY)
-    for tag in push:
-        ecr.put_image(repositoryName=REPOSITORY, imageTag=tag, imageManifest=MANIFEST)
-    path = tmp_path / "boxes.toml"
-    path.write_text(GOOD.replace('ami_family = "dlami-base-gpu-al2023"',
-                                 f'ami_family = "dlami-base-gpu-al2023"\nami = "{ami}"') + extra)
-    key = tmp_path / "id_ed25519"
-    if not key.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester", "-f",
-                        str(key)], check=True)
-    return path
+    return seed_boxes(aws, tmp_path, GOOD + extra, push)
 
 
 def ec2(aws, *args, env=None):
@@ -798,3 +775,80 @@ def test_the_boot_script_formats_once_mounts_and_starts_the_image(engine, stand_
         engine.api.remove_image(other)
 
 
+
+
+@pytest.mark.engine
+def test_the_readme_walk_through(engine, default_images, tmp_path, aws):
+    """The README's walk-through, command by command, as a new data scientist runs it: moto is
+    AWS (behind the proxy that shows the serial console), the stand-in is the box (both roles
+    reach it), `aws` on PATH is the Session Manager tunnel (a relay to the stand-in's port), and
+    `ssh` is the real client reading the temporary home's ~/.ssh/config."""
+    import shutil
+
+    from devbox_build.targets.ec2 import user_data
+
+    from .support.aws import FaultyAws
+    from .test_readme import walk_through_commands
+
+    home, bin_ = tmp_path / "home", tmp_path / "bin"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    bin_.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "scientist", "-f",
+                    str(home / ".ssh" / "id_ed25519")], check=True)
+    key = (home / ".ssh" / "id_ed25519.pub").read_text().strip()
+    relay = Path(__file__).parent / "support" / "relay.py"
+    # `aws ssm start-session --target ID --document-name AWS-StartSSHSession --parameters
+    # portNumber=P ...`: Session Manager's tunnel to the host's loopback port P.
+    (bin_ / "aws").write_text(
+        "#!/bin/bash\nfor a in \"$@\"; do case $a in portNumber=*) port=${a#portNumber=};; esac;"
+        f" done\nexec {sys.executable} {relay} 127.0.0.1 \"$port\"\n")
+    # OpenSSH reads ~/.ssh from the passwd entry's home, not $HOME.
+    (bin_ / "ssh").write_text(
+        f"#!/bin/bash\nexec {shutil.which('ssh')} -F \"$HOME/.ssh/config\" -o "
+        "UserKnownHostsFile=\"$HOME/.ssh/known_hosts\" -o StrictHostKeyChecking=accept-new "
+        "-o BatchMode=yes \"$@\"\n")
+    (bin_ / "scp").write_text(
+        f"#!/bin/bash\nexec {shutil.which('scp')} -S {bin_ / 'ssh'} \"$@\"\n")
+    for tool in ("aws", "ssh", "scp"):
+        (bin_ / tool).chmod(0o755)
+
+    image = default_images["cpu"].content_tag
+    mount = f"/mnt/devbox-w{uuid.uuid4().hex[:8]}"
+    boxes = seed_boxes(aws, tmp_path, GOOD.replace("[volume]\n",
+                                                   f'[volume]\nmount_point = "{mount}"\n'))
+    (tmp_path / "results.csv").write_text("epoch,loss\n1,0.5\n")
+    script = yaml.safe_load(user_data(load_box(boxes), "cpu", image, VOLUME_ID, key))[
+        "write_files"][0]["content"]
+    (tmp_path / "instance").mkdir()
+    with FaultyAws(aws.url) as proxy, StandInInstance(engine, image, tmp_path / "instance",
+                                                     mount, script) as box:
+        try:
+            booted = box.boot()
+            console = base64.b64encode(booted.encode()).decode()
+            proxy.answer("GetConsoleOutput", lambda _: True,
+                         '<GetConsoleOutputResponse xmlns="http://ec2.amazonaws.com/doc/'
+                         f'2016-11-15/"><requestId>r</requestId><output>{console}</output>'
+                         "</GetConsoleOutputResponse>")
+            env = {**os.environ, **aws.env, "AWS_ENDPOINT_URL": proxy.url, "HOME": str(home),
+                   "PATH": f"{bin_}:{os.environ['PATH']}"}
+            outputs = {}
+            for command in walk_through_commands():
+                if command.startswith("code "):
+                    continue  # VS Code: not installable here (README: not tested, and why)
+                result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
+                                        capture_output=True, text=True, timeout=600,
+                                        check=False)
+                assert result.returncode == 0, f"{command}\n{result.stdout}{result.stderr}"
+                assert "Traceback" not in result.stderr, result.stderr
+                outputs[command] = result.stdout
+        finally:
+            try:
+                engine.remove(engine.api.inspect_container("devbox-datascience")["Id"])
+            except Exception:  # never started
+                pass
+    said = "\n".join(outputs.values())
+    assert "/opt/venv/bin/python" in said, said
+    assert re.search(r"http://127\.0\.0\.1:8888/lab\?token=[0-9a-f]{48}", said), said
+    assert "results.csv" in outputs["ssh devbox-datascience-gpu ls /data"]
+    final = outputs["devbox-build ec2 status"]
+    assert "cpu: i-" in final and "gpu: i-" in final and "stopped" in final, final

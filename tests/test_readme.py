@@ -42,14 +42,30 @@ NOT_RUN = {
 }
 
 
-def printed_commands() -> list[str]:
+def _commands(block: str) -> list[str]:
     commands = []
-    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
-        for line in block.splitlines():
-            line = re.split(r"\s+#\s", line)[0].strip()
-            if line and not line.startswith("#"):
-                commands.append(line)
+    for line in block.splitlines():
+        line = re.split(r"\s+#\s", line)[0].strip()
+        if line and not line.startswith("#"):
+            commands.append(line)
     return commands
+
+
+def printed_commands() -> list[str]:
+    return [command for block in re.findall(r"```(?:bash|sh)\n(.*?)```",
+                                            (ROOT / "README.md").read_text(), re.S)
+            for command in _commands(block)]
+
+
+# The EC2 walk-through's block: tests/test_ec2.py runs it, against moto and the stand-in box.
+WALK_THROUGH = "<!-- ec2 walk-through"
+
+
+def walk_through_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(re.escape(WALK_THROUGH) + r"[^\n]*\n```bash\n(.*?)```", text, re.S)
+    assert block, f"README.md has no {WALK_THROUGH} block"
+    return _commands(block.group(1))
 
 
 def filled(command: str) -> str:
@@ -65,7 +81,7 @@ def test_every_printed_command_parses():
         command = filled(command)
         assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, command
         for part in re.split(r"\s*(?:&&|;)\s*", command):
-            argv = shlex.split(part)
+            argv = shlex.split(re.split(r"\s+(?:>>?|<|\|)\s+", part)[0])  # less redirections
             if argv[0] == "devbox-build":
                 group = cli
                 while hasattr(group, "get_command") and argv[1:]:
@@ -98,11 +114,15 @@ def test_every_printed_command_runs(engine, default_images, tmp_path):
     clone = tmp_path / "devbox-build"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     PLACEHOLDERS["/path/to/devbox-build"] = str(clone)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                    str(tmp_path / "id_ed25519")], check=True)
+    PLACEHOLDERS["~/.ssh/id_ed25519.pub"] = str(tmp_path / "id_ed25519.pub")
+    walk_through = walk_through_commands()
     tags_before = set(sum((i["RepoTags"] or [] for i in engine.api.images()), []))
     ran = []
     try:
         for command in printed_commands():
-            if command in NOT_RUN:
+            if command in NOT_RUN or command in walk_through:
                 continue
             # copier asks its questions on a terminal; --defaults takes the defaults instead.
             command = command.replace("copier copy ", "copier copy --defaults ").replace(
@@ -120,7 +140,7 @@ def test_every_printed_command_runs(engine, default_images, tmp_path):
         assert json.loads(run("devbox-build inspect devbox/datascience:cpu --json", ROOT).stdout)[
             "variant"] == "cpu"
         assert (tmp_path / "my-project" / "locks" / "team-constraints.txt").is_file()
-        assert len(ran) + len(NOT_RUN) == len(printed_commands()), ran
+        assert len(ran) + len(NOT_RUN) + len(walk_through) == len(printed_commands()), ran
     finally:
         for tag in set(sum((i["RepoTags"] or [] for i in engine.api.images()), [])) - tags_before:
             engine.untag(tag)

@@ -59,6 +59,34 @@ class MotoServer:
         self.process.wait(timeout=30)
 
 
+REPOSITORY = "devbox/datascience"
+# A manifest for moto's ECR to hold (a tag there is all `ec2 up` checks).
+MANIFEST = ('{"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2'
+            '+json", "config": {"mediaType": "application/vnd.docker.container.image.v1+json", '
+            '"size": 2, "digest": "sha256:' + "0" * 64 + '"}, "layers": []}')
+
+
+def seed_boxes(server: MotoServer, folder: Path, text: str, push=("cpu", "gpu")) -> Path:
+    """``text`` (a boxes.toml) in ``folder``, with the GPU role on an AMI moto knows (moto
+    publishes Amazon Linux's SSM parameter, which the CPU role resolves, but not the DLAMI's), its
+    images pushed to moto's ECR, and an ssh key pair (``id_ed25519``) of the caller's own."""
+    ami = next(i["ImageId"] for i in server.client().describe_images(Owners=["amazon"])["Images"]
+               if i.get("Platform") != "windows")
+    ecr = server.client("ecr")
+    if not ecr.describe_repositories()["repositories"]:
+        ecr.create_repository(repositoryName=REPOSITORY)
+    for tag in push:
+        ecr.put_image(repositoryName=REPOSITORY, imageTag=tag, imageManifest=MANIFEST)
+    path = folder / "boxes.toml"
+    path.write_text(text.replace('ami_family = "dlami-base-gpu-al2023"',
+                                 f'ami_family = "dlami-base-gpu-al2023"\nami = "{ami}"'))
+    key = folder / "id_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester", "-f",
+                        str(key)], check=True)
+    return path
+
+
 class Imds(http.server.BaseHTTPRequestHandler):
     """IMDSv2 as EC2 serves it: a PUT for a token first, then GETs that carry it."""
 
@@ -178,17 +206,26 @@ class StandInInstance:
 
 
 class FaultyAws:
-    """A pass-through to moto's server that answers chosen EC2 calls with the error AWS gives
-    (an InsufficientInstanceCapacity on RunInstances or StartInstances, a failed AttachVolume),
-    so a test sees what our code does when AWS says no mid-way. ``rules`` maps an EC2 Action to
-    (a predicate on the request's parameters, the error code, its HTTP status)."""
+    """A pass-through to moto's server that answers chosen EC2 calls itself: with the error AWS
+    gives (an InsufficientInstanceCapacity on RunInstances or StartInstances, a failed
+    AttachVolume), so a test sees what our code does when AWS says no mid-way, or with what moto
+    cannot know (a serial console). ``rules`` maps an EC2 Action to (a predicate on the
+    request's parameters, the HTTP status, the body)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream, self.rules, self.refused = upstream, {}, []
 
     def fail(self, action: str, when, code: str = "InsufficientInstanceCapacity",
              status: int = 500) -> None:
-        self.rules[action] = (when, code, status)
+        xml = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>"
+               f"<Code>{code}</Code><Message>We currently do not have sufficient capacity in the "
+               "Availability Zone you requested (injected by the test).</Message></Error>"
+               "</Errors><RequestID>fault</RequestID></Response>")
+        self.rules[action] = (when, status, xml)
+
+    def answer(self, action: str, when, xml: str) -> None:
+        """Answer ``action`` with ``xml`` (what moto cannot: a console that shows the boot)."""
+        self.rules[action] = (when, 200, xml)
 
     def clear(self) -> None:
         self.rules.clear()
@@ -205,12 +242,7 @@ class FaultyAws:
                 rule = faulty.rules.get(params.get("Action", ""))
                 if rule and rule[0](params):
                     faulty.refused.append(params["Action"])
-                    xml = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>"
-                           f"<Code>{rule[1]}</Code><Message>We currently do not have sufficient "
-                           "capacity in the Availability Zone you requested (injected by the "
-                           "test).</Message></Error></Errors><RequestID>fault</RequestID>"
-                           "</Response>").encode()
-                    return self._send(rule[2], {"Content-Type": "text/xml"}, xml)
+                    return self._send(rule[1], {"Content-Type": "text/xml"}, rule[2].encode())
                 self._forward(body)
 
             def do_GET(self):
