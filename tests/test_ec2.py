@@ -607,12 +607,25 @@ def test_the_failsafe_powers_off_a_box_whose_boot_fails(stand_in):
 
 
 @pytest.mark.engine
-def test_the_failsafe_powers_off_a_box_whose_container_died(engine, stand_in):
+def test_the_failsafe_powers_off_a_box_whose_watcher_or_container_died(engine, stand_in):
     out = stand_in.boot()
     assert "ready:" in out and not stand_in.powered_off, out
     # Running and watched: the check leaves the box alone.
     _, checked = stand_in.boot(env=FAST_FAILSAFE, args="check", check=False)
     assert "FAILSAFE" not in checked and not stand_in.powered_off, checked
+    assert (Path(stand_in.channel) / "heartbeat").is_file()  # the watcher reports
+
+    # The watcher dies and its last report ages: the box is no longer watched.
+    exec_id = engine.api.exec_create(stand_in.container, [
+        "sh", "-c", "pkill -f '^[^ ]*python3 -I [^ ]*/devbox-idle watch' && "
+        "touch -d '-20 minutes' /run/devbox/host/heartbeat"])
+    engine.api.exec_start(exec_id)
+    assert engine.api.exec_inspect(exec_id)["ExitCode"] == 0
+    _, checked = stand_in.boot(env=FAST_FAILSAFE, args="check", check=False)
+    assert "FAILSAFE: the idle watcher in" in checked and "has not reported" in checked, checked
+    assert stand_in.powered_off
+    (stand_in.folder / "powered-off").unlink()
+
     engine.api.kill(stand_in.container)
     _, checked = stand_in.boot(env=FAST_FAILSAFE, args="check", check=False)
     assert f"FAILSAFE: the container {stand_in.container} is not running" in checked, checked
