@@ -17,16 +17,20 @@ import json
 import os
 import re
 import secrets
+import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import websocket
 
 from devbox_build.engine import Engine
+from devbox_build.runtime import contract
 
 from .support.jupyter import execute_request
 
@@ -164,7 +168,7 @@ class Box:
 
 
 def start_box(engine: Engine, ref: str, *, jupyter: bool, studio: bool = False,
-              binds: dict[str, str] | None = None) -> Box:
+              binds: dict[str, str] | None = None, ssh: bool = False) -> Box:
     token = "" if studio else secrets.token_hex(16)
     environment = {"DEVBOX_IDLE_TIMEOUT": f"{TIMEOUT:g}s", "DEVBOX_IDLE_ACTION": "stop",
                    "DEVBOX_IDLE_INTERVAL": f"{INTERVAL:g}s",
@@ -173,7 +177,8 @@ def start_box(engine: Engine, ref: str, *, jupyter: bool, studio: bool = False,
     keep = (f"{time.time() + 900:.0f}\n".encode(), *USER)
     container = engine.start(
         ref, None if jupyter else ["sleep", "infinity"],
-        environment=environment, publish=[8888] if jupyter else [], volumes=binds,
+        environment=environment, volumes=binds,
+        publish=([8888] if jupyter else []) + ([contract.SSH_PORT] if ssh else []),
         files={"/tmp/devbox-keep-alive": keep, "/tmp/train.py": (TRAIN.encode(), *USER),
                "/tmp/until_stopped.py": (UNTIL_STOPPED.encode(), *USER),
                "/tmp/download.py": (DOWNLOAD.encode(), *USER),
@@ -329,6 +334,37 @@ def kernel_created_and_never_connected(engine: Engine, ref: str) -> None:
         assert_stops_in_time(box)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ssh_tunnel_held_open(engine: Engine, ref: str, key: Path) -> None:
+    """VS Code Remote-SSH's way in: an ssh connection that only forwards a port (`ssh -N -L`),
+    to sshd in the container (what an EC2 box's host publishes on its loopback)."""
+    channel = key.parent / "host-channel"  # as an EC2 box's host shares it, with the key
+    channel.mkdir()
+    (channel / os.path.basename(contract.SSH_AUTHORIZED_KEYS)).write_text(
+        key.with_suffix(".pub").read_text())
+    with scenario_box(engine, ref, jupyter=True, ssh=True,
+                      binds={str(channel): contract.HOST_CHANNEL}) as box:
+        box.wait_for_server()
+        port = engine.published_port(box.id, contract.SSH_PORT)
+        tunnel = subprocess.Popen(
+            ["ssh", "-N", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "-L", f"{free_port()}:127.0.0.1:8888", f"{contract.USER}@127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def close() -> None:
+            tunnel.terminate()
+            tunnel.wait(timeout=30)
+
+        box.closers.append(close)
+        hold_then_release(box, "session", None)
+
+
 def keep_alive_command(engine: Engine, ref: str) -> None:
     with scenario_box(engine, ref, jupyter=False) as box:
         box.exec("rm /tmp/devbox-keep-alive && devbox-idle keep-alive --for 10m")
@@ -371,6 +407,8 @@ def test_busy_containers_are_never_stopped_and_idle_ones_are(engine, default_ima
     ref = default_images["cpu"].content_tag
     fake = tmp_path / "nvidia-smi"
     fake.write_text(FAKE_NVIDIA_SMI)
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     fake.chmod(0o755)
     tmp_path.chmod(0o755)
     scenarios = {
@@ -384,6 +422,8 @@ def test_busy_containers_are_never_stopped_and_idle_ones_are(engine, default_ima
             lambda e, r: background_program(e, r, "train.py"),
         "a download writing a file": lambda e, r: background_program(e, r, "download.py"),
         "an attached docker exec shell session": attached_docker_exec_shell,
+        "an ssh connection that only forwards a port (VS Code Remote-SSH's tunnel)":
+            lambda e, r: ssh_tunnel_held_open(e, r, key),
         "devbox-idle keep-alive": keep_alive_command,
         "a loop of jobs each shorter than one interval": short_jobs_in_a_loop,
         "an attached exec with no terminal (VS Code), from its first second":

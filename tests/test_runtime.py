@@ -257,6 +257,7 @@ def test_ssh_logins_count_tunnels_included_but_not_the_one_asking():
     (`ssh -N -L`) each count; a `devbox-idle status` asked over ssh does not count its own."""
     table = {1: proc(1, "devbox-entrypoi", 0),
              15: proc(15, "sshd", 1, argv=["sshd: /usr/sbin/sshd -f c [listener] 0 of 10-100"]),
+             16: proc(16, "sshd", 1, argv=["sshd: /usr/sbin/sshd -f /tmp/devbox-sshd/sshd_con"]),
              20: proc(20, "sshd", 15, argv=["sshd: sagemaker-user [priv]"]),
              21: proc(21, "sshd", 20, argv=["sshd: sagemaker-user"]),
              30: proc(30, "sshd", 15, argv=["sshd: sagemaker-user [priv]"]),

@@ -258,12 +258,14 @@ def session_signals(table: dict, rules: Rules, own: set | None = None) -> list:
                                   f"{job.label if job else process.tpgid}"))
     # ssh logins: sshd names a logged-in connection's process "sshd: user@pts/0" (a terminal),
     # "sshd: user@notty" (commands, VS Code) or "sshd: user" (a tunnel only, `ssh -N -L`); its
-    # monitor ends in "[priv]", and the listener and connections not yet logged in carry their
-    # own brackets. One that asks (`ssh box devbox-idle status`) is this process's lineage.
+    # monitor ends in "[priv]", a connection not yet logged in carries brackets too, and the
+    # listener shows its own command line ("sshd: /usr/sbin/sshd -f ... [listener] ...", cut to
+    # the length of its first argv). One that asks (`ssh box devbox-idle status`) is this
+    # process's lineage.
     for process in table.values():
         title = process.argv[0] if process.argv else ""
         if (title.startswith("sshd: ") and not title.endswith("]")
-                and process.pid not in own):
+                and not title[6:].startswith("/") and process.pid not in own):
             signals.append(Signal("session", "sshd", f"ssh login {process.label}"))
     return signals
 
