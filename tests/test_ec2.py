@@ -865,3 +865,18 @@ def test_the_readme_walk_through(engine, default_images, tmp_path, aws):
     assert "results.csv" in outputs["ssh devbox-datascience-gpu ls /data"]
     final = outputs["devbox-build ec2 status"]
     assert "cpu: i-" in final and "gpu: i-" in final and "stopped" in final, final
+
+
+def test_an_account_without_a_default_vpc_needs_a_subnet(tmp_path, aws):
+    boxes = moto_boxes(tmp_path, aws)
+    api = aws.client()
+    for vpc in api.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]:
+        for subnet in api.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [
+                vpc["VpcId"]]}])["Subnets"]:
+            api.delete_subnet(SubnetId=subnet["SubnetId"])
+        api.delete_vpc(VpcId=vpc["VpcId"])
+    refused = ec2(aws, "up", "--role", "cpu", "--boxes", str(boxes), "--no-wait-image")
+    assert_clean_error(refused, "key 'subnet_id': this account has no default VPC",
+                       "VPC endpoints")
+    assert refused.returncode == 2
+    assert api.describe_instances()["Reservations"] == []

@@ -200,6 +200,19 @@ class Fleet:
                              hint="pick a type offered there, or move the volume: "
                                   "devbox-build ec2 relocate --zone ZONE")
 
+    def check_network(self) -> None:
+        """Without subnet_id, EC2 launches into the default VPC, which many company accounts
+        have deleted: say so before a launch fails on it."""
+        if self.box.subnet_id:
+            return
+        default = self.call(self.ec2, "describe_vpcs", Filters=[
+            {"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+        if not default:
+            raise InputError(f"{self.box.path}: key 'subnet_id': this account has no default VPC "
+                             f"in {self.box.region}; name the subnet the boxes run in",
+                             hint="a private subnet needs a NAT gateway or VPC endpoints for "
+                                  "ssm, ssmmessages, ec2messages, ecr.api, ecr.dkr and s3")
+
     # -- one person's commands at a time (two terminals, two laptops): a conditional create
 
     @contextmanager
@@ -343,7 +356,17 @@ class Fleet:
                 if instance["State"]["Name"] == "stopping":
                     self.wait("instance_stopped", InstanceIds=[instance["InstanceId"]])
                 self.say(f"starting the {role} box ({instance['InstanceId']})")
-                self.call(self.ec2, "start_instances", InstanceIds=[instance["InstanceId"]])
+                try:
+                    self.call(self.ec2, "start_instances", InstanceIds=[instance["InstanceId"]])
+                except CloudError as exc:
+                    if "IncorrectSpotRequestState" not in exc.message:
+                        raise
+                    # A spot instance stopped by an interruption: only EC2 starts it again.
+                    raise CapacityError(
+                        f"the {role} box is a spot instance stopped by an interruption; EC2 "
+                        "starts it again when it has capacity, and nobody else can",
+                        hint=f"wait, or end it and launch anew (the data volume stays): "
+                             f"devbox-build ec2 destroy --role {role}") from None
         self.wait("instance_running", InstanceIds=[instance["InstanceId"]])
         return self.instance(role) or instance
 
@@ -371,6 +394,7 @@ class Fleet:
             raise InputError(f"the data volume is attached to the running {source_role} box "
                              f"({holder})", hint=f"run: devbox-build ec2 move --to {to}")
         self.check_offered(to, zone)
+        self.check_network()
         try:
             target = self._running(to, image, volume["VolumeId"], key)
         except CapacityError as exc:

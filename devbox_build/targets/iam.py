@@ -28,7 +28,8 @@ def user_policy(box: Box, kms_keys: tuple[str, ...] = ()) -> dict:
     statements = [
         {"Sid": "Read", "Effect": "Allow", "Resource": "*", "Action": [
             "ec2:DescribeInstances", "ec2:DescribeVolumes", "ec2:DescribeSnapshots",
-            "ec2:DescribeInstanceTypeOfferings", "ec2:DescribeSpotInstanceRequests"]},
+            "ec2:DescribeInstanceTypeOfferings", "ec2:DescribeSpotInstanceRequests",
+            "ec2:DescribeVpcs"]},
         # One statement: the tags on the request are in the context of every resource it makes
         # or uses, so the instance and its root volume are tagged with the box, or nothing runs.
         {"Sid": "Launch", "Effect": "Allow", "Action": "ec2:RunInstances", "Resource": [
