@@ -8,6 +8,8 @@
 #     the template tests use in place of VS Code, and Debian's docker-registry for a loopback
 #     registry
 #   - cloud-init's package, unpacked (not installed) for its schema check of the EC2 user data
+#   - JupyterHub's proxy (npm configurable-http-proxy, in .devbox/node): the hub tests run a hub
+#     on loopback (JupyterHub itself and DockerSpawner come with the test extras)
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE_IMAGE="${DEVBOX_BASE_IMAGE:-debian:bookworm-slim}"
@@ -86,6 +88,12 @@ provision_devcontainer_cli() {
   fi
 }
 
+provision_hub_proxy() {
+  [ -x "$STATE/node/node_modules/.bin/configurable-http-proxy" ] && return 0
+  log "hub: installing configurable-http-proxy into .devbox/node (the hub tests' proxy)"
+  npm install --silent --no-fund --no-audit --prefix "$STATE/node" configurable-http-proxy@5 >/dev/null
+}
+
 provision_registry() {
   # A real registry (the CNCF distribution registry, Debian's package) that tests start on
   # loopback: pushes by a project's CI, pulls by its dev container.
@@ -109,5 +117,6 @@ provision_cloud_init() {
 
 provision() {
   provision_python && provision_engine && provision_base_image && provision_ca_certificates \
-    && provision_devcontainer_cli && provision_registry && provision_cloud_init
+    && provision_devcontainer_cli && provision_hub_proxy && provision_registry \
+    && provision_cloud_init
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -560,3 +561,87 @@ def test_sshd_starts_only_when_the_host_gave_keys(monkeypatch, tmp_path):
     (tmp_path / "authorized_keys").write_text("ssh-ed25519 AAAA laptop\n")
     monkeypatch.setattr(sshd, "sshd_binary", lambda: None)
     assert sshd.start({}) == 1  # keys, but an image without openssh-server: said, not hidden
+
+
+# ---- the entrypoint under JupyterHub
+
+HUB = {"JUPYTERHUB_API_TOKEN": "t", "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/",
+       "JUPYTERHUB_SERVICE_URL": "http://0.0.0.0:8890/user/alice/"}
+
+
+def test_under_a_hub_the_entrypoint_serves_the_hubs_url_or_refuses(monkeypatch, tmp_path, capsys):
+    from devbox_build.runtime import entrypoint
+
+    monkeypatch.setattr(contract, "IDE_MARKER", str(tmp_path / "ide.json"))
+    assert entrypoint.in_hub(HUB) and not entrypoint.in_hub({"JUPYTER_TOKEN": "x"})
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert entrypoint.hub_command([], HUB) is None  # no jupyterhub in the image
+    said = capsys.readouterr().err
+    assert "no jupyterhub-singleuser" in said and "add jupyterhub" in said, said
+    assert not (tmp_path / "ide.json").exists()  # nothing serves, nothing is marked
+
+    singleuser = tmp_path / "jupyterhub-singleuser"
+    singleuser.write_text("#!/bin/sh\n")
+    singleuser.chmod(0o755)
+    # DockerSpawner's default: no command; the chart's: jupyterhub-singleuser and its options.
+    assert entrypoint.hub_command([], HUB) == [str(singleuser)]
+    assert entrypoint.hub_command(["jupyterhub-singleuser", "--debug"], HUB) == [
+        str(singleuser), "--debug"]
+    marker = json.loads((tmp_path / "ide.json").read_text())
+    assert marker["url"] == "http://127.0.0.1:8890/user/alice/", marker  # the healthcheck's
+
+
+def test_under_a_hub_without_jupyterhub_the_container_exits_non_zero(monkeypatch, tmp_path):
+    from devbox_build.runtime import entrypoint
+
+    for name, value in HUB.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(entrypoint.hooks, "run", lambda: pytest.fail("hooks ran"))
+    assert entrypoint.main([]) == 127
+    assert entrypoint.main(["jupyterhub-singleuser"]) == 127
+
+
+def test_the_watcher_tells_the_hub_and_asks_it_to_stop(capsys):
+    """The two calls to the hub's REST API, with the server's token, against a stand-in hub
+    that records them (tests/test_hub.py runs them against a real JupyterHub)."""
+    import http.server
+    import threading
+
+    from devbox_build.runtime.hub import Hub
+
+    seen, answers = [], {"POST": 200, "DELETE": 202}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _record(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.command, self.path, self.headers["Authorization"],
+                         json.loads(body) if body else None))
+            self.send_response(answers[self.command])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_DELETE = _record
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}/hub/api"
+    try:
+        hub = Hub.from_environment({**HUB, "JUPYTERHUB_API_URL": api, "JUPYTERHUB_USER": "alice",
+                                    "HTTP_PROXY": "http://127.0.0.1:9"})
+        assert hub.report(1796580000.0) and hub.reported == 1796580000.0
+        assert hub.stop()
+        assert seen == [
+            ("POST", "/hub/api/users/alice/activity", "token t", {
+                "servers": {"": {"last_activity": "2026-12-06T18:00:00Z"}},
+                "last_activity": "2026-12-06T18:00:00Z"}),
+            ("DELETE", "/hub/api/users/alice/server", "token t", None)]
+        answers["DELETE"] = 403  # the hub's server_token_scopes lack servers!server
+        assert not hub.stop()
+        assert "servers!server" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+    assert Hub.from_environment({"JUPYTER_TOKEN": "x"}) is None

@@ -1,6 +1,9 @@
 """devbox-entrypoint, the image's ENTRYPOINT: one image for a laptop, EC2 and SageMaker.
 
-    (no arguments)  the IDE server: JupyterLab, in laptop or SageMaker Studio mode
+    (no arguments)  the IDE server: JupyterLab, in laptop or SageMaker Studio mode; under
+                    JupyterHub (JUPYTERHUB_API_TOKEN and JUPYTERHUB_SERVICE_PREFIX set, as
+                    DockerSpawner and KubeSpawner set them) jupyterhub-singleuser, which serves
+                    the hub's URL and logs in through the hub
     train           a SageMaker-style training job (devbox-train)
     anything else   that command, as `exec "$@"` would run it
 
@@ -23,6 +26,7 @@ import signal
 import subprocess
 
 from . import contract, hooks
+from .hub import in_hub
 from .log import Messages
 
 PORT = contract.IDE_PORT
@@ -91,16 +95,40 @@ def jupyter_command() -> list[str] | None:
     return _marked(command, "/", token)
 
 
-def _marked(command: list[str], base_url: str, token: str = "") -> list[str]:
+def _marked(command: list[str], base_url: str, token: str = "", port: str | int = PORT
+            ) -> list[str]:
     """Tell the healthcheck where this container serves the IDE, and `ec2 connect` (over ssh,
     as this user) its token; then return ``command``."""
     try:
         descriptor = os.open(contract.IDE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(descriptor, "w") as marker:
-            json.dump({"url": f"http://127.0.0.1:{PORT}{base_url}", "token": token}, marker)
+            json.dump({"url": f"http://127.0.0.1:{port}{base_url}", "token": token}, marker)
     except OSError:
         pass  # a read-only /tmp only costs the healthcheck its target
     return command
+
+
+SINGLEUSER = "jupyterhub-singleuser"
+
+
+def hub_command(argv: list, environ=os.environ) -> list[str] | None:
+    """jupyterhub-singleuser with the spawner's arguments (none from DockerSpawner by default,
+    the chart's `cmd` otherwise); None, after saying what fixes it, when the image lacks it:
+    serving laptop JupyterLab on / would look up to the hub and 404 for the user."""
+    singleuser = shutil.which(SINGLEUSER)
+    if singleuser is None:
+        say(f"started by JupyterHub (JUPYTERHUB_SERVICE_PREFIX="
+            f"{environ.get('JUPYTERHUB_SERVICE_PREFIX')}), but this image has no {SINGLEUSER}: "
+            "add jupyterhub (the hub's major version) to the image's pip requirements, lock and "
+            "rebuild. Not serving JupyterLab at a URL the hub does not proxy.")
+        return None
+    arguments = argv[1:] if argv and os.path.basename(argv[0]) == SINGLEUSER else []
+    service = environ.get("JUPYTERHUB_SERVICE_URL", "")
+    port = service.rsplit(":", 1)[-1].split("/", 1)[0] if service.count(":") >= 2 else str(PORT)
+    _marked([], environ["JUPYTERHUB_SERVICE_PREFIX"], port=port)
+    say(f"JupyterHub mode: {SINGLEUSER} serving {environ['JUPYTERHUB_SERVICE_PREFIX']} on port "
+        f"{port}")
+    return [singleuser, *arguments]
 
 
 def ide_command() -> list[str]:
@@ -168,7 +196,12 @@ def main(argv: list) -> int:
     if not argv and training_context():
         say("a SageMaker training job (/opt/ml/input/config): running it, not the IDE")
         argv = ["train"]
-    if not argv:
+    if in_hub() and (not argv or os.path.basename(argv[0]) == SINGLEUSER):
+        hub = hub_command(argv)
+        if hub is None:
+            return 127
+        command = hub
+    elif not argv:
         command = ide_command()
     elif argv[0] == "train":
         command = [TRAIN, *argv[1:]]

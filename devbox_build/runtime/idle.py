@@ -27,6 +27,8 @@ Activity is real work, not only open connections:
   inhibit    `devbox-idle inhibit -- CMD`, while CMD runs
   sagemaker  /tmp/.sagemaker-last-active-timestamp: read, and written while active, so Studio's
              own idle shutdown and this watcher agree
+  (a hub)    under JupyterHub the watcher runs whatever the action, and tells the hub's activity
+             API while there is activity, so jupyterhub-idle-culler spares busy work
 
 Not activity: the IDE server's own housekeeping, an idle kernel or an open browser tab (its
 polling), a shell waiting at its prompt, the healthcheck, this watcher's own warning.
@@ -34,8 +36,8 @@ polling), a shell waiting at its prompt, the healthcheck, this watcher's own war
 Rules: /etc/devbox/idle.toml (from the image spec's [idle]), then DEVBOX_IDLE_TIMEOUT, _ACTION,
 _INTERVAL, _WARN_BEFORE, _CPU_PERCENT, _GPU_PERCENT and _IGNORE (names, comma-separated, added
 to the file's). Actions: none, stop (the container's init gets SIGTERM and exits cleanly, as
-with `docker stop`), poweroff (asks the host through /run/devbox/host, which an EC2 box mounts;
-the instance's shutdown behaviour is stop).
+with `docker stop`; under JupyterHub, the hub's API stops the server), poweroff (asks the host
+through /run/devbox/host, which an EC2 box mounts; the instance's shutdown behaviour is stop).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import contract
+from .hub import Hub, in_hub
 from .log import Messages, account_housekeeping, housekeeping_seconds, write_atomic
 from .rules import RuleError, Rules, duration, load_rules
 
@@ -478,7 +481,9 @@ def jupyter_signals() -> list:
     for server in jupyter_servers():
         # Loopback, whatever host name the server recorded (it listens on every interface).
         base = f"http://127.0.0.1:{server['port']}{server.get('base_url', '/')}"
-        headers = {"Authorization": f"token {server['token']}"} if server.get("token") else {}
+        # Under JupyterHub the server's file has no token; the hub's token for this server works.
+        token = server.get("token") or os.environ.get("JUPYTERHUB_API_TOKEN")
+        headers = {"Authorization": f"token {token}"} if token else {}
         for kind in ("kernels", "terminals"):
             url = f"{base}api/{kind}"
             try:
@@ -727,8 +732,10 @@ def warn(status: Status) -> None:
             os.close(descriptor)
 
 
-def act(status: Status) -> None:
+def act(status: Status, hub: Hub | None = None) -> None:
     rules = status.rules
+    if rules.action == "stop" and hub is not None and hub.stop():
+        return  # the hub stops the server: the spawner ends the container
     if rules.action == "poweroff":
         channel = contract.HOST_CHANNEL
         if os.path.isdir(channel) and os.access(channel, os.W_OK):
@@ -787,6 +794,10 @@ def watch(rules: Rules) -> int:
     say(f"watching: timeout {rules.timeout:g} s, action {rules.action}, every "
         f"{rules.interval:g} s")
     sampler, clock = Sampler(rules), Clock(started)
+    hub = Hub.from_environment()
+    # Under JupyterHub: the hub hears of activity this often while there is some (the culler
+    # reads the hub's last_activity), and stops the server when idle.
+    report_every = min(60.0, rules.interval * 10)
     while True:
         now = time.time()
         check_began = time.monotonic()
@@ -794,6 +805,8 @@ def watch(rules: Rules) -> int:
         active = clock.advance(now, signals)
         if active:
             mark_sagemaker_active(now)
+            if hub and (hub.reported is None or now - hub.reported >= report_every):
+                hub.report(now)
         current = Status(rules, now, clock.last_active, signals, os.getpid())
         check_seconds = time.monotonic() - check_began
         write_atomic(STATE_FILE, json.dumps({
@@ -806,7 +819,7 @@ def watch(rules: Rules) -> int:
                     f"{rules.timeout:g} s, this check took {check_seconds:.2f} s): "
                     f"{rules.action}; last activity epoch {clock.last_active:.3f}, acting at "
                     f"epoch {time.time():.3f}")
-                act(current)
+                act(current, hub)
                 return 0
             if current.idle_for >= rules.warn_at and clock.warned_at is None:
                 clock.warned_at = time.time()
@@ -833,8 +846,8 @@ def heartbeat(rules: Rules, folder: str = contract.HOST_CHANNEL) -> None:
 
 def detach(rules: Rules) -> int:
     """Start the watcher in the background (once per container) and return at once."""
-    if rules.action == "none" and not os.environ.get("SAGEMAKER_APP_TYPE"):
-        return 0  # nothing to act on, nothing to tell Studio
+    if rules.action == "none" and not os.environ.get("SAGEMAKER_APP_TYPE") and not in_hub():
+        return 0  # nothing to act on, nothing to tell Studio or a hub
     if watcher_pid() is not None:
         return 0
     os.makedirs(contract.IDLE_STATE_DIR, exist_ok=True)
