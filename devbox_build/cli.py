@@ -856,6 +856,65 @@ def ec2_iam_policy_command(who, boxes_path, buckets, kms_keys):
     click.echo(json.dumps(policy, indent=2))
 
 
+# -- hub ----------------------------------------------------------------------------------------
+
+
+@cli.group("hub")
+def hub_group() -> None:
+    """JupyterHub for a team: the built images as a hub's profiles."""
+
+
+@hub_group.command("docker")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("devbox"), show_default=True, help="Folder to write to.")
+@click.option("--network", default="devbox-hub", show_default=True,
+              help="The Docker network the hub and the servers share.")
+@click.option("--home-volume", default="devbox-home-{username}", show_default=True,
+              help="Each user's home volume ({username} is theirs).")
+@click.option("--idle-timeout", help="Each server stops itself (through the hub) after this "
+              "long idle, by the image's watcher: 30m, 2h.")
+@click.option("--cull-minutes", type=click.IntRange(1), help="Also run jupyterhub-idle-culler "
+              "with this timeout (the watcher keeps busy servers from it).")
+@json_option
+def hub_docker_command(images, output, network, home_volume, idle_timeout, cull_minutes, as_json):
+    """Write a JupyterHub configuration for DockerSpawner on one host, serving IMAGES (built
+    images; the first is the default, more make a picker; a CUDA image gets the host's GPUs):
+    jupyterhub_config.py (the same every time) and devbox-hub.json (the images by content tag,
+    the network, the home volumes, idle settings). Include it from your own configuration,
+    which adds the authenticator.
+
+    \b
+      devbox-build hub docker devbox/datascience:cpu devbox/datascience:gpu --idle-timeout 2h
+    """
+    from .checks.image import ImageUnderTest
+    from .runtime.rules import RuleError, duration
+    from .targets.hub import docker_settings, profile_for, write_docker
+
+    if idle_timeout:
+        try:
+            duration(idle_timeout, "--idle-timeout")
+        except RuleError as exc:
+            raise InputError(str(exc)) from None
+    if "{username}" not in home_volume:
+        raise InputError(f"--home-volume {home_volume!r} has no {{username}}: every user would "
+                         "share one home")
+    engine = Engine.connect()
+    for ref in images:
+        refs.check_reference(ref, "IMAGES")
+    profiles = [profile_for(ImageUnderTest.load(engine, ref)) for ref in images]
+    written = write_docker(output, docker_settings(profiles, network, idle_timeout,
+                                                   cull_minutes, home_volume))
+    if as_json:
+        out.print_json(data={"files": [str(p) for p in written],
+                             "profiles": [p.image for p in profiles]})
+        return
+    for path in written:
+        err.print(f"[green]✓[/] wrote {path}")
+    err.print("Include it from your jupyterhub_config.py, then add your authenticator:")
+    out.print(f'load_subconfig("{output / "jupyterhub_config.py"}")')
+
+
 # -- bootstrap-base -----------------------------------------------------------------------------
 
 

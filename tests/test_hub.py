@@ -63,8 +63,6 @@ c.JupyterHub.services.append({{"name": "idle-culler", "command": [
     "--cull-every={CULL_EVERY}"]}})
 c.JupyterHub.load_roles.append({{"name": "idle-culler", "services": ["idle-culler"], "scopes": [
     "list:users", "read:users:activity", "read:servers", "delete:servers"]}})
-c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
-                                 "servers!server"]
 c.DockerSpawner.environment = {{
     "DEVBOX_IDLE_INTERVAL": "1s", "DEVBOX_IDLE_TIMEOUT": "{QUIT_AFTER}s",
     "DEVBOX_IDLE_ACTION": lambda spawner: "stop" if spawner.user.name == "quitter" else "none"}}
@@ -101,3 +99,62 @@ c.DockerSpawner.environment = {{
         for user in ("busy", "nohup"):
             server = hub.user(user)["servers"][""]
             assert server["last_activity"], server
+
+
+def run_config(folder):
+    """The generated jupyterhub_config.py, loaded as JupyterHub's config loader loads it."""
+    import runpy
+
+    from traitlets.config import Config
+
+    config = Config()
+    runpy.run_path(str(folder / "jupyterhub_config.py"), init_globals={
+        "get_config": lambda: config})
+    return config
+
+
+def test_the_generated_config_offers_each_image_and_gives_gpu_profiles_the_gpus(tmp_path):
+    from devbox_build.targets.hub import Profile, docker_settings, write_docker
+
+    profiles = [Profile("cpu", "datascience (cpu)", "devbox/datascience:cpu-0123456789ab", False),
+                Profile("gpu", "datascience (gpu)", "devbox/datascience:gpu-0123456789ab", True)]
+    write_docker(tmp_path, docker_settings(profiles, "team-net", "2h", 60))
+    config = run_config(tmp_path)
+    spawner = config.DockerSpawner
+    assert spawner.image == profiles[0].image
+    assert spawner.allowed_images == {"datascience (cpu)": profiles[0].image,
+                                      "datascience (gpu)": profiles[1].image}
+    assert spawner.network_name == "team-net" and spawner.remove is True
+    assert spawner.volumes == {"devbox-home-{username}": "/home/sagemaker-user"}
+    assert spawner.environment == {"DEVBOX_IDLE_TIMEOUT": "2h", "DEVBOX_IDLE_ACTION": "stop"}
+    assert "servers!server" in config.Spawner.server_token_scopes
+    services = config.JupyterHub.services.get_value([])  # appended to: a lazy value
+    culler = [s for s in services if s["name"] == "idle-culler"]
+    assert culler and "--timeout=3600" in culler[0]["command"], services
+
+    class Spawned:  # what the hook reads and writes on DockerSpawner
+        def __init__(self, image):
+            self.image, self.extra_host_config = image, {}
+
+    cpu, gpu = Spawned(profiles[0].image), Spawned(profiles[1].image)
+    for spawned in (cpu, gpu):
+        config.Spawner.pre_spawn_hook(spawned)
+    assert cpu.extra_host_config == {}
+    assert gpu.extra_host_config == {"device_requests": [
+        {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]}
+    # The docker-py form DockerSpawner hands it to: a valid device request.
+    import docker
+
+    docker.types.HostConfig(version="1.41", **gpu.extra_host_config)
+
+
+def test_hub_docker_refuses_what_a_hub_cannot_start(engine, tmp_path):
+    from .conftest import assert_clean_error, cli
+
+    result = cli("hub", "docker", "debian:bookworm-slim", "--output", str(tmp_path / "out"))
+    assert_clean_error(result, "debian:bookworm-slim: not built by devbox-build")
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    result = cli("hub", "docker", "devbox/datascience:cpu", "--home-volume", "shared-home")
+    assert_clean_error(result, "has no {username}")
+    result = cli("hub", "docker", "devbox/datascience:cpu", "--idle-timeout", "soon")
+    assert_clean_error(result, "'soon' is not a duration")

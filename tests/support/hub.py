@@ -32,9 +32,9 @@ def free_port() -> int:
 
 class Hub:
     def __init__(self, engine, image: str, folder: Path, cmd: list[str] | None = None,
-                 users=("alice", "bob"), extra_config: str = "") -> None:
+                 users=("alice", "bob"), extra_config: str = "", options=()) -> None:
         self.engine, self.image, self.folder, self.cmd = engine, image, folder, cmd
-        self.users, self.extra_config = users, extra_config
+        self.users, self.extra_config, self.options = users, extra_config, list(options)
         self.prefix = f"hub{uuid.uuid4().hex[:8]}"
         self.port, self.api_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -47,9 +47,19 @@ class Hub:
         network = self.engine.api.create_network(self.prefix, driver="bridge")
         self.network_id = network["Id"]
         gateway = self.engine.api.inspect_network(self.network_id)["IPAM"]["Config"][0]["Gateway"]
+        # What a team's hub gets from devbox-build, included by the hub's own configuration
+        # (here: the test's login, database, proxy, and its admin service).
+        generated = subprocess.run(
+            [sys.executable, "-m", "devbox_build.cli", "hub", "docker", self.image,
+             "--output", str(self.folder / "devbox"), "--network", self.prefix,
+             "--home-volume", f"{self.prefix}-home-{{username}}", *self.options],
+            capture_output=True, text=True, check=False)
+        if generated.returncode != 0:
+            raise RuntimeError(f"devbox-build hub docker: {generated.stderr}")
         config = self.folder / "jupyterhub_config.py"
         config.write_text(f"""
 c = get_config()  # noqa
+load_subconfig({str(self.folder / "devbox" / "jupyterhub_config.py")!r})  # noqa
 c.JupyterHub.bind_url = {self.url!r}
 c.JupyterHub.hub_bind_url = c.JupyterHub.hub_connect_url = "http://{gateway}:{self.api_port}"
 c.JupyterHub.db_url = "sqlite:///{self.folder}/hub.sqlite"
@@ -60,17 +70,11 @@ c.ConfigurableHTTPProxy.pid_file = "{self.folder}/proxy.pid"
 c.JupyterHub.authenticator_class = "dummy"
 c.DummyAuthenticator.password = {self.password!r}
 c.Authenticator.allowed_users = {set(self.users)!r}
-c.JupyterHub.services = [{{"name": "test", "api_token": {self.token!r}}}]
-c.JupyterHub.load_roles = [{{"name": "test-admin", "services": ["test"],
-                            "scopes": ["admin:users", "admin:servers", "read:users:activity"]}}]
-c.JupyterHub.spawner_class = "docker"
-c.DockerSpawner.image = {self.image!r}
+c.JupyterHub.services.append({{"name": "test", "api_token": {self.token!r}}})
+c.JupyterHub.load_roles.append({{"name": "test-admin", "services": ["test"],
+                                 "scopes": ["admin:users", "admin:servers"]}})
 c.DockerSpawner.cmd = {self.cmd!r}
-c.DockerSpawner.network_name = {self.prefix!r}
-c.DockerSpawner.use_internal_ip = True
-c.DockerSpawner.remove = True
 c.DockerSpawner.name_template = "{self.prefix}-{{username}}"
-c.DockerSpawner.volumes = {{"{self.prefix}-home-{{username}}": "/home/sagemaker-user"}}
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 120
 {self.extra_config}

@@ -1,0 +1,79 @@
+"""JupyterHub: the team's images served by a hub, on one host (DockerSpawner) or on Kubernetes
+(Zero to JupyterHub's chart).
+
+    write_docker(folder, profiles, ...)  jupyterhub_config.py (fixed) + devbox-hub.json (data)
+    chart_values(profiles, ...)          the chart's values for the same profiles
+
+A profile is one built image: its content tag (what a hub pulls never changes under it), whether
+it needs GPUs (its CUDA label), and the name a user picks it by.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ...errors import InputError
+from ...runtime import contract
+
+CONFIG = Path(__file__).parent / "jupyterhub_config.py"
+SETTINGS = "devbox-hub.json"
+# What the server's own token may do: report activity, be reached, stop itself.
+SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server", "servers!server"]
+CONTENT_TAG = re.compile(r".+:(?P<variant>[a-z0-9-]+)-[0-9a-f]{12}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    slug: str
+    display_name: str
+    image: str  # the content tag
+    gpus: bool
+
+
+def profile_for(image) -> Profile:
+    """A profile from an image the engine has (checks.image.ImageUnderTest)."""
+    tags = image.attrs.get("RepoTags") or []
+    content = next((t for t in tags if CONTENT_TAG.fullmatch(t)), None)
+    if content is None:
+        raise InputError(f"{image.ref}: not built by devbox-build (no content tag among "
+                         f"{', '.join(tags) or 'its tags'})",
+                         hint="devbox-build build IMAGE --variant cpu")
+    if "jupyterhub" not in image.pip_packages:
+        raise InputError(f"{image.ref}: has no jupyterhub, so a hub cannot start it",
+                         hint="add jupyterhub (the hub's major version) to its pip "
+                              "requirements, lock and build")
+    variant = CONTENT_TAG.fullmatch(content)["variant"]
+    spec = image.labels.get(contract.LABEL_SPEC, content.rsplit("/", 1)[-1].split(":")[0])
+    gpus = bool(image.cuda_version)
+    return Profile(slug=variant, image=content, gpus=gpus, display_name=f"{spec} ({variant}"
+                   + (", GPU" if gpus and "gpu" not in variant else "") + ")")
+
+
+def docker_settings(profiles: list[Profile], network: str, idle_timeout: str | None,
+                    cull_minutes: int | None, home_volume: str = "devbox-home-{username}"
+                    ) -> dict:
+    environment = {}
+    if idle_timeout:
+        environment = {"DEVBOX_IDLE_TIMEOUT": idle_timeout, "DEVBOX_IDLE_ACTION": "stop"}
+    return {
+        "profiles": [asdict(p) for p in profiles],
+        "network": network,
+        "home": contract.HOME,
+        "home_volume": home_volume,
+        "environment": environment,
+        "server_token_scopes": SERVER_TOKEN_SCOPES,
+        "cull": {"timeout_seconds": cull_minutes * 60, "every_seconds": 60}
+        if cull_minutes else None,
+    }
+
+
+def write_docker(folder: Path, settings: dict) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    config, data = folder / CONFIG.name, folder / SETTINGS
+    shutil.copyfile(CONFIG, config)
+    data.write_text(json.dumps(settings, indent=2) + "\n")
+    return [config, data]
