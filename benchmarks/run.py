@@ -42,7 +42,7 @@ from devbox_build.build import BuildOptions, build  # noqa: E402
 from devbox_build.checks import run_checks  # noqa: E402
 from devbox_build.checks.image import IDE_PORT, http_get  # noqa: E402
 from devbox_build.engine import Engine  # noqa: E402
-from devbox_build.render import host_ca_certificates  # noqa: E402
+from devbox_build.hostca import host_ca_certificates  # noqa: E402
 from devbox_build.spec import load_spec  # noqa: E402
 
 CA_CERTS = host_ca_certificates()  # what the CLI trusts by default

@@ -98,6 +98,8 @@ def cli() -> None:
       devbox-build inspect devbox/datascience:cpu   what is inside a built image
       devbox-build check devbox/datascience:cpu     prove it meets the platform contracts
       devbox-build sagemaker config devbox/datascience:cpu   SageMaker registration inputs
+      devbox-build ec2 up --role cpu                 your EC2 box (boxes.toml)
+      devbox-build hub docker devbox/datascience:cpu a team's JupyterHub configuration
 
     IMAGE is a spec name under --images-dir, a folder with an image.toml, or the file itself.
     """

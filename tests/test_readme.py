@@ -129,6 +129,7 @@ def test_every_printed_command_runs(engine, default_images, tmp_path):
                 "copier update", "copier update --defaults")
             cwd = ROOT if command.startswith("devbox-build") and " . " not in command else tmp_path
             if command.startswith(("devbox-build sagemaker", "devbox-build check my/",
+                                   "devbox-build hub",
                                    "pytest ", "docker run")):
                 cwd = tmp_path
             if command.startswith("copier update"):  # in the project the line before cd-ed to
@@ -140,6 +141,8 @@ def test_every_printed_command_runs(engine, default_images, tmp_path):
         assert json.loads(run("devbox-build inspect devbox/datascience:cpu --json", ROOT).stdout)[
             "variant"] == "cpu"
         assert (tmp_path / "my-project" / "locks" / "team-constraints.txt").is_file()
+        hub = json.loads((tmp_path / "devbox" / "devbox-hub.json").read_text())
+        assert [p["slug"] for p in hub["profiles"]] == ["cpu", "gpu"], hub
         assert len(ran) + len(NOT_RUN) + len(walk_through) == len(printed_commands()), ran
     finally:
         for tag in set(sum((i["RepoTags"] or [] for i in engine.api.images()), [])) - tags_before:
