@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import signal
 import sys
 import textwrap
@@ -915,6 +916,61 @@ def hub_docker_command(images, output, network, home_volume, idle_timeout, cull_
         err.print(f"[green]✓[/] wrote {path}")
     err.print("Include it from your jupyterhub_config.py, then add your authenticator:")
     out.print(f'load_subconfig("{output / "jupyterhub_config.py"}")')
+
+
+@hub_group.command("k8s")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("values.yaml"), show_default=True, help="The values file to write.")
+@click.option("--idle-timeout", help="Each server stops itself (through the hub) after this "
+              "long idle: 30m, 2h.")
+@click.option("--cull-minutes", type=click.IntRange(1), help="The chart's culler timeout "
+              "(default: the culler off; the image's watcher spares busy servers from it).")
+@click.option("--gpu-node-selector", "gpu_nodes", multiple=True, callback=_key_value,
+              metavar="KEY=VALUE", help="A label GPU nodes carry (repeatable).")
+@click.option("--cpu", "cpu", default="0.5:2", show_default=True,
+              help="CPU guarantee:limit per user.")
+@click.option("--memory", "memory", default="1G:4G", show_default=True,
+              help="Memory guarantee:limit per user.")
+def hub_k8s_command(images, output, idle_timeout, cull_minutes, gpu_nodes, cpu, memory):
+    """Write Zero to JupyterHub values for IMAGES (built images, pushed where the cluster pulls
+    them with the same tags: `build --registry ... --push`): the image as its user (uid 1000,
+    fsGid 100), jupyterhub-singleuser, the home mount, each image a profile (a CUDA image asks
+    for nvidia.com/gpu on the GPU nodes), requests and limits, idle culling.
+
+    \b
+      devbox-build hub k8s devbox/datascience:cpu devbox/datascience:gpu \\
+          --gpu-node-selector node.kubernetes.io/instance-type=g6.xlarge
+      helm upgrade --install jhub jupyterhub/jupyterhub --values values.yaml
+    """
+    import yaml
+
+    from .checks.image import ImageUnderTest
+    from .runtime.rules import RuleError, duration
+    from .targets.hub import chart_values, profile_for
+
+    if idle_timeout:
+        try:
+            duration(idle_timeout, "--idle-timeout")
+        except RuleError as exc:
+            raise InputError(str(exc)) from None
+    resources = {}
+    for name, value, pattern in (("cpu", cpu, r"\d+(\.\d+)?"),
+                                 ("memory", memory, r"\d+(\.\d+)?[KMGT]?")):
+        parts = value.split(":")
+        if len(parts) != 2 or not all(re.fullmatch(pattern, part) for part in parts):
+            raise InputError(f"--{name} {value!r}: expected GUARANTEE:LIMIT, like "
+                             + ("0.5:2" if name == "cpu" else "1G:4G"))
+        guarantee, limit = (float(p) if name == "cpu" else p for p in parts)
+        resources[name] = {"guarantee": guarantee, "limit": limit}
+    engine = Engine.connect()
+    for ref in images:
+        refs.check_reference(ref, "IMAGES")
+    profiles = [profile_for(ImageUnderTest.load(engine, ref)) for ref in images]
+    values = chart_values(profiles, idle_timeout, cull_minutes, gpu_nodes, resources)
+    output.write_text("# Zero to JupyterHub values, written by devbox-build hub k8s.\n"
+                      + yaml.safe_dump(values, sort_keys=False))
+    err.print(f"[green]✓[/] wrote {output}")
 
 
 # -- bootstrap-base -----------------------------------------------------------------------------

@@ -3,7 +3,12 @@ configurable-http-proxy) spawns the default image for two users who log in throu
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
+import yaml
 
 from .support.hub import Hub
 
@@ -158,3 +163,184 @@ def test_hub_docker_refuses_what_a_hub_cannot_start(engine, tmp_path):
     assert_clean_error(result, "has no {username}")
     result = cli("hub", "docker", "devbox/datascience:cpu", "--idle-timeout", "soon")
     assert_clean_error(result, "'soon' is not a duration")
+
+
+# -- Zero to JupyterHub: the chart's schema, KubeSpawner's rendering, kubernetes-validate --------
+
+Z2JH = Path(__file__).parent / "data" / "z2jh"
+KUBERNETES = "1.32"  # the chart's kubeVersion floor
+
+
+def merged(base: dict, values: dict) -> dict:
+    """``values`` over the chart's defaults, as helm merges them."""
+    out = dict(base)
+    for key, value in values.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(
+            base.get(key), dict) else value
+    return out
+
+
+def check_values(values: dict) -> None:
+    import jsonschema
+
+    schema = yaml.safe_load((Z2JH / "values.schema.yaml").read_text())
+    defaults = yaml.safe_load((Z2JH / "values.yaml").read_text())
+    jsonschema.validate(merged(defaults, values), schema)
+
+
+def rendered(values: dict, tmp_path) -> list[dict]:
+    """The user pods (one per profile) and the home PVC, as KubeSpawner renders them from the
+    values' singleuser section (the chart's hub maps these keys to these traits)."""
+    import asyncio
+
+    from jupyterhub.objects import Hub as HubObject
+    from jupyterhub.objects import Server
+    from kubernetes_asyncio.client import ApiClient
+    from kubespawner import KubeSpawner
+    from traitlets.config import Config
+
+    single = values["singleuser"]
+    config = Config()
+    spawner = config.KubeSpawner
+    spawner.image = f"{single['image']['name']}:{single['image']['tag']}"
+    spawner.uid, spawner.fs_gid, spawner.cmd = single["uid"], single["fsGid"], [single["cmd"]]
+    spawner.cpu_guarantee, spawner.cpu_limit = single["cpu"]["guarantee"], single["cpu"]["limit"]
+    spawner.mem_guarantee = single["memory"]["guarantee"]
+    spawner.mem_limit = single["memory"]["limit"]
+    spawner.environment = single["extraEnv"]
+    spawner.profile_list = single["profileList"]
+    spawner.default_url = single["defaultUrl"]
+    spawner.storage_capacity = "10Gi"
+    spawner.volumes = [{"name": "home", "persistentVolumeClaim": {"claimName": "claim-{user_server}"}}]
+    spawner.volume_mounts = [{"name": "home", "mountPath": single["storage"]["homeMountPath"]}]
+
+    class User:  # what KubeSpawner reads of JupyterHub's user
+        name = escaped_name = "alice"
+        id, url = 1, "/user/alice/"
+
+        def __init__(self):
+            self.spawners, self.server, self.orm_user = {}, Server(), None
+
+    kubeconfig = tmp_path / "kubeconfig"  # no cluster: KubeSpawner only reads a context
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\nclusters: [{name: none, cluster: {server: "
+        "'https://127.0.0.1:1'}}]\nusers: [{name: none, user: {token: none}}]\ncontexts: "
+        "[{name: none, context: {cluster: none, user: none, namespace: jhub}}]\n"
+        "current-context: none\n")
+
+    async def render() -> list[dict]:
+        kube = KubeSpawner(config=config, _mock=True, hub=HubObject(), user=User())
+        api, documents = ApiClient(), []
+        for profile in single["profileList"]:
+            kube.user_options = {"profile": profile["slug"]}
+            await kube.load_user_options()
+            documents.append(api.sanitize_for_serialization(await kube.get_pod_manifest()))
+        documents.append(api.sanitize_for_serialization(kube.get_pvc_manifest()))
+        await api.close()
+        return documents
+
+    from kubernetes_asyncio.config import kube_config
+
+    saved = kube_config.KUBE_CONFIG_DEFAULT_LOCATION  # read from KUBECONFIG at import
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kubeconfig)
+    try:
+        return asyncio.run(render())
+    finally:
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved
+
+
+def test_chart_values_validate_and_render_valid_pods(engine, default_images, tmp_path):
+    import kubernetes_validate
+
+    from .conftest import cli
+
+    out = tmp_path / "values.yaml"
+    result = cli("hub", "k8s", "devbox/datascience:cpu", "devbox/datascience:gpu",
+                 "--gpu-node-selector", "node.kubernetes.io/instance-type=g6.xlarge",
+                 "--idle-timeout", "2h", "--cull-minutes", "60", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    values = yaml.safe_load(out.read_text())
+    check_values(values)
+    documents = rendered(values, tmp_path)
+    for document in documents:
+        kubernetes_validate.validate(document, KUBERNETES, strict=True)
+    cpu, gpu, pvc = documents
+    for pod in (cpu, gpu):
+        assert pod["spec"]["securityContext"]["fsGroup"] == 100
+        container = pod["spec"]["containers"][0]
+        assert container["securityContext"]["runAsUser"] == 1000
+        assert container["args"] == ["jupyterhub-singleuser"], container
+        assert {"mountPath": "/home/sagemaker-user", "name": "home"} in container["volumeMounts"]
+    assert "nvidia.com/gpu" not in cpu["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["spec"]["nodeSelector"] == {"node.kubernetes.io/instance-type": "g6.xlarge"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu[
+        "spec"]["tolerations"]
+    assert pvc["kind"] == "PersistentVolumeClaim"
+
+    # The test can fail: a typo in a key is the chart's schema's error, a wrong type Kubernetes'.
+    import jsonschema
+
+    typo = merged(values, {"singleuser": {"fsGID": 100}})
+    with pytest.raises(jsonschema.ValidationError, match="fsGID"):
+        check_values(typo)
+    broken = json.loads(json.dumps(gpu))
+    broken["spec"]["containers"][0]["resources"]["limit"] = {"cpu": "1"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+
+
+def test_the_image_under_the_charts_pod_defaults(engine, default_images):
+    """What the chart's user pods impose: uid 1000 with fsGroup 100 (the PVC home root:users
+    2775), all capabilities dropped and allowPrivilegeEscalation false (no-new-privileges). The
+    server starts and the home is writable; sudo fails, as the README says."""
+    import time
+    import uuid
+
+    import requests
+
+    ref = default_images["cpu"].content_tag
+    volume = f"hubhome{uuid.uuid4().hex[:8]}"
+    api = engine.api
+    engine.api.create_volume(volume)
+    prepared = api.create_container(ref, entrypoint=["sh", "-c", "chown root:100 /h && chmod "
+                                                     "2775 /h && stat -c '%U:%G %a' /h"],
+                                    user="0", host_config=api.create_host_config(
+                                        binds={volume: {"bind": "/h", "mode": "rw"}}))["Id"]
+    container = None
+    try:
+        api.start(prepared)
+        api.wait(prepared, timeout=60)
+        assert api.logs(prepared).decode().strip() == "root:users 2775"
+        container = api.create_container(
+            ref, user="1000:100", environment={"JUPYTER_TOKEN": "chart"}, ports=[8888],
+            host_config=api.create_host_config(
+                binds={volume: {"bind": "/home/sagemaker-user", "mode": "rw"}},
+                port_bindings={8888: ("127.0.0.1", None)}, cap_drop=["ALL"],
+                security_opt=["no-new-privileges"]))["Id"]
+        api.start(container)
+        url = f"http://127.0.0.1:{engine.published_port(container, 8888)}/api/status"
+        deadline = time.monotonic() + 120
+        while True:  # until the server answers: a state
+            try:
+                if requests.get(url, headers={"Authorization": "token chart"}, timeout=5,
+                                proxies={"http": None}).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert engine.state(container)["Running"], engine.logs(container)[-2000:]
+            assert time.monotonic() < deadline, engine.logs(container)[-2000:]
+            time.sleep(0.3)
+
+        def run(command: str) -> int:
+            exec_id = api.exec_create(container, ["sh", "-c", command])
+            api.exec_start(exec_id)
+            return api.exec_inspect(exec_id)["ExitCode"]
+
+        assert run("touch ~/written && test -f ~/written") == 0
+        assert run("sudo -n true") != 0  # no-new-privileges: setuid does not raise privileges
+    finally:
+        for created in (prepared, container):
+            if created:
+                engine.remove(created)
+        api.remove_volume(volume, force=True)

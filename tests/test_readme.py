@@ -143,6 +143,7 @@ def test_every_printed_command_runs(engine, default_images, tmp_path):
         assert (tmp_path / "my-project" / "locks" / "team-constraints.txt").is_file()
         hub = json.loads((tmp_path / "devbox" / "devbox-hub.json").read_text())
         assert [p["slug"] for p in hub["profiles"]] == ["cpu", "gpu"], hub
+        assert "profileList" in (tmp_path / "values.yaml").read_text()
         assert len(ran) + len(NOT_RUN) + len(walk_through) == len(printed_commands()), ran
     finally:
         for tag in set(sum((i["RepoTags"] or [] for i in engine.api.images()), [])) - tags_before:

@@ -42,6 +42,7 @@ IDE_PORT = 8888
 IDE_MARKER = "/tmp/devbox-ide.json"  # the entrypoint writes the served URL; the healthcheck reads it
 STUDIO_APP_TYPE = "JupyterLab"  # SAGEMAKER_APP_TYPE in a Studio JupyterLab space
 STUDIO_BASE_URL = "/jupyterlab/default/"
+HUB_SERVER = "jupyterhub-singleuser"  # what a JupyterHub spawner runs (the chart's cmd)
 # Where JupyterLab keeps its runtime files when the home is not writable (the watcher looks there).
 JUPYTER_RUNTIME_FALLBACK = "/tmp/devbox-jupyter-runtime"
 

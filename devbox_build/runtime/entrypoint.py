@@ -108,7 +108,7 @@ def _marked(command: list[str], base_url: str, token: str = "", port: str | int 
     return command
 
 
-SINGLEUSER = "jupyterhub-singleuser"
+SINGLEUSER = contract.HUB_SERVER
 
 
 def hub_command(argv: list, environ=os.environ) -> list[str] | None:

@@ -77,3 +77,54 @@ def write_docker(folder: Path, settings: dict) -> list[Path]:
     shutil.copyfile(CONFIG, config)
     data.write_text(json.dumps(settings, indent=2) + "\n")
     return [config, data]
+
+
+# The chart's own user-pod tolerations (its scheduling.userPods): a profile's tolerations replace
+# the chart's, so a GPU profile lists them again beside the GPU nodes' taint.
+CHART_USER_TOLERATIONS = [
+    {"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user",
+     "effect": "NoSchedule"},
+    {"key": "hub.jupyter.org_dedicated", "operator": "Equal", "value": "user",
+     "effect": "NoSchedule"},
+]
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _name_and_tag(image: str) -> tuple[str, str]:
+    name, _, tag = image.rpartition(":")
+    return name, tag
+
+
+def chart_values(profiles: list[Profile], idle_timeout: str | None, cull_minutes: int | None,
+                 gpu_node_selector: dict[str, str], resources: dict[str, dict]) -> dict:
+    """Zero to JupyterHub's values: the user pods run the image as its user (uid 1000, fsGid
+    100: the PVC home is group-writable), with jupyterhub-singleuser, each image a profile."""
+    name, tag = _name_and_tag(profiles[0].image)
+    profile_list = []
+    for index, profile in enumerate(profiles):
+        override: dict = {"image": profile.image}
+        if profile.gpus:
+            override["extra_resource_limits"] = {"nvidia.com/gpu": "1"}
+            override["node_selector"] = dict(gpu_node_selector)
+            override["tolerations"] = [*CHART_USER_TOLERATIONS, GPU_TOLERATION]
+        profile_list.append({"display_name": profile.display_name, "slug": profile.slug,
+                             "default": index == 0, "kubespawner_override": override})
+    environment = ({"DEVBOX_IDLE_TIMEOUT": idle_timeout, "DEVBOX_IDLE_ACTION": "stop"}
+                   if idle_timeout else {})
+    return {
+        "hub": {"config": {"Spawner": {"server_token_scopes": SERVER_TOKEN_SCOPES}}},
+        "singleuser": {
+            "image": {"name": name, "tag": tag, "pullPolicy": "IfNotPresent"},
+            "uid": contract.UID,
+            "fsGid": contract.GID,
+            "cmd": contract.HUB_SERVER,
+            "defaultUrl": "/lab",
+            "storage": {"homeMountPath": contract.HOME},
+            "cpu": resources["cpu"],
+            "memory": resources["memory"],
+            "extraEnv": environment,
+            "profileList": profile_list,
+        },
+        "cull": {"enabled": bool(cull_minutes), "timeout": (cull_minutes or 60) * 60,
+                 "every": 300},
+    }
