@@ -7,8 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -647,7 +647,6 @@ def test_openssh_logs_in_to_the_environment(stand_in, tmp_path):
     user in the container, its venv's Python, scp to the home volume, a forwarded JupyterLab, a
     key from the laptop's agent used by git inside, the session seen by the idle watcher, and
     `ec2 connect`'s URL working through the tunnel."""
-    import re
     import time
     import urllib.request
 

@@ -4,7 +4,6 @@ configurable-http-proxy) spawns the default image for two users who log in throu
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
