@@ -879,3 +879,19 @@ def test_an_account_without_a_default_vpc_needs_a_subnet(tmp_path, aws):
                        "VPC endpoints")
     assert refused.returncode == 2
     assert api.describe_instances()["Reservations"] == []
+
+
+def test_an_interrupted_spot_box_is_left_to_ec2_and_says_so(tmp_path, aws, faulty):
+    """Only EC2 restarts a spot instance its interruption stopped: StartInstances answers
+    IncorrectSpotRequestState. `up` says so, with the way out, and changes nothing."""
+    boxes = moto_boxes(tmp_path, aws)
+    boxes.write_text(boxes.read_text().replace("idle_minutes = 60", "idle_minutes = 60\nspot = true"))
+    assert ec2(aws, "up", "--role", "cpu", "--boxes", str(boxes), "--no-wait-image").returncode == 0
+    assert ec2(aws, "down", "--boxes", str(boxes)).returncode == 0
+    before = steady(status(aws, boxes))
+    faulty.fail("StartInstances", lambda _: True, code="IncorrectSpotRequestState", status=400)
+    refused = ec2(through(aws, faulty), "up", "--role", "cpu", "--boxes", str(boxes),
+                  "--no-wait-image")
+    assert_clean_error(refused, "spot instance stopped by an interruption",
+                       "ec2 destroy --role cpu")
+    assert steady(status(aws, boxes)) == before

@@ -401,10 +401,9 @@ class Fleet:
             kept = (f"your {source_role} box still has the data volume" if source
                     else "the data volume is unchanged")
             raise CapacityError(f"{exc.message}. Nothing was changed: {kept}",
-                                hint="try again in a few minutes, pick another type "
-                                     f"(roles.{to}.instance_type), or move the volume to a "
-                                     "zone with room: devbox-build ec2 relocate --zone ZONE") \
-                from None
+                                hint=exc.hint or "try again in a few minutes, pick another "
+                                f"type (roles.{to}.instance_type), or move the volume to a "
+                                "zone with room: devbox-build ec2 relocate --zone ZONE") from None
         if holder == target["InstanceId"]:
             return self.status()
         source_was_running = bool(source) and source["State"]["Name"] in ("pending", "running")
