@@ -300,9 +300,10 @@ class Engine:
             self.api.remove_container(container["Id"], force=True)
 
     def _host_config(self, *, publish=(), tmpfs=None, volumes=None, network_mode=None,
-                     gpus=False) -> dict:
+                     gpus=False, extra_hosts=None) -> dict:
         return self.api.create_host_config(
             network_mode=network_mode,
+            extra_hosts=extra_hosts or None,
             port_bindings={port: ("127.0.0.1", None) for port in publish},
             tmpfs=tmpfs or None,
             binds={name: {"bind": path, "mode": "rw"} for name, path in (volumes or {}).items()},
@@ -325,16 +326,18 @@ class Engine:
         health_interval_s: float | None = None,
         gpus: bool = False,
         files: dict[str, tuple[bytes, int, int]] | None = None,
+        extra_hosts: dict[str, str] | None = None,
     ) -> str:
         """Start a detached container; returns its id. The caller removes it (:meth:`remove`).
 
         ``publish`` ports go to free ports on 127.0.0.1 (see :meth:`published_port`), ``volumes``
         maps volume names (or host paths) to mount paths, ``health_interval_s`` keeps the
         image's HEALTHCHECK command but probes more often, ``files`` (absolute path → (bytes,
-        uid, gid)) are written before the entrypoint starts.
+        uid, gid)) are written before the entrypoint starts, ``extra_hosts`` (name → address,
+        "host-gateway" for this host) are added to its /etc/hosts.
         """
         host_config = self._host_config(publish=publish, tmpfs=tmpfs, volumes=volumes,
-                                        gpus=gpus)
+                                        gpus=gpus, extra_hosts=extra_hosts)
         healthcheck = (
             {"interval": int(health_interval_s * 1e9), "start_period": int(60e9)}
             if health_interval_s else None

@@ -40,6 +40,10 @@ MUST_PASS = {
     ("sagemaker-training", "test_failing_job_leaves_its_reason[image-user]"),
     ("sagemaker-training", "test_failing_job_leaves_its_reason[root]"),
     ("sagemaker-training", "test_stop_reaches_the_training_program"),
+    ("hub", "test_hub_server_answers_under_the_users_prefix"),
+    ("hub", "test_hub_login_goes_through_the_hubs_oauth"),
+    ("hub", "test_hub_mode_serves_nothing_at_the_laptop_url"),
+    ("hub", "test_hub_server_reports_to_the_hub"),
 }
 GPU_MUST_PASS = {
     ("gpu", "test_labels_name_cuda_and_minimum_driver"),

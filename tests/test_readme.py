@@ -36,6 +36,9 @@ NOT_RUN = {
     "docker run --rm -e DEVBOX_IDLE_TIMEOUT=2h -e DEVBOX_IDLE_ACTION=stop -p 8888:8888 "
     "devbox/datascience:cpu": "a server that stops after 2 h idle; tests/test_idle.py runs the "
                               "same container with the timeout at 6 s",
+    "jupyterhub -f jupyterhub_config.py": "a server that does not end; tests/test_hub.py starts "
+                                          "a hub configured the same way (hub docker's output "
+                                          "included from its own jupyterhub_config.py)",
     "devbox-conda create scratch 'python-dateutil >=2.9'": "tests/test_conda.py (conda image)",
     "devbox-conda run scratch python -c 'import dateutil'": "tests/test_conda.py (conda image)",
     "devbox-conda list; devbox-conda remove scratch": "tests/test_conda.py (conda image)",

@@ -30,6 +30,8 @@ PROFILES: dict[str, str] = {
                         "sudo, idle-shutdown extension",
     "sagemaker-training": "`train` with /opt/ml: model written, failures reported, SIGTERM "
                           "forwarded; as root and as the user",
+    "hub": "under a JupyterHub spawner's variables: jupyterhub-singleuser at /user/NAME/, the "
+           "hub's OAuth login, nothing at the laptop URL",
     "gpu": "no driver baked in, CUDA labels, starts without a GPU; sees the GPU when there is one",
 }
 
@@ -57,6 +59,8 @@ def applicable_profiles(image: ImageUnderTest) -> list[str]:
         profiles += ["drift", "sagemaker-training"]
     if image.has_jupyterlab:
         profiles += ["jupyter", "sagemaker-studio"]
+    if "jupyterhub" in image.pip_packages:
+        profiles.append("hub")
     if image.cuda_version:
         profiles.append("gpu")
     return [name for name in PROFILES if name in profiles]
