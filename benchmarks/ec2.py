@@ -38,6 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _report import header, min_median  # noqa: E402
+
 from devbox_build.engine import Engine  # noqa: E402
 from devbox_build.targets.ec2 import load_box, user_data  # noqa: E402
 from tests.support.aws import VOLUME_ID, MotoServer, StandInInstance, seed_boxes  # noqa: E402
@@ -134,17 +136,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             boots.append(stand_in_round(engine, Path(scratch)))
 
-    def cell(values: list[float]) -> str:
-        return f"{min(values):.1f} / {statistics.median(values):.1f} s"
-
-    print(f"| figure (min / median of {args.rounds}) | measured here |")
-    print("|---|---|")
-    print(f"| `ec2 up`, first (moto) | {cell([m[0] for m in moto])} |")
-    print(f"| `ec2 up`, again (moto) | {cell([m[1] for m in moto])} |")
+    print(header(args.rounds))
+    print(f"| `ec2 up`, first (moto) | {min_median([m[0] for m in moto])} |")
+    print(f"| `ec2 up`, again (moto) | {min_median([m[1] for m in moto])} |")
     print(f"| `ec2 move --to cpu` (launch, stop, detach, attach; moto) | "
-          f"{cell([m[2] for m in moto])} |")
-    print(f"| boot script, first boot (stand-in, until JupyterLab answers) | {cell([b[0] for b in boots])} |")
-    print(f"| boot script, next boot (stand-in, until JupyterLab answers) | {cell([b[1] for b in boots])} |")
+          f"{min_median([m[2] for m in moto])} |")
+    print(f"| boot script, first boot (stand-in, until JupyterLab answers) | {min_median([b[0] for b in boots])} |")
+    print(f"| boot script, next boot (stand-in, until JupyterLab answers) | {min_median([b[1] for b in boots])} |")
     size = compressed_mb(engine)
     first_boot = statistics.median(b[0] for b in boots)
     estimate = INSTANCE_START_S + size / PULL_MB_PER_S + first_boot

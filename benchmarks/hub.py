@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _report import header, min_median  # noqa: E402
 from run import start_to_status  # noqa: E402
 
 from devbox_build.engine import Engine  # noqa: E402
@@ -55,13 +56,9 @@ def main() -> None:
             laptop.append(start_to_status(engine, IMAGE, studio=False))
             spawned.append(hub_spawn(hub, user))
 
-    def cell(values: list[float]) -> str:
-        return f"{min(values):.1f} / {statistics.median(values):.1f} s"
-
-    print(f"| figure (min / median of {args.rounds}) | measured here |")
-    print("|---|---|")
-    print(f"| laptop: `docker run` → /api/status 200 | {cell(laptop)} |")
-    print(f"| hub: spawn → /user/NAME/lab through OAuth | {cell(spawned)} |")
+    print(header(args.rounds))
+    print(f"| laptop: `docker run` → /api/status 200 | {min_median(laptop)} |")
+    print(f"| hub: spawn → /user/NAME/lab through OAuth | {min_median(spawned)} |")
     print(f"| ratio of the medians (hub ÷ laptop) | "
           f"{statistics.median(spawned) / statistics.median(laptop):.1f}× |")
 

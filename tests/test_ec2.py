@@ -21,6 +21,7 @@ from devbox_build.targets.ec2 import ImageFacts, architecture, load_box, preflig
 
 from .conftest import ROOT, assert_clean_error, cli
 from .support.aws import VOLUME_ID, Imds, MotoServer, StandInInstance, seed_boxes
+from .support.wait import until
 
 GOOD = (ROOT / "boxes.toml").read_text()
 # A public key line in OpenSSH's format (what `ec2 up` puts on the box).
@@ -647,7 +648,6 @@ def test_openssh_logs_in_to_the_environment(stand_in, tmp_path):
     user in the container, its venv's Python, scp to the home volume, a forwarded JupyterLab, a
     key from the laptop's agent used by git inside, the session seen by the idle watcher, and
     `ec2 connect`'s URL working through the tunnel."""
-    import time
     import urllib.request
 
     from devbox_build.targets.ec2 import ssh_config
@@ -669,10 +669,7 @@ def test_openssh_logs_in_to_the_environment(stand_in, tmp_path):
     env = {**os.environ, "SSH_AUTH_SOCK": str(agent)}
     tunnel = None
     try:
-        deadline = time.monotonic() + 30
-        while not agent.exists():  # the agent's socket: a state
-            assert time.monotonic() < deadline, "ssh-agent did not start"
-            time.sleep(0.05)
+        until(agent.exists, timeout=30, every=0.05, what="ssh-agent did not start")
         subprocess.run(["ssh-add", "-q", str(tmp_path / "id_ed25519")], env=env, check=True)
 
         def ssh(*command: str, check: bool = True) -> str:
@@ -703,23 +700,22 @@ def test_openssh_logs_in_to_the_environment(stand_in, tmp_path):
         tunnel = subprocess.Popen(["ssh", "-F", str(config), "-N", "-L",
                                    f"{port}:127.0.0.1:8888", host], env=env,
                                   stderr=subprocess.DEVNULL)
-        url = ""
-        deadline = time.monotonic() + 60
-        while True:  # until the forwarded port answers
-            try:
-                url = subprocess.run(
-                    [sys.executable, "-m", "devbox_build.cli", "ec2", "connect", "--role", "cpu",
-                     "--boxes", str(stand_in.boxes), "--ssh-config", str(config)], env=env,
-                    capture_output=True, text=True, check=True, timeout=120).stdout.strip()
-                token = url.split("token=", 1)[1]
-                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-                with opener.open(f"http://127.0.0.1:{port}/api/status?token={token}",
-                                 timeout=5) as answer:
-                    assert answer.status == 200
-                break
-            except (OSError, IndexError, subprocess.CalledProcessError):
-                assert time.monotonic() < deadline, url
-                time.sleep(0.5)
+        def through_the_tunnel() -> str | None:
+            """`ec2 connect`'s URL, once its token works on the forwarded port."""
+            connect = subprocess.run(
+                [sys.executable, "-m", "devbox_build.cli", "ec2", "connect", "--role", "cpu",
+                 "--boxes", str(stand_in.boxes), "--ssh-config", str(config)], env=env,
+                capture_output=True, text=True, check=False, timeout=120)
+            url = connect.stdout.strip()
+            if connect.returncode != 0 or "token=" not in url:
+                return None
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(f"http://127.0.0.1:{port}/api/status?token="
+                             f"{url.split('token=', 1)[1]}", timeout=5) as answer:
+                return url if answer.status == 200 else None
+
+        url = until(through_the_tunnel, timeout=60, every=0.5,
+                    what="JupyterLab did not answer through the tunnel")
         assert url.startswith("http://127.0.0.1:8888/lab?token="), url
         def ssh_sessions() -> list:
             """What the watcher counts (the asking command's own session is its own lineage)."""
@@ -729,10 +725,8 @@ def test_openssh_logs_in_to_the_environment(stand_in, tmp_path):
         assert len(ssh_sessions()) == 1  # the tunnel keeps the box up
         tunnel.terminate()
         tunnel.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while ssh_sessions():  # until sshd's session process ends: a state
-            assert time.monotonic() < deadline, ssh("ps -eo pid,ppid,args")
-            time.sleep(0.2)
+        until(lambda: not ssh_sessions(), timeout=30,  # sshd's session process ends
+              what=lambda: ssh("ps -eo pid,ppid,args"))
     finally:
         if tunnel:
             tunnel.terminate()

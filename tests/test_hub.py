@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from .support.hub import Hub
+from .support.wait import until
 
 pytestmark = pytest.mark.engine
 
@@ -86,6 +87,8 @@ c.DockerSpawner.environment = {{
         hub.open_lab(quitter, "quitter")
         quitter_since = time.monotonic()
 
+        # An observation window, not a wait: the busy servers must be up at every look for three
+        # culler timeouts, and the others' stop times are read off the hub as they happen.
         stopped: dict[str, float] = {}
         while time.monotonic() - idle_since < 3 * CULL_AFTER + CULL_EVERY:
             for user in users:
@@ -293,7 +296,6 @@ def test_the_image_under_the_charts_pod_defaults(engine, default_images):
     """What the chart's user pods impose: uid 1000 with fsGroup 100 (the PVC home root:users
     2775), all capabilities dropped and allowPrivilegeEscalation false (no-new-privileges). The
     server starts and the home is writable; sudo fails, as the README says."""
-    import time
     import uuid
 
     import requests
@@ -319,17 +321,10 @@ def test_the_image_under_the_charts_pod_defaults(engine, default_images):
                 security_opt=["no-new-privileges"]))["Id"]
         api.start(container)
         url = f"http://127.0.0.1:{engine.published_port(container, 8888)}/api/status"
-        deadline = time.monotonic() + 120
-        while True:  # until the server answers: a state
-            try:
-                if requests.get(url, headers={"Authorization": "token chart"}, timeout=5,
-                                proxies={"http": None}).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert engine.state(container)["Running"], engine.logs(container)[-2000:]
-            assert time.monotonic() < deadline, engine.logs(container)[-2000:]
-            time.sleep(0.3)
+        until(lambda: requests.get(url, headers={"Authorization": "token chart"}, timeout=5,
+                                   proxies={"http": None}).ok, timeout=120,
+              alive=lambda: engine.state(container)["Running"],
+              what=lambda: engine.logs(container)[-2000:])
 
         def run(command: str) -> int:
             exec_id = api.exec_create(container, ["sh", "-c", command])

@@ -14,11 +14,12 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import requests
+
+from .wait import until
 
 ROOT = Path(__file__).resolve().parents[2]
 PROXY = ROOT / ".devbox" / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
@@ -87,16 +88,9 @@ c.Spawner.http_timeout = 120
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(config)],
             cwd=self.folder, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while True:  # until the hub's API answers: a state
-            try:
-                if requests.get(f"{self.url}/hub/api", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the hub did not start:\n{self.logs()[-3000:]}")
-            time.sleep(0.2)
+        until(lambda: requests.get(f"{self.url}/hub/api", timeout=2).ok, timeout=90,
+              alive=lambda: self.process.poll() is None,
+              what=lambda: f"the hub did not start:\n{self.logs()[-3000:]}")
         return self
 
     def logs(self) -> str:
@@ -123,14 +117,13 @@ c.Spawner.http_timeout = 120
                  ) -> requests.Response:
         """Spawn the user's server (the hub's spawn page) and follow OAuth to /user/NAME/lab."""
         session.get(f"{self.url}/hub/spawn/{user}", timeout=120)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def lab() -> requests.Response | None:
             answer = session.get(f"{self.url}/user/{user}/lab", timeout=60)
-            if answer.ok and answer.url.endswith(f"/user/{user}/lab"):
-                return answer
-            assert time.monotonic() < deadline, (answer.status_code, answer.url,
-                                                 self.logs()[-3000:])
-            time.sleep(0.5)
+            return answer if answer.ok and answer.url.endswith(f"/user/{user}/lab") else None
+
+        return until(lab, timeout=timeout, every=0.5,
+                     what=lambda: f"/user/{user}/lab never answered:\n{self.logs()[-3000:]}")
 
     def server_api(self, session: requests.Session, user: str, method: str, path: str,
                    **kwargs) -> requests.Response:
@@ -171,10 +164,8 @@ c.Spawner.http_timeout = 120
     def stop_server(self, user: str) -> None:
         answer = self.api("DELETE", f"/users/{user}/server")
         assert answer.status_code in (202, 204), answer.text
-        deadline = time.monotonic() + 120
-        while self.api("GET", f"/users/{user}").json().get("servers"):
-            assert time.monotonic() < deadline, "the server did not stop"
-            time.sleep(0.3)
+        until(lambda: not self.user(user).get("servers"), timeout=120,
+              what=f"{user}'s server did not stop")
 
     def user(self, name: str) -> dict:
         return self.api("GET", f"/users/{name}").json()
