@@ -464,7 +464,8 @@ def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, a
           --role-arn arn:aws:iam::123456789012:role/SageMakerImages
     """
     from .checks.image import ImageUnderTest
-    from .sagemaker import config_name, requests_for
+    from .targets import prepare, write
+    from .targets.sagemaker import SageMaker, image_name_for
 
     refs.check_reference(ref, "REF")
     image = ImageUnderTest.load(Engine.connect(), ref)
@@ -473,28 +474,18 @@ def sagemaker_config_command(ref, role_arn, image_uri, image_name, entrypoint, a
             raise InputError(f"{ref} is a local image name, not a registry URI",
                              hint="push it to ECR and pass --image-uri with its URI")
         image_uri = ref
-    if image_name is None:
-        labels = image.labels
-        image_name = config_name(
-            f"{labels.get('devbox.spec', ref.rsplit('/', 1)[-1])}-{labels.get('devbox.variant', '')}"
-        )
-    requests = requests_for(
-        image, image_name=image_name, role_arn=role_arn, image_uri=image_uri,
-        entrypoint=[entrypoint] if entrypoint else None, arguments=list(arguments),
-        environment=environment,
-    )
+    target = SageMaker(image_name or image_name_for(image), role_arn, image_uri,
+                       [entrypoint] if entrypoint else None, list(arguments), environment)
+    files = prepare(target, [image])
+    requests = target.requests(image)
     if as_json:
         out.print_json(data={r.filename: {"operation": r.operation, "input": r.params}
                              for r in requests})
         return
-    folder = output or Path("sagemaker") / image_name
-    folder.mkdir(parents=True, exist_ok=True)
-    for request in requests:
-        locking.write_atomic(folder / request.filename,
-                             json.dumps(request.params, indent=2, sort_keys=True) + "\n",
-                             error=InputError)
-    err.print(f"[green]✓[/] {len(requests)} requests for {image_name} in {folder}/, valid for the "
-              "SageMaker API. Register with:")
+    folder = output or Path("sagemaker") / target.image_name
+    write(folder, files)
+    err.print(f"[green]✓[/] {len(files)} requests for {target.image_name} in {folder}/, valid "
+              "for the SageMaker API. Register with:")
     out.print(f"cd {folder}")
     for request in requests:
         out.print(request.cli)
@@ -524,23 +515,9 @@ def ec2_preflight_command(boxes_path, as_json):
     from .targets.ec2 import ImageFacts, load_box, preflight
 
     box = load_box(boxes_path)
-    images, unchecked = {}, []
-    try:
-        engine = Engine.connect()
-    except DevboxError:
-        engine = None
-    for role in box.roles:
-        ref = f"{box.image}:{role}"
-        # Pushed to ECR from a local build: the engine may know it by the repository's name alone.
-        local = ref.split("/", 1)[1] if "." in ref.split("/", 1)[0] else ref
-        found = next((name for name in (ref, local) if engine and engine.image_id(name)), None)
-        attrs = engine.api.inspect_image(found) if found else None
-        if attrs is None:
-            unchecked.append(ref)
-            continue
-        labels = (attrs.get("Config") or {}).get("Labels") or {}
-        images[role] = ImageFacts(found, attrs.get("Architecture", "amd64"),
-                                  labels.get("devbox.cuda.min-driver"))
+    local = _local_images(box)
+    images = {role: ImageFacts.of(image) for role, image in local.items()}
+    unchecked = [f"{box.image}:{role}" for role in box.roles if role not in local]
     problems = preflight(box, images)
     if as_json:
         out.print_json(data={"ok": not problems, "problems": problems, "unchecked": unchecked})
@@ -551,6 +528,26 @@ def ec2_preflight_command(boxes_path, as_json):
         err.print(f"[green]✓[/] {box.name}: preflight passed for {', '.join(box.roles)}"
                   + (f" (not in this engine, image checks skipped: {', '.join(unchecked)})"
                      if unchecked else ""))
+
+
+def _local_images(box) -> dict:
+    """The roles' images this machine's engine has (checks.image.ImageUnderTest), by role: a
+    local build pushed to ECR may be known by the repository's name alone. {} without an
+    engine: the checks that need the image are then skipped, and said to be."""
+    from .checks.image import ImageUnderTest
+
+    try:
+        engine = Engine.connect()
+    except DevboxError:
+        return {}
+    images = {}
+    for role in box.roles:
+        ref = f"{box.image}:{role}"
+        local = ref.split("/", 1)[1] if "." in ref.split("/", 1)[0] else ref
+        found = next((name for name in (ref, local) if engine.image_id(name)), None)
+        if found:
+            images[role] = ImageUnderTest(found, engine, engine.api.inspect_image(found), None)
+    return images
 
 
 def _checked_box(boxes_path: Path):
@@ -624,11 +621,14 @@ def ec2_user_data_command(boxes_path, role, key_path, volume_id):
     \b
       devbox-build ec2 user-data --role gpu > user-data.yml
     """
-    from .targets.ec2 import public_key, user_data
+    from .targets import prepare
+    from .targets.ec2 import Ec2, public_key
 
     box = _checked_box(boxes_path)
     key, _ = public_key(key_path)
-    click.echo(user_data(box, role, f"{box.image}:{role}", volume_id, key), nl=False)
+    local = _local_images(box)
+    files = prepare(Ec2(box, role, key, volume_id), [local[role]] if role in local else [])
+    click.echo(next(iter(files.values())), nl=False)
 
 
 def _connect_lines(box, role: str, boxes_path: Path) -> None:
@@ -892,7 +892,8 @@ def hub_docker_command(images, output, network, home_volume, idle_timeout, cull_
     """
     from .checks.image import ImageUnderTest
     from .runtime.rules import RuleError, duration
-    from .targets.hub import docker_settings, profile_for, write_docker
+    from .targets import prepare, write
+    from .targets.hub import DockerHub, profile_for
 
     if idle_timeout:
         try:
@@ -905,12 +906,12 @@ def hub_docker_command(images, output, network, home_volume, idle_timeout, cull_
     engine = Engine.connect()
     for ref in images:
         refs.check_reference(ref, "IMAGES")
-    profiles = [profile_for(ImageUnderTest.load(engine, ref)) for ref in images]
-    written = write_docker(output, docker_settings(profiles, network, idle_timeout,
-                                                   cull_minutes, home_volume))
+    loaded = [ImageUnderTest.load(engine, ref) for ref in images]
+    target = DockerHub(network, home_volume, idle_timeout, cull_minutes)
+    written = write(output, prepare(target, loaded))
     if as_json:
         out.print_json(data={"files": [str(p) for p in written],
-                             "profiles": [p.image for p in profiles]})
+                             "profiles": [profile_for(image).image for image in loaded]})
         return
     for path in written:
         err.print(f"[green]✓[/] wrote {path}")
@@ -943,11 +944,10 @@ def hub_k8s_command(images, output, idle_timeout, cull_minutes, gpu_nodes, cpu, 
           --gpu-node-selector node.kubernetes.io/instance-type=g6.xlarge
       helm upgrade --install jhub jupyterhub/jupyterhub --values values.yaml
     """
-    import yaml
-
     from .checks.image import ImageUnderTest
     from .runtime.rules import RuleError, duration
-    from .targets.hub import chart_values, profile_for
+    from .targets import prepare, write
+    from .targets.hub import KubernetesHub
 
     if idle_timeout:
         try:
@@ -966,10 +966,8 @@ def hub_k8s_command(images, output, idle_timeout, cull_minutes, gpu_nodes, cpu, 
     engine = Engine.connect()
     for ref in images:
         refs.check_reference(ref, "IMAGES")
-    profiles = [profile_for(ImageUnderTest.load(engine, ref)) for ref in images]
-    values = chart_values(profiles, idle_timeout, cull_minutes, gpu_nodes, resources)
-    output.write_text("# Zero to JupyterHub values, written by devbox-build hub k8s.\n"
-                      + yaml.safe_dump(values, sort_keys=False))
+    target = KubernetesHub(gpu_nodes, resources, idle_timeout, cull_minutes, output.name)
+    write(output.parent, prepare(target, [ImageUnderTest.load(engine, ref) for ref in images]))
     err.print(f"[green]✓[/] wrote {output}")
 
 

@@ -383,8 +383,8 @@ def render(
     labels = {
         "org.opencontainers.image.title": spec.name,
         "org.opencontainers.image.description": spec.description,
-        "devbox.spec": spec.name,
-        "devbox.variant": variant,
+        contract.LABEL_SPEC: spec.name,
+        contract.LABEL_VARIANT: variant,
         "devbox.python": spec.python_version,
         "devbox.tool-version": __version__,
         **(

@@ -121,11 +121,12 @@ def run_config(folder):
 
 
 def test_the_generated_config_offers_each_image_and_gives_gpu_profiles_the_gpus(tmp_path):
-    from devbox_build.targets.hub import Profile, docker_settings, write_docker
+    from devbox_build.targets import write
+    from devbox_build.targets.hub import Profile, docker_files, docker_settings
 
     profiles = [Profile("cpu", "datascience (cpu)", "devbox/datascience:cpu-0123456789ab", False),
                 Profile("gpu", "datascience (gpu)", "devbox/datascience:gpu-0123456789ab", True)]
-    write_docker(tmp_path, docker_settings(profiles, "team-net", "2h", 60))
+    write(tmp_path, docker_files(docker_settings(profiles, "team-net", "2h", 60)))
     config = run_config(tmp_path)
     spawner = config.DockerSpawner
     assert spawner.image == profiles[0].image

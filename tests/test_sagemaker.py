@@ -8,7 +8,7 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
-from devbox_build.sagemaker import validate
+from devbox_build.targets.sagemaker import validate
 
 from .conftest import assert_clean_error, cli
 

@@ -81,6 +81,7 @@ SSH_HOST_KEY = f"{STATE}/ssh/ssh_host_ed25519_key"  # one per volume: it follows
 # ---- image labels
 LABEL_CONTENT_HASH = "devbox.content-hash"
 LABEL_SPEC = "devbox.spec"
+LABEL_VARIANT = "devbox.variant"
 LABEL_DEVCONTAINER = "devcontainer.metadata"
 
 

@@ -203,6 +203,12 @@ class ImageFacts:
     architecture: str  # "amd64", "arm64"
     cuda_min_driver: str | None  # the label devbox.cuda.min-driver
 
+    @classmethod
+    def of(cls, image) -> ImageFacts:
+        """From an image the engine has (checks.image.ImageUnderTest)."""
+        return cls(image.ref, image.attrs.get("Architecture", "amd64"),
+                   image.labels.get("devbox.cuda.min-driver"))
+
 
 # An ECR repository: its account, region and name.
 ECR_REPOSITORY = re.compile(r"(?P<account>[0-9]{12})\.dkr\.ecr\.(?P<region>[a-z]{2}(-gov)?-[a-z]+-[0-9])"
@@ -252,23 +258,8 @@ def preflight(box: Box, images: dict[str, ImageFacts]) -> list[str]:
             problems.append(f"{key}: {spec.instance_type} is a GPU instance; the cpu role is the "
                             "cheap box, and a GPU bills by the hour whether used or not")
         problems += _guardrails(box, role, spec.instance_type, key, gpu)
-        image = images.get(role)
-        if image is None:
-            continue
-        wanted = architecture(spec.instance_type)
-        if image.architecture != wanted:
-            problems.append(f"{key}: {spec.instance_type} is {wanted}, but {image.ref} is "
-                            f"linux/{image.architecture}")
-        driver = AMI_FAMILIES[spec.ami_family]
-        if image.cuda_min_driver:
-            if driver is None:
-                problems.append(f"{where} 'roles.{role}.ami_family': {spec.ami_family} ships no "
-                                f"NVIDIA driver; {image.ref} needs {image.cuda_min_driver} or "
-                                "newer (use a dlami-base-gpu family)")
-            elif _driver(driver) < _driver(image.cuda_min_driver):
-                problems.append(f"{where} 'roles.{role}.ami_family': {spec.ami_family} ships "
-                                f"driver {driver}; {image.ref} needs {image.cuda_min_driver} "
-                                "or newer")
+        if role in images:
+            problems += image_problems(box, role, images[role])
     volume_zone = box.volume.availability_zone or box.availability_zone
     if volume_zone != box.availability_zone:
         problems.append(f"{where} 'volume.availability_zone': {volume_zone}, but the boxes run in "
@@ -285,6 +276,53 @@ def preflight(box: Box, images: dict[str, ImageFacts]) -> list[str]:
         problems.append(f"{where} 'metadata.hop_limit': {box.metadata.hop_limit}; a container "
                         "behind Docker's bridge is one hop further and needs 2 to reach IMDS")
     return problems
+
+
+def image_problems(box: Box, role: str, image: ImageFacts) -> list[str]:
+    """Why ``image`` would not run on the role's instance: its architecture, its CUDA driver."""
+    where, spec = f"{box.path}: key", box.roles[role]
+    if spec.instance_type not in instance_types():
+        return []  # preflight names the instance type
+    problems = []
+    wanted = architecture(spec.instance_type)
+    if image.architecture != wanted:
+        problems.append(f"{where} 'roles.{role}.instance_type': {spec.instance_type} is "
+                        f"{wanted}, but {image.ref} is linux/{image.architecture}")
+    driver = AMI_FAMILIES[spec.ami_family]
+    if image.cuda_min_driver:
+        if driver is None:
+            problems.append(f"{where} 'roles.{role}.ami_family': {spec.ami_family} ships no "
+                            f"NVIDIA driver; {image.ref} needs {image.cuda_min_driver} or "
+                            "newer (use a dlami-base-gpu family)")
+        elif _driver(driver) < _driver(image.cuda_min_driver):
+            problems.append(f"{where} 'roles.{role}.ami_family': {spec.ami_family} ships "
+                            f"driver {driver}; {image.ref} needs {image.cuda_min_driver} "
+                            "or newer")
+    return problems
+
+
+@dataclass(frozen=True)
+class Ec2:
+    """One role's box (a Target): admits an image for the role's instance type and AMI, renders
+    the cloud-init user data the instance boots with. The box pulls ``box.image:role`` from ECR;
+    the images admitted are the local builds pushed there."""
+
+    box: Box
+    role: str
+    public_key: str
+    volume_id: str = "vol-00000000000000000"  # `ec2 up` passes the real one
+
+    @property
+    def name(self) -> str:
+        return f"EC2 box {self.box.name} ({self.role})"
+
+    def admit(self, image) -> list[str]:
+        return image_problems(self.box, self.role, ImageFacts.of(image))
+
+    def render(self, images=()) -> dict[str, str]:
+        return {f"user-data-{self.role}.yml": user_data(
+            self.box, self.role, f"{self.box.image}:{self.role}", self.volume_id,
+            self.public_key)}
 
 
 def _guardrails(box: Box, role: str, instance_type: str, key: str, gpu: bool) -> list[str]:

@@ -1,8 +1,8 @@
 """JupyterHub: the team's images served by a hub, on one host (DockerSpawner) or on Kubernetes
-(Zero to JupyterHub's chart).
+(Zero to JupyterHub's chart). Two targets, admitting images the same way:
 
-    write_docker(folder, profiles, ...)  jupyterhub_config.py (fixed) + devbox-hub.json (data)
-    chart_values(profiles, ...)          the chart's values for the same profiles
+    DockerHub      jupyterhub_config.py (fixed) + devbox-hub.json (data)
+    KubernetesHub  the chart's values.yaml for the same profiles
 
 A profile is one built image: its content tag (what a hub pulls never changes under it), whether
 it needs GPUs (its CUDA label), and the name a user picks it by.
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...errors import InputError
 from ...runtime import contract
 
 CONFIG = Path(__file__).parent / "jupyterhub_config.py"
@@ -34,18 +33,22 @@ class Profile:
     gpus: bool
 
 
-def profile_for(image) -> Profile:
-    """A profile from an image the engine has (checks.image.ImageUnderTest)."""
+def admit(image) -> list[str]:
+    """Why a hub cannot serve ``image`` (checks.image.ImageUnderTest); [] when it can."""
     tags = image.attrs.get("RepoTags") or []
-    content = next((t for t in tags if CONTENT_TAG.fullmatch(t)), None)
-    if content is None:
-        raise InputError(f"{image.ref}: not built by devbox-build (no content tag among "
-                         f"{', '.join(tags) or 'its tags'})",
-                         hint="devbox-build build IMAGE --variant cpu")
+    problems = []
+    if not any(CONTENT_TAG.fullmatch(t) for t in tags):
+        problems.append(f"not built by devbox-build (no content tag among "
+                        f"{', '.join(tags) or 'its tags'}): devbox-build build IMAGE")
     if "jupyterhub" not in image.pip_packages:
-        raise InputError(f"{image.ref}: has no jupyterhub, so a hub cannot start it",
-                         hint="add jupyterhub (the hub's major version) to its pip "
-                              "requirements, lock and build")
+        problems.append("has no jupyterhub, so a hub cannot start it: add jupyterhub (the "
+                        "hub's major version) to its pip requirements, lock and build")
+    return problems
+
+
+def profile_for(image) -> Profile:
+    """The profile of an admitted image: its content tag, its variant, whether it has CUDA."""
+    content = next(t for t in image.attrs["RepoTags"] if CONTENT_TAG.fullmatch(t))
     variant = CONTENT_TAG.fullmatch(content)["variant"]
     spec = image.labels.get(contract.LABEL_SPEC, content.rsplit("/", 1)[-1].split(":")[0])
     gpus = bool(image.cuda_version)
@@ -71,12 +74,28 @@ def docker_settings(profiles: list[Profile], network: str, idle_timeout: str | N
     }
 
 
-def write_docker(folder: Path, settings: dict) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    config, data = folder / CONFIG.name, folder / SETTINGS
-    shutil.copyfile(CONFIG, config)
-    data.write_text(json.dumps(settings, indent=2) + "\n")
-    return [config, data]
+def docker_files(settings: dict) -> dict[str, str]:
+    """The fixed configuration beside its data: no value ever changes the Python file."""
+    return {CONFIG.name: CONFIG.read_text(), SETTINGS: json.dumps(settings, indent=2) + "\n"}
+
+
+@dataclass(frozen=True)
+class DockerHub:
+    """A hub on one host: DockerSpawner, a home volume per user, the images as profiles."""
+
+    network: str = "devbox-hub"
+    home_volume: str = "devbox-home-{username}"
+    idle_timeout: str | None = None
+    cull_minutes: int | None = None
+    name = "JupyterHub (DockerSpawner)"
+
+    def admit(self, image) -> list[str]:
+        return admit(image)
+
+    def render(self, images: Sequence) -> dict[str, str]:
+        profiles = [profile_for(image) for image in images]
+        return docker_files(docker_settings(profiles, self.network, self.idle_timeout,
+                                            self.cull_minutes, self.home_volume))
 
 
 # The chart's own user-pod tolerations (its scheduling.userPods): a profile's tolerations replace
@@ -128,3 +147,27 @@ def chart_values(profiles: list[Profile], idle_timeout: str | None, cull_minutes
         "cull": {"enabled": bool(cull_minutes), "timeout": (cull_minutes or 60) * 60,
                  "every": 300},
     }
+
+
+@dataclass(frozen=True)
+class KubernetesHub:
+    """A hub on Kubernetes through Zero to JupyterHub: the chart's values."""
+
+    gpu_node_selector: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, dict] = field(default_factory=lambda: {
+        "cpu": {"guarantee": 0.5, "limit": 2.0}, "memory": {"guarantee": "1G", "limit": "4G"}})
+    idle_timeout: str | None = None
+    cull_minutes: int | None = None
+    filename: str = "values.yaml"
+    name = "JupyterHub (Zero to JupyterHub)"
+
+    def admit(self, image) -> list[str]:
+        return admit(image)
+
+    def render(self, images: Sequence) -> dict[str, str]:
+        import yaml
+
+        values = chart_values([profile_for(image) for image in images], self.idle_timeout,
+                              self.cull_minutes, self.gpu_node_selector, self.resources)
+        return {self.filename: "# Zero to JupyterHub values, written by devbox-build hub k8s.\n"
+                + yaml.safe_dump(values, sort_keys=False)}
