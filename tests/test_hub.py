@@ -49,6 +49,47 @@ def test_two_users_log_in_spawn_and_keep_their_files(engine, default_images, tmp
             engine.api.inspect_container(f"{hub.prefix}-alice")["Id"])
 
 
+# This host has no GPU: bob's spawns go where the GPU request is dropped (as on a node whose
+# toolkit hands out devices some other way), so the GPU image itself is seen serving.
+WITHOUT_GPUS_FOR_BOB = """
+ours = c.Spawner.pre_spawn_hook
+def without_gpus_for_bob(spawner):
+    ours(spawner)
+    if spawner.user.name == "bob":
+        spawner.extra_host_config = {key: value for key, value in
+                                     spawner.extra_host_config.items() if key != "device_requests"}
+c.Spawner.pre_spawn_hook = without_gpus_for_bob
+"""
+
+
+def test_a_user_picks_the_gpu_profile_and_the_engine_is_asked_for_the_gpus(
+        engine, default_images, tmp_path):
+    """The CPU and GPU images as the spawn page's picker. Alice picks the GPU profile: the
+    container is created with a request for every NVIDIA GPU, which this GPU-less engine refuses
+    by name; she picks the CPU profile and gets it without any GPU request (one spawner serves
+    her every spawn). Bob's GPU profile, with the request dropped, serves JupyterLab."""
+    cpu, gpu = default_images["cpu"].content_tag, default_images["gpu"].content_tag
+    with Hub(engine, [cpu, gpu], tmp_path, extra_config=WITHOUT_GPUS_FOR_BOB) as hub:
+        profiles = {p["slug"]: p["display_name"] for p in json.loads(
+            (tmp_path / "devbox" / "devbox-hub.json").read_text())["profiles"]}
+        alice, bob = hub.login("alice"), hub.login("bob")
+        hub.spawn(alice, "alice", profiles["gpu"])
+        until(lambda: 'could not select device driver "nvidia"' in hub.logs()
+              and not hub.user("alice").get("servers"), timeout=120,
+              what=lambda: f"the GPU request never reached the engine:\n{hub.logs()[-3000:]}")
+
+        assert "JupyterLab" in hub.open_lab(alice, "alice", profile=profiles["cpu"]).text
+        attrs = engine.api.inspect_container(f"{hub.prefix}-alice")
+        assert attrs["Config"]["Image"] == cpu
+        assert not attrs["HostConfig"].get("DeviceRequests"), attrs["HostConfig"]
+
+        assert "JupyterLab" in hub.open_lab(bob, "bob", profile=profiles["gpu"]).text
+        attrs = engine.api.inspect_container(f"{hub.prefix}-bob")
+        assert attrs["Config"]["Image"] == gpu
+        kernel = hub.server_api(bob, "bob", "POST", "/kernels", json={})
+        assert kernel.status_code == 201, kernel.text
+
+
 CULL_AFTER, CULL_EVERY = 20, 5  # jupyterhub-idle-culler's --timeout and --cull-every (s)
 QUIT_AFTER = 8  # the quitter's own watcher: DEVBOX_IDLE_TIMEOUT, action stop
 
@@ -140,16 +181,24 @@ def test_the_generated_config_offers_each_image_and_gives_gpu_profiles_the_gpus(
     culler = [s for s in services if s["name"] == "idle-culler"]
     assert culler and "--timeout=3600" in culler[0]["command"], services
 
-    class Spawned:  # what the hook reads and writes on DockerSpawner
-        def __init__(self, image):
-            self.image, self.extra_host_config = image, {}
+    class Spawned:  # what the hook reads and writes on DockerSpawner, before its start()
+        def __init__(self, image, choice=None):
+            self.image, self.extra_host_config = image, {"shm_size": "1g"}
+            self.user_options = {"image": choice} if choice else {}
 
-    cpu, gpu = Spawned(profiles[0].image), Spawned(profiles[1].image)
+    # The picker's choice is in the options (start() resolves it after the hook ran); one
+    # spawner serves a user's every spawn, so a CPU spawn after a GPU one drops the GPUs.
+    cpu, gpu = Spawned(profiles[0].image), Spawned(profiles[0].image, "datascience (gpu)")
     for spawned in (cpu, gpu):
         config.Spawner.pre_spawn_hook(spawned)
-    assert cpu.extra_host_config == {}
-    assert gpu.extra_host_config == {"device_requests": [
+    assert cpu.extra_host_config == {"shm_size": "1g"}
+    assert gpu.extra_host_config == {"shm_size": "1g", "device_requests": [
         {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]}
+    gpu.user_options = {"image": "datascience (cpu)"}
+    config.Spawner.pre_spawn_hook(gpu)
+    assert gpu.extra_host_config == {"shm_size": "1g"}
+    gpu.user_options = {"image": "datascience (gpu)"}
+    config.Spawner.pre_spawn_hook(gpu)
     # The docker-py form DockerSpawner hands it to: a valid device request.
     import docker
 

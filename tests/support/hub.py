@@ -32,9 +32,12 @@ def free_port() -> int:
 
 
 class Hub:
-    def __init__(self, engine, image: str, folder: Path, cmd: list[str] | None = None,
-                 users=("alice", "bob"), extra_config: str = "", options=()) -> None:
-        self.engine, self.image, self.folder, self.cmd = engine, image, folder, cmd
+    def __init__(self, engine, image: str | list[str], folder: Path,
+                 cmd: list[str] | None = None, users=("alice", "bob"), extra_config: str = "",
+                 options=()) -> None:
+        """``image``: the image, or the images a user picks from (the first is the default)."""
+        self.images = [image] if isinstance(image, str) else list(image)
+        self.engine, self.folder, self.cmd = engine, folder, cmd
         self.users, self.extra_config, self.options = users, extra_config, list(options)
         self.prefix = f"hub{uuid.uuid4().hex[:8]}"
         self.port, self.api_port = free_port(), free_port()
@@ -51,7 +54,7 @@ class Hub:
         # What a team's hub gets from devbox-build, included by the hub's own configuration
         # (here: the test's login, database, proxy, and its admin service).
         generated = subprocess.run(
-            [sys.executable, "-m", "devbox_build.cli", "hub", "docker", self.image,
+            [sys.executable, "-m", "devbox_build.cli", "hub", "docker", *self.images,
              "--output", str(self.folder / "devbox"), "--network", self.prefix,
              "--home-volume", f"{self.prefix}-home-{{username}}", *self.options],
             capture_output=True, text=True, check=False)
@@ -113,10 +116,22 @@ c.Spawner.http_timeout = 120
         assert answer.status_code == 302, (answer.status_code, answer.text[:500])
         return session
 
-    def open_lab(self, session: requests.Session, user: str, timeout: float = 240
-                 ) -> requests.Response:
-        """Spawn the user's server (the hub's spawn page) and follow OAuth to /user/NAME/lab."""
-        session.get(f"{self.url}/hub/spawn/{user}", timeout=120)
+    def spawn(self, session: requests.Session, user: str, profile: str | None = None) -> None:
+        """Ask for the user's server as the spawn page does: a GET, or the picker's form."""
+        if profile is None:
+            session.get(f"{self.url}/hub/spawn/{user}", timeout=120)
+            return
+        form = session.get(f"{self.url}/hub/spawn/{user}", timeout=120)
+        assert f'value="{profile}"' in form.text, form.text[:2000]
+        xsrf = session.cookies.get("_xsrf", path="/hub/") or session.cookies.get("_xsrf")
+        session.post(f"{self.url}/hub/spawn/{user}", data={"image": profile, "_xsrf": xsrf},
+                     timeout=120)
+
+    def open_lab(self, session: requests.Session, user: str, timeout: float = 240,
+                 profile: str | None = None) -> requests.Response:
+        """Spawn the user's server (the hub's spawn page, with the picker's ``profile``) and
+        follow OAuth to /user/NAME/lab."""
+        self.spawn(session, user, profile)
 
         def lab() -> requests.Response | None:
             answer = session.get(f"{self.url}/user/{user}/lab", timeout=60)

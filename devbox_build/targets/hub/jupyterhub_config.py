@@ -31,11 +31,18 @@ c.Spawner.server_token_scopes = settings["server_token_scopes"]
 
 
 def request_gpus(spawner):
-    """GPU profiles get every GPU of the host (the NVIDIA container toolkit's runtime)."""
-    profile = next((p for p in profiles if p["image"] == spawner.image), profiles[0])
+    """GPU profiles get every GPU of the host (the NVIDIA container toolkit's runtime), other
+    profiles none. The hook runs before DockerSpawner resolves the picker's choice (and the
+    spawner, with its settings, outlives a server), so the choice is read from the options."""
+    chosen = spawner.user_options.get("image") or spawner.image
+    profile = next((p for p in profiles if chosen in (p["display_name"], p["image"])),
+                   profiles[0])
+    host_config = {key: value for key, value in spawner.extra_host_config.items()
+                   if key != "device_requests"}
     if profile["gpus"]:
-        spawner.extra_host_config = {**spawner.extra_host_config, "device_requests": [
-            {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]}
+        host_config["device_requests"] = [
+            {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]
+    spawner.extra_host_config = host_config
 
 
 c.Spawner.pre_spawn_hook = request_gpus
