@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import socket
 import tarfile
 import time
@@ -28,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache
+from . import cache, settings
 from .engine import Engine, Step, StepFailed
 from .errors import DevboxError, InputError
 from .render import LAYER_MTIME, PIP_INSTALL, VENV, BuildContext, InstallStep, template_file
@@ -36,10 +35,9 @@ from .render import LAYER_MTIME, PIP_INSTALL, VENV, BuildContext, InstallStep, t
 SCRIPT = "assemble-groups.sh"
 WORK = "/tmp/devbox-assemble"
 # A cached layer unused this long is removed at the next assembly; so are the least recently
-# used ones while the cache holds more than DEVBOX_LAYER_CACHE_MB (a GPU stack's groups are
-# ~6.5 GB; a new base or tool version makes a new set).
+# used ones while the cache holds more than DEVBOX_LAYER_CACHE_MB (settings.py; a GPU stack's
+# groups are ~6.5 GB; a new base or tool version makes a new set).
 UNUSED_DAYS = 30
-CACHE_MB = 16384
 # A half-written entry (a build killed while it copied a layer out) is removed once it is this old:
 # a younger one may be another build's, still being written.
 PARTIAL_SECONDS = 3600
@@ -182,10 +180,7 @@ class LayerCache:
 
 def cache_budget() -> int:
     """The layer cache's size budget in bytes (DEVBOX_LAYER_CACHE_MB)."""
-    text = os.environ.get("DEVBOX_LAYER_CACHE_MB") or str(CACHE_MB)
-    if not re.fullmatch(r"[0-9]+", text):  # not str.isdigit: '²' is a digit to it
-        raise InputError(f"DEVBOX_LAYER_CACHE_MB: {text!r} is not a whole number of megabytes")
-    return int(text) * 1_000_000
+    return settings.value("DEVBOX_LAYER_CACHE_MB") * 1_000_000
 
 
 @functools.cache

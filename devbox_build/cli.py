@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, locking, refs
+from . import __version__, locking, refs, settings
 from .build import (
     MECHANISMS,
     BuildOptions,
@@ -53,9 +53,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 images_dir_option = click.option(
     "--images-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("images"),
-    envvar="DEVBOX_IMAGES_DIR",
-    show_default=True,
+    default=lambda: Path(settings.value("DEVBOX_IMAGES_DIR") or "images"),
+    show_default="images, or DEVBOX_IMAGES_DIR",
     help="Where image specs live (images/<name>/image.toml).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -64,10 +63,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 def ca_options(command):
     """--ca-cert and --no-host-ca: which CA certificates a build (or render) trusts."""
     command = click.option(
-        "--no-host-ca", is_flag=True, envvar="DEVBOX_NO_HOST_CA",
-        help="Do not trust this host's extra CA certificates by default.")(command)
+        "--no-host-ca", is_flag=True, default=settings.default("DEVBOX_NO_HOST_CA"),
+        help="Do not trust this host's extra CA certificates by default (env "
+             "DEVBOX_NO_HOST_CA=1).")(command)
     return click.option(
-        "--ca-cert", "ca_certs", multiple=True, envvar="DEVBOX_CA_CERTS", metavar="PATH",
+        "--ca-cert", "ca_certs", multiple=True, default=settings.default("DEVBOX_CA_CERTS"),
+        metavar="PATH",
         help="Extra CA certificate (PEM) or glob to trust in the image and during the build "
              "(repeatable; env DEVBOX_CA_CERTS, space-separated). Default: this host's extra "
              "CAs (/usr/local/share/ca-certificates/*.crt, /etc/pki/ca-trust/source/anchors/*), "
@@ -104,9 +105,13 @@ def cli() -> None:
 
     IMAGE is a spec name under --images-dir, a folder with an image.toml, or the file itself.
     """
+    for warning in settings.check():
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
-cli.help = f"{inspect.cleandoc(cli.help)}\n\n\b\n{textwrap.fill(exit_codes_help(), 92)}"
+cli.help = (f"{inspect.cleandoc(cli.help)}\n\n\b\n{textwrap.fill(exit_codes_help(), 92)}"
+            "\n\n\b\nSettings from the environment:\n"
+            + "\n".join(f"  {s.name:<24} {s.help}" for s in settings.HOST.values()))
 
 
 # -- lock ---------------------------------------------------------------------------------------
@@ -251,13 +256,15 @@ class RichProgress:
 @click.option("--allow-stale", is_flag=True,
               help="Build even if a lock's inputs changed (never from a lock edited by hand).")
 @ca_options
-@click.option("--network", "network_mode", envvar="DEVBOX_NETWORK",
-              help="Network for build steps (e.g. host, to reach a channel or index on the host's loopback).")
+@click.option("--network", "network_mode", default=settings.default("DEVBOX_NETWORK"),
+              help="Network for build steps (e.g. host, to reach a channel or index on the "
+                   "host's loopback; env DEVBOX_NETWORK).")
 @click.option("--no-cache", is_flag=True, help="Rebuild every layer, ignoring the engine's cache.")
 @click.option("--platform", help="linux/amd64 or linux/arm64 (default: the engine's own; the "
               "spec must lock it). Another platform needs emulation registered in the engine.")
-@click.option("--mechanism", type=click.Choice(MECHANISMS), default="assembled",
-              envvar="DEVBOX_MECHANISM", show_default=True,
+@click.option("--mechanism", type=click.Choice(MECHANISMS),
+              default=settings.default("DEVBOX_MECHANISM"),
+              show_default="assembled, or DEVBOX_MECHANISM",
               help="How the pip groups become layers: assembled (each installed on its own in a "
               "builder container, cached on this host, put together with docker load; a "
               "one-pin change installs one group) or chain (one Dockerfile RUN per group, "

@@ -10,7 +10,7 @@ from devbox_build import locking
 from devbox_build.errors import DevboxError, InputError, SpecError
 from devbox_build.render import render
 
-from .conftest import HOST_CA_CERTS, ROOT, TINY, cli, load
+from .conftest import HOST_CA_CERTS, ROOT, TINY, assert_clean_error, cli, load
 
 LAYER_ORDER = ["os", "system", "conda", "pip", "variant", "dev", "final"]
 
@@ -365,3 +365,29 @@ def test_a_cached_layer_cut_short_or_changed_is_evicted_and_old_partials_pruned(
     os.utime(old, (time.time() - PARTIAL_SECONDS - 5,) * 2)
     cache.prune(keep=set())
     assert not old.exists() and fresh.exists()
+
+
+def test_every_devbox_setting_is_read_in_one_place(tmp_path):
+    """A DEVBOX_* variable nobody reads is named with the closest real name; the image's own
+    variables are not; a bad value is one error naming it, before any work."""
+    from devbox_build import settings
+
+    assert settings.check({"DEVBOX_IDLE_TIMEOUT": "2h", "DEVBOX_DOTFILES": "x",
+                           "DEVBOX_NETWORK": "host", "PATH": "/bin"}) == []
+    assert settings.check({"DEVBOX_LAYER_CACHE_MBS": "3"}) == [
+        "DEVBOX_LAYER_CACHE_MBS is not a setting of devbox-build or its images; it is ignored "
+        "(did you mean DEVBOX_LAYER_CACHE_MB?)"]
+    with pytest.raises(InputError, match="DEVBOX_MECHANISM: 'fast' is not assembled or chain"):
+        settings.check({"DEVBOX_MECHANISM": "fast"})
+
+    result = cli("render", str(TINY), "--variant", "cpu", env={"DEVBOX_NETWORKS": "host"})
+    assert result.returncode == 0, result.stderr
+    assert "warning: DEVBOX_NETWORKS is not a setting" in result.stderr
+    assert "did you mean DEVBOX_NETWORK?" in result.stderr
+    for variable, text in (("DEVBOX_NO_HOST_CA", "maybe"), ("DEVBOX_LAYER_CACHE_MB", "²")):
+        result = cli("render", str(TINY), "--variant", "cpu", env={variable: text})
+        assert_clean_error(result, f"{variable}: {text!r}")
+        assert result.returncode == 2
+    # An option's default comes from its setting; the flag still wins.
+    result = cli("render", str(TINY), "--variant", "cpu", env={"DEVBOX_CA_CERTS": "/nowhere.crt"})
+    assert_clean_error(result, "/nowhere.crt")

@@ -17,11 +17,11 @@ these same fixtures, plus the user's own test folders when given ``--tests``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from .. import settings
 from ..engine import Engine
 from ..errors import DevboxError
 from .image import Container, ImageUnderTest, running
@@ -30,7 +30,7 @@ from .image import Container, ImageUnderTest, running
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("devbox", "devbox-build image checks")
     group.addoption(
-        "--devbox-image", default=os.environ.get("DEVBOX_IMAGE"), metavar="REF",
+        "--devbox-image", default=settings.value("DEVBOX_IMAGE"), metavar="REF",
         help="the image the image fixtures check (default: $DEVBOX_IMAGE)",
     )
 

@@ -68,6 +68,9 @@ class Rules:
 
 FIELDS = tuple(Rules.__dataclass_fields__)
 _ENVIRONMENT_KEYS = ("timeout", "action", "interval", "warn_before", "cpu_percent", "gpu_percent")
+IGNORE_VARIABLE = "DEVBOX_IDLE_IGNORE"
+# Each rule a container's environment may override, and the variable that does.
+VARIABLES = {key: f"DEVBOX_IDLE_{key.upper()}" for key in _ENVIRONMENT_KEYS}
 
 
 def validate(table: dict, where: str = "[idle]") -> Rules:
@@ -150,11 +153,10 @@ def load_rules(environ=os.environ, path: str = contract.IDLE_RULES) -> Rules:
     _known(table, path)
     sources = {key: (f"{path}: key '{key}'", value) for key, value in table.items()
                if key not in ("ignore", "io_bytes")}
-    for key in _ENVIRONMENT_KEYS:
-        variable = f"DEVBOX_IDLE_{key.upper()}"
+    for key, variable in VARIABLES.items():
         if environ.get(variable, "").strip():
             sources[key] = (variable, environ[variable].strip())
     ignore = list(table.get("ignore", []))
-    ignore += [name.strip() for name in environ.get("DEVBOX_IDLE_IGNORE", "").split(",")
+    ignore += [name.strip() for name in environ.get(IGNORE_VARIABLE, "").split(",")
                if name.strip()]
     return _rules(sources, ignore, table.get("io_bytes"))
