@@ -1,3 +1,5 @@
 """devbox-build: locked dependency files → layered CPU/GPU images."""
 
-__version__ = "0.1.0"
+# The one place the version is written (pyproject reads it). A release is a CHANGELOG.md entry
+# with this version and a git tag of the same name, which generated projects record and pin.
+__version__ = "0.2.0"

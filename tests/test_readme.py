@@ -151,3 +151,27 @@ def test_every_printed_command_runs(engine, default_images, tmp_path):
     finally:
         for tag in set(sum((i["RepoTags"] or [] for i in engine.api.images()), [])) - tags_before:
             engine.untag(tag)
+
+
+def test_the_version_is_written_once_and_released_with_a_changelog_entry():
+    """pyproject reads devbox_build.__version__; CHANGELOG.md's newest entry is that version; a
+    version tag on this commit names it too (the tag is what a generated project records)."""
+    import subprocess
+    import tomllib
+
+    from devbox_build import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "devbox_build.__version__"}
+    from packaging.version import Version
+
+    assert Version(__version__) > Version("0.0.0")
+    entries = re.findall(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert entries[0] == __version__, entries
+    tags = subprocess.run(["git", "tag", "--points-at", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.split()
+    for tag in tags:
+        if re.fullmatch(r"v?\d+\.\d+\.\d+", tag):
+            assert tag.lstrip("v") == __version__, tags
