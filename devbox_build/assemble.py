@@ -23,7 +23,7 @@ import os
 import socket
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from . import cache, settings
 from .engine import Engine, Step, StepFailed
 from .errors import DevboxError, InputError
 from .render import LAYER_MTIME, PIP_INSTALL, VENV, BuildContext, InstallStep, template_file
+from .report import SILENT, Reporter
 
 SCRIPT = "assemble-groups.sh"
 WORK = "/tmp/devbox-assemble"
@@ -73,9 +74,9 @@ class LayerCache:
     folder. A tar whose size is not the recorded one (cut short) is evicted when it is looked
     up; one whose bytes changed is found by :meth:`damaged` when the engine refuses a load."""
 
-    def __init__(self, folder: Path | None = None, report: Report | None = None) -> None:
+    def __init__(self, folder: Path | None = None, reporter: Reporter = SILENT) -> None:
         self.folder = folder or cache.folder("layers")
-        self.report = report or (lambda _message: None)
+        self.reporter = reporter
 
     def get(self, step: InstallStep, key: str) -> GroupLayer | None:
         tar, meta = self.folder / f"{key}.tar", self.folder / f"{key}.json"
@@ -113,7 +114,7 @@ class LayerCache:
         return True
 
     def evict(self, key: str, why: str) -> None:
-        self.report(f"layer cache: {why}; removed, the group is installed again")
+        self.reporter.note(f"layer cache: {why}; removed, the group is installed again")
         for suffix in (".json", ".tar"):
             try:
                 (self.folder / f"{key}{suffix}").unlink(missing_ok=True)
@@ -213,27 +214,24 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return chain
 
 
-Report = Callable[[str], None]
-
-
 def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment: dict[str, str],
-             network_mode: str | None, fresh: bool, report: Report,
+             network_mode: str | None, fresh: bool, reporter: Reporter,
              layer_cache: LayerCache | None = None) -> str:
     """The image of ``head_id`` with the context's pip groups on top; its id. ``fresh``:
     install every group again, whatever the cache holds (--no-cache)."""
-    layer_cache = layer_cache or LayerCache(report=report)
-    remove_orphaned_builders(engine, report)
+    layer_cache = layer_cache or LayerCache(reporter=reporter)
+    remove_orphaned_builders(engine, reporter)
     steps = context.assembled_steps
     head = engine.image(head_id)
     keys = [group_key(context, head, step) for step in steps]
     found = {key: None if fresh else layer_cache.get(step, key) for step, key in zip(steps, keys)}
     missing = [(step, key) for step, key in zip(steps, keys) if found[key] is None]
     if cached := [step.name for step, key in zip(steps, keys) if found[key] is not None]:
-        report(f"{len(cached)} of the pip groups' layers from this host's cache: "
-               f"{', '.join(cached)}")
+        reporter.note(f"{len(cached)} of the pip groups' layers from this host's cache: "
+                      f"{', '.join(cached)}")
     install = functools.partial(_install, engine, context, head_id, environment=environment,
                                 network_mode=network_mode, layer_cache=layer_cache,
-                                report=report)
+                                reporter=reporter)
     if missing:
         found.update({layer.key: layer for layer in install(missing)})
     groups = [found[key] for key in keys]
@@ -242,7 +240,7 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
     held.update(chain_ids(head["RootFS"]["Layers"]))
     history = engine.history(head_id)
     try:
-        return _load(engine, head, history, groups, held, report)
+        return _load(engine, head, history, groups, held, reporter)
     except DevboxError as refused:
         # A cached tar whose bytes changed (the engine computes another digest): evict it,
         # install its group again. Else a layer this build counted on went away meanwhile (an
@@ -252,7 +250,7 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
             found.update({layer.key: layer for layer in install(damaged)})
             groups = [found[key] for key in keys]
         try:
-            return _load(engine, head, history, groups, set(), report)
+            return _load(engine, head, history, groups, set(), reporter)
         except DevboxError as again:
             raise type(again)(f"{again.message} (the first try: {refused.message}); the layers "
                               f"sent were {', '.join(str(g.tar) for g in groups)}") from None
@@ -260,11 +258,11 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
 
 def _install(engine: Engine, context: BuildContext, head_id: str,
              missing: list[tuple[InstallStep, str]], *, environment: dict[str, str],
-             network_mode: str | None, layer_cache: LayerCache, report: Report) -> list[GroupLayer]:
+             network_mode: str | None, layer_cache: LayerCache, reporter: Reporter) -> list[GroupLayer]:
     """Install the missing groups in one builder container of the head image; their layers."""
     layer_cache.writable()
     names = [step.name for step, _ in missing]
-    report(f"installing {len(missing)} of the pip groups on their own: {', '.join(names)}")
+    reporter.note(f"installing {len(missing)} of the pip groups on their own: {', '.join(names)}")
     container = engine.create(
         head_id, ["/bin/sh", f"{WORK}/{SCRIPT}", WORK, VENV, str(context.spec.user.gid),
                   str(LAYER_MTIME), *names],
@@ -297,7 +295,7 @@ def _install(engine: Engine, context: BuildContext, head_id: str,
                 partial.unlink(missing_ok=True)
                 raise
             layers.append(layer_cache.put(step, key, partial, sha256))
-            report(f"{step.name}: {step.count} packages, layer "
+            reporter.note(f"{step.name}: {step.count} packages, layer "
                    f"{layers[-1].tar.stat().st_size / 1e6:.1f} MB")
         return layers
     finally:
@@ -308,7 +306,7 @@ def _builder_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def remove_orphaned_builders(engine: Engine, report: Report) -> None:
+def remove_orphaned_builders(engine: Engine, reporter: Reporter) -> None:
     """Builder containers of this host whose build is gone (killed): removed, by id."""
     host = socket.gethostname()
     for container_id, owner in engine.labelled_containers(BUILDER_LABEL).items():
@@ -322,13 +320,13 @@ def remove_orphaned_builders(engine: Engine, report: Report) -> None:
             pass
         except PermissionError:
             continue  # another user's build, alive
-        report(f"removing builder container {container_id[:12]} of a build that was killed "
+        reporter.note(f"removing builder container {container_id[:12]} of a build that was killed "
                f"(pid {pid})")
         engine.remove(container_id)
 
 
 def _load(engine: Engine, head: dict, history: list[dict], groups: list[GroupLayer],
-          held: set[str], report: Report) -> str:
+          held: set[str], reporter: Reporter) -> str:
     """`docker load` the head's layers plus the groups' as one image; its id. Only the groups
     whose chain is not ``held`` are sent (the engine reads no other layer)."""
     diff_ids = list(head["RootFS"]["Layers"])
@@ -352,7 +350,7 @@ def _load(engine: Engine, head: dict, history: list[dict], groups: list[GroupLay
     config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
     manifest = json.dumps([{"Config": config_name, "RepoTags": None, "Layers": paths}]).encode()
     size = sum(group.tar.stat().st_size for _, group in sent)
-    report(f"loading {len(sent)} of {len(groups)} group layers into the engine "
+    reporter.note(f"loading {len(sent)} of {len(groups)} group layers into the engine "
            f"({size / 1e6:.1f} MB; the others it holds already)")
     return engine.load(_archive([(config_name, config_bytes), ("manifest.json", manifest)]
                                 + [(path, group.tar) for path, group in sent]))

@@ -7,11 +7,11 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from .engine import Engine
 from .errors import DevboxError
+from .report import SILENT, Reporter
 
 APT_SOURCES = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
 IMAGE_CHANGES = [
@@ -44,7 +44,7 @@ def bootstrap_base(
     *,
     suite: str = "bookworm",
     mirror: str | None = None,
-    log: Callable[[str], None] = lambda line: None,
+    reporter: Reporter = SILENT,
 ) -> str:
     """Build a minimal Debian root filesystem and import it into the engine as ``tag``."""
     debootstrap = shutil.which("debootstrap")
@@ -55,7 +55,7 @@ def bootstrap_base(
     mirror = mirror or debian_mirror()
     with tempfile.TemporaryDirectory(prefix="devbox-base-", dir="/var/tmp") as scratch:
         rootfs = Path(scratch) / "rootfs"
-        log(f"debootstrap --variant=minbase {suite} from {mirror}")
+        reporter.note(f"debootstrap --variant=minbase {suite} from {mirror}")
         process = subprocess.run(
             [debootstrap, "--variant=minbase", suite, str(rootfs), mirror],
             capture_output=True, text=True, check=False,
@@ -71,5 +71,5 @@ def bootstrap_base(
         subprocess.run(
             ["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(tarball), "."], check=True
         )
-        log(f"importing {tarball.stat().st_size // 2**20} MiB as {tag}")
+        reporter.note(f"importing {tarball.stat().st_size // 2**20} MiB as {tag}")
         return engine.import_rootfs(str(tarball), tag, IMAGE_CHANGES)

@@ -14,12 +14,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol
 
 from . import assemble, locking, refs
 from .engine import Built, Engine, Output, Step, StepFailed
 from .errors import BuildFailed, DevboxError, EngineError, InputError, LockError, SpecError
 from .render import HEAD_DOCKERFILE, PYTHON_MISMATCH_MARKER, TAIL_DOCKERFILE, BuildContext, render
+from .report import SILENT, Reporter
 from .spec import PLATFORMS, ImageSpec
 
 # Docker's predefined proxy build args: passed through from the caller's environment, never
@@ -35,24 +35,6 @@ MECHANISMS = ("assembled", "chain")
 CERTIFICATE_ERRORS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
                       "SSL certificate problem", "self-signed certificate in certificate chain",
                       "unable to get local issuer certificate", "Certificate verification failed")
-
-
-class Progress(Protocol):
-    """What a build reports while it runs (the CLI draws it with rich)."""
-
-    def start(self, ref: str, context: BuildContext) -> None: ...
-    def step(self, step: Step, layer: str) -> None: ...
-    def output(self, line: str) -> None: ...
-    def note(self, line: str) -> None: ...  # what the tool itself does, always shown
-    def done(self, result: BuildResult) -> None: ...
-
-
-class SilentProgress:
-    def start(self, ref, context): pass
-    def step(self, step, layer): pass
-    def output(self, line): pass
-    def note(self, line): pass
-    def done(self, result): pass
 
 
 @dataclass
@@ -230,21 +212,20 @@ def build(
     variants: list[str],
     engine: Engine,
     options: BuildOptions | None = None,
-    progress: Progress | None = None,
+    reporter: Reporter = SILENT,
 ) -> list[BuildResult]:
     options = options or BuildOptions()
-    return build_contexts(prepare(spec, variants, options), engine, options, progress)
+    return build_contexts(prepare(spec, variants, options), engine, options, reporter)
 
 
 def build_contexts(
     contexts: list[BuildContext],
     engine: Engine,
     options: BuildOptions,
-    progress: Progress | None = None,
+    reporter: Reporter = SILENT,
 ) -> list[BuildResult]:
     """Build prepared contexts for the chosen platform: content tag → engine build (or
     nothing) → all tags → push."""
-    progress = progress or SilentProgress()
     platform = choose_platform(contexts, engine, options)
     results = []
     for context in (c for c in contexts if c.platform == platform):
@@ -257,17 +238,21 @@ def build_contexts(
             result = BuildResult(spec.name, variant, image_id, content_tag, built=False)
         else:
             check_layer_count(context, len(engine.image(context.base)["RootFS"]["Layers"]))
-            progress.start(content_tag, context)
-            result = _run_build(engine, context, digest, content_tag, options, progress)
+            with reporter.group(f"building {content_tag} (base {context.base})"):
+                result = _run_build(engine, context, digest, content_tag, options, reporter)
         result.tags = [content_tag, *human_tags]
         apply_tags(engine, result.image_id, result.tags)
         if options.push:
             for ref in result.tags:
                 for line in engine.push(ref):
-                    progress.output(line)
+                    reporter.output(line)
             result.pushed = True
         result.seconds = time.monotonic() - started
-        progress.done(result)
+        reporter.item("ok", f"built {content_tag} in {result.seconds:.1f} s ({result.steps} "
+                      f"steps, {result.cached_steps} from cache)" if result.built
+                      else f"up to date: {content_tag} (nothing to build)",
+                      detail=f"also tagged: {', '.join(result.tags[1:])}",
+                      finished=result.tags)
         results.append(result)
     return results
 
@@ -334,7 +319,7 @@ def _run_build(
     digest: str,
     content_tag: str,
     options: BuildOptions,
-    progress: Progress,
+    reporter: Reporter,
 ) -> BuildResult:
     proxies = {name: os.environ[name] for name in PROXY_ARGS if name in os.environ}
     buildargs = {**proxies,
@@ -342,34 +327,34 @@ def _run_build(
                  "DEVBOX_CONTENT_HASH": digest}
     result = BuildResult(context.spec.name, context.variant, "", content_tag)
     if context.private:
-        progress.note(f"fetching {len(context.private)} conda packages of a "
-                        "private channel on this host (its credentials stay here)")
+        reporter.note(f"fetching {len(context.private)} conda packages of a "
+                      "private channel on this host (its credentials stay here)")
         context.fetch_private()
     if _mechanism(context, options) == "chain":
         result.image_id = _engine_build(engine, context, "Dockerfile", buildargs, options,
-                                        progress, result)
+                                        reporter, result)
     else:
-        head_id = _engine_build(engine, context, HEAD_DOCKERFILE, proxies, options, progress,
+        head_id = _engine_build(engine, context, HEAD_DOCKERFILE, proxies, options, reporter,
                                 result)
         steps = context.assembled_steps
-        progress.step(Step(1, 1, f"assemble {len(steps)} pip groups: {steps[0].name} .. "
-                                 f"{steps[-1].name}"), steps[0].layer)
+        reporter.step(steps[0].layer, 1, 1, f"assemble {len(steps)} pip groups: "
+                      f"{steps[0].name} .. {steps[-1].name}")
         result.steps += 1
         try:
             assembled = assemble.assemble(
                 engine, context, head_id, environment=proxies,
                 network_mode=options.network_mode, fresh=options.no_cache,
-                report=progress.note)
+                reporter=reporter)
         except StepFailed as failure:
             raise _explain(context, [steps[0].layer], failure) from None
         result.image_id = _engine_build(engine, context, TAIL_DOCKERFILE,
                                         {**buildargs, "DEVBOX_ASSEMBLED": assembled}, options,
-                                        progress, result)
+                                        reporter, result)
     return result
 
 
 def _engine_build(engine: Engine, context: BuildContext, dockerfile: str,
-                  buildargs: dict[str, str], options: BuildOptions, progress: Progress,
+                  buildargs: dict[str, str], options: BuildOptions, reporter: Reporter,
                   result: BuildResult) -> str:
     """One classic-builder build of the context's ``dockerfile``; the image id."""
     layers = context.step_layers(dockerfile)
@@ -385,11 +370,12 @@ def _engine_build(engine: Engine, context: BuildContext, dockerfile: str,
         ):
             if isinstance(event, Step):
                 result.steps += 1
-                progress.step(event, _layer_of(layers, event))
+                reporter.step(_layer_of(layers, event), event.number, event.total,
+                              event.instruction)
             elif isinstance(event, Output):
                 if event.text.strip() == "---> Using cache":
                     result.cached_steps += 1
-                progress.output(event.text)
+                reporter.output(event.text)
             elif isinstance(event, Built):
                 image_id = event.image_id
     except StepFailed as failure:

@@ -25,13 +25,12 @@ from . import __version__, locking, refs, settings
 from .build import (
     MECHANISMS,
     BuildOptions,
-    BuildResult,
     base_image_id,
     build_contexts,
     prepare,
     resolve_variants,
 )
-from .engine import Engine, Step
+from .engine import Engine
 from .errors import (
     ChecksFailed,
     CloudError,
@@ -42,13 +41,16 @@ from .errors import (
     exit_codes_help,
 )
 from .hostca import host_ca_certificates
+from .report import SILENT, Reporter
 from .manifest import read_manifest
-from .render import BuildContext, render
+from .render import render
 from .runtime import contract
 from .spec import load_spec
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+# What every command says while it works (report.py); an interruption names what it finished.
+reporter = Reporter(console=err)
 
 images_dir_option = click.option(
     "--images-dir",
@@ -156,11 +158,6 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
             err.print(f"[green]✓[/] all locks of {spec.name} are up to date")
         return
 
-    def report(result: locking.LockResult) -> None:
-        if not as_json:
-            took = f" in {result.seconds:.1f} s" if result.status == "written" else ""
-            err.print(f"  {result.path}: {result.status} ({result.packages} packages){took}")
-
     base_manifests = None
     if spec.extends:
         # The image it layers on decides the pins it must keep: read them from its manifests.
@@ -177,9 +174,10 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
                 base_image_id(engine, spec, variant)  # pulled if missing, else one clear error
                 base_manifests[variant_spec.base] = read_manifest(engine, variant_spec.base)
             err.print(f"constraints from {', '.join(base_manifests)}")
-    err.print(f"locking {spec.name} with {resolver}")
-    results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
-                           on_result=report, base_manifests=base_manifests)
+    shown = SILENT if as_json else reporter
+    with shown.group(f"locking {spec.name} with {resolver}"):
+        results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
+                               reporter=shown, base_manifests=base_manifests)
     if as_json:
         out.print_json(data=[{**r.__dict__, "path": str(r.path)} for r in results])
 
@@ -208,41 +206,6 @@ def render_command(image, variant, ca_certs, no_host_ca, output, images_dir):
 
 
 # -- build --------------------------------------------------------------------------------------
-
-
-class RichProgress:
-    """Build progress on stderr: one line per step (every output line with --verbose)."""
-
-    def __init__(self, verbose: bool) -> None:
-        self.verbose = verbose
-        self.started = 0.0
-
-    def start(self, ref: str, context: BuildContext) -> None:
-        self.started = time.monotonic()
-        err.print(f"[bold]building[/] {ref} [dim](base {context.base})[/]")
-
-    def step(self, step: Step, layer: str) -> None:
-        elapsed = time.monotonic() - self.started
-        instruction = step.instruction if len(step.instruction) < 90 else step.instruction[:87] + "..."
-        err.print(f"  [dim]{elapsed:6.1f}s[/] [cyan]{layer:>8}[/] {step.number:>2}/{step.total} "
-                  f"{escape(instruction)}")
-
-    def output(self, line: str) -> None:
-        if self.verbose:
-            err.print(f"           [dim]│ {escape(line)}[/]")
-
-    def note(self, line: str) -> None:
-        elapsed = time.monotonic() - self.started
-        err.print(f"  [dim]{elapsed:6.1f}s[/] {'':>8}       {escape(line)}")
-
-    def done(self, result: BuildResult) -> None:
-        _tagged.extend(result.tags)
-        if result.built:
-            err.print(f"[green]✓[/] built {result.content_tag} in {result.seconds:.1f} s "
-                      f"({result.steps} steps, {result.cached_steps} from cache)")
-        else:
-            err.print(f"[green]✓[/] up to date: {result.content_tag} (nothing to build)")
-        err.print(f"  also tagged: {', '.join(result.tags[1:])}")
 
 
 @cli.command("build")
@@ -296,7 +259,8 @@ def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, n
     )
     contexts = prepare(spec, variants, options)
     err.print(f"[dim]CA certificates: {len(ca_files)} from {escape(ca_origin)}[/]")
-    results = build_contexts(contexts, Engine.connect(), options, RichProgress(verbose))
+    reporter.verbose = verbose
+    results = build_contexts(contexts, Engine.connect(), options, reporter)
     if as_json:
         out.print_json(data=[r.as_dict() for r in results])
 
@@ -352,9 +316,6 @@ def inspect_command(ref, packages, as_json):
 
 # -- check --------------------------------------------------------------------------------------
 
-_MARKS = {"passed": "[green]✓[/]", "failed": "[bold red]✗[/]", "skipped": "[yellow]-[/]"}
-
-
 @cli.command("check")
 @click.argument("ref", required=False)
 @click.option("--profile", "profiles", multiple=True, metavar="NAME",
@@ -393,20 +354,12 @@ def check_command(ref, profiles, extra_tests, junit_xml, list_profiles, as_json)
     for name in profiles:
         profile_path(name)  # an unknown name is an error before any container starts
 
-    def show(outcome):
-        if as_json:
-            return
-        line = f"{_MARKS[outcome.outcome]} {outcome.profile:<18} {escape(outcome.description)}"
-        err.print(f"{line} [dim]{outcome.seconds:.1f}s[/]")
-        if outcome.message and outcome.outcome != "passed":
-            for text in outcome.message.splitlines()[:12]:
-                err.print(f"      {escape(text)}")
-
     chosen, outcomes, seconds = run_checks(
         ref, list(profiles) or None, extra_tests=list(extra_tests), junit_xml=junit_xml,
-        on_outcome=show,
+        reporter=SILENT if as_json else reporter,
     )
-    counts = {kind: sum(o.outcome == kind for o in outcomes) for kind in _MARKS}
+    counts = {kind: sum(o.outcome == kind for o in outcomes) for kind in ("passed", "failed",
+                                                                          "skipped")}
     if as_json:
         out.print_json(data={
             "image": ref, "profiles": chosen, "seconds": round(seconds, 2), **counts,
@@ -572,7 +525,7 @@ def _checked_box(boxes_path: Path):
 def _fleet(box):
     from .targets.fleet import Fleet
 
-    return Fleet(box, say=lambda message: err.print(f"  {escape(message)}"))
+    return Fleet(box, reporter)
 
 
 boxes_option = click.option(
@@ -997,12 +950,11 @@ def bootstrap_base_command(tag, suite, mirror, if_missing):
         err.print(f"[green]✓[/] {tag} exists ({existing[:19]})")
         return
     started = time.monotonic()
-    image_id = bootstrap_base(engine, tag, suite=suite, mirror=mirror, log=lambda line: err.print(f"  {line}"))
+    image_id = bootstrap_base(engine, tag, suite=suite, mirror=mirror, reporter=reporter)
     err.print(f"[green]✓[/] {tag} ({image_id[:19]}) in {time.monotonic() - started:.0f} s")
 
 
 # Tags the builds of this run applied, for a true message when the run is interrupted.
-_tagged: list[str] = []
 
 
 def _interrupt(signum, _frame) -> None:
@@ -1024,8 +976,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except (Interrupted, KeyboardInterrupt, click.exceptions.Abort) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        message = "nothing was tagged" if not _tagged else (
-            "the build in progress tagged nothing; finished before it: " + ", ".join(_tagged))
+        message = "nothing was tagged" if not reporter.finished else (
+            "the work in progress left nothing half-done; finished before it: "
+            + ", ".join(reporter.finished))
         err.print(f"interrupted ({signal.Signals(signum).name}): {message}")
         sys.exit(128 + signum)
     except click.ClickException as exc:

@@ -47,6 +47,7 @@ from packaging.utils import canonicalize_name
 from . import conda
 from .errors import DevboxError, LockError, SpecError
 from .hostca import resolver_environment
+from .report import SILENT, Reporter
 from .lockunit import EDITED, MISSING, STALE, Input, LockResult, LockUnit
 from .spec import PLATFORMS, TEAM_CONSTRAINTS, TEAM_PYTHON_PREFIX, ImageSpec
 
@@ -282,7 +283,7 @@ def lock(
     platforms: list[str] | None = None,
     resolver: str = "uv",
     upgrade: bool = False,
-    on_result=None,
+    reporter: Reporter = SILENT,
     base_manifests: dict[str, dict] | None = None,
 ) -> list[LockResult]:
     """Write every stale or missing lock of the spec (all when ``upgrade``).
@@ -311,8 +312,9 @@ def lock(
         else:
             result = LockResult(unit.path(spec), "up to date", unit.count(spec), 0.0)
         results.append(result)
-        if on_result:
-            on_result(result)
+        reporter.item("ok", f"{result.path}: {result.status} ({result.packages} packages)",
+                      seconds=result.seconds if result.status == "written" else None,
+                      finished=[str(result.path)] if result.status == "written" else [])
     return results
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from devbox_build import assemble, locking
-from devbox_build.build import (BuildOptions, SilentProgress, apply_tags, build, content_digest,
-                                repository)
+from devbox_build.build import BuildOptions, apply_tags, build, content_digest, repository
 from devbox_build.engine import Engine
 from devbox_build.errors import Interrupted
 from devbox_build.render import render
+from devbox_build.report import Reporter
 
 from .conftest import HOST_CA_CERTS, assert_clean_error, cli, load
 from .support.proxy import LoopbackProxy
@@ -47,14 +47,15 @@ class CountingEngine(Engine):
         return super().build(*args, **kwargs)
 
 
-class RecordingProgress(SilentProgress):
-    """Keeps every note a build reports."""
+class RecordingProgress(Reporter):
+    """Keeps every note a build reports (and prints nothing)."""
 
     def __init__(self) -> None:
+        super().__init__(quiet=True)
         self.lines: list[str] = []
 
-    def note(self, line: str) -> None:
-        self.lines.append(line)
+    def note(self, text: str) -> None:
+        self.lines.append(text)
 
 
 def history_ids(engine: Engine, ref: str) -> list[tuple[str, str]]:
@@ -400,9 +401,16 @@ def test_failing_run_step_shows_its_output_and_tags_nothing(engine, stack):
     spec_file = stack / "image.toml"
     spec_file.write_text(spec_file.read_text() + '\n[system]\npackages = ["devbox-no-such-package"]\n')
     expected = content_tag(engine, stack, "cpu")
-    result = cli("build", str(stack), "--variant", "cpu", env=CA)
+    # As GitHub Actions runs it: the build's steps fold into a log group, closed before the
+    # error, which stays in sight.
+    result = cli("build", str(stack), "--variant", "cpu", env={**CA, "GITHUB_ACTIONS": "true"})
     assert_clean_error(result, "failed in layer 'system'", "Unable to locate package devbox-no-such-package",
                        "no image was tagged")
+    lines = result.stderr.splitlines()
+    opened = next(i for i, line in enumerate(lines) if line.startswith("::group::building "))
+    closed = lines.index("::endgroup::")
+    assert opened < closed < next(i for i, line in enumerate(lines) if line.startswith("error:"))
+    assert "\x1b[" not in result.stderr  # no colour codes: they hide the markers from the runner
     assert engine.image_id(expected) is None
     assert engine.image_id("devbox-test/failing-run-step-shows-its-output-and-ta:cpu") is None
 

@@ -342,8 +342,11 @@ def test_a_cached_layer_cut_short_or_changed_is_evicted_and_old_partials_pruned(
     from devbox_build.assemble import PARTIAL_SECONDS, LayerCache
     from devbox_build.render import InstallStep
 
-    notes: list[str] = []
-    cache = LayerCache(tmp_path, report=notes.append)
+    from .test_build import RecordingProgress
+
+    recorder = RecordingProgress()
+    notes = recorder.lines
+    cache = LayerCache(tmp_path, reporter=recorder)
     step = InstallStep(kind="pip", layer="pip", name="pip-01", lock="locks/pip.txt", count=1,
                        title="")
     data = b"layer bytes" * 1000

@@ -9,7 +9,6 @@ this process, and returns one :class:`CheckOutcome` per check.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from ..engine import Engine
 from ..errors import DevboxError
+from ..report import SILENT, Reporter
 from .image import ImageUnderTest
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -66,12 +66,16 @@ def applicable_profiles(image: ImageUnderTest) -> list[str]:
     return [name for name in PROFILES if name in profiles]
 
 
+# A check's outcome as the reporter marks it.
+MARKS = {"passed": "ok", "failed": "fail", "skipped": "skip"}
+
+
 class _Collector:
     """pytest plugin object: turns test reports into CheckOutcomes as they arrive."""
 
-    def __init__(self, on_outcome: Callable[[CheckOutcome], None]) -> None:
+    def __init__(self, reporter: Reporter) -> None:
         self.outcomes: list[CheckOutcome] = []
-        self.on_outcome = on_outcome
+        self.reporter = reporter
         self.descriptions: dict[str, str] = {}
         self.collection_errors: list[str] = []
 
@@ -108,7 +112,9 @@ class _Collector:
             message=message.removeprefix("Skipped: "),
         )
         self.outcomes.append(outcome)
-        self.on_outcome(outcome)
+        self.reporter.item(MARKS[outcome.outcome], f"{profile:<18} {outcome.description}",
+                           seconds=outcome.seconds,
+                           detail="" if outcome.outcome == "passed" else outcome.message)
 
 
 def _failure_message(report) -> str:
@@ -126,7 +132,7 @@ def run_checks(
     *,
     extra_tests: list[Path] = (),
     junit_xml: Path | None = None,
-    on_outcome: Callable[[CheckOutcome], None] = lambda outcome: None,
+    reporter: Reporter = SILENT,
     engine: Engine | None = None,
 ) -> tuple[list[str], list[CheckOutcome], float]:
     """Check image ``ref``; returns (profiles run, outcomes, seconds).
@@ -150,7 +156,7 @@ def run_checks(
     ]
     if junit_xml is not None:
         args.append(f"--junitxml={junit_xml}")
-    collector = _Collector(on_outcome)
+    collector = _Collector(reporter)
     started = time.monotonic()
     code = pytest.main(args, plugins=[collector])
     if collector.collection_errors:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from ..errors import CloudError, InputError
+from ..report import SILENT, Reporter
 from .ec2 import (
     AMI_PARAMETERS,
     ECR_REPOSITORY,
@@ -56,12 +57,12 @@ def owner_from_arn(arn: str) -> str:
 
 
 class Fleet:
-    def __init__(self, box: Box, say=lambda message: None, poll_seconds: float = 5.0,
+    def __init__(self, box: Box, reporter: Reporter = SILENT, poll_seconds: float = 5.0,
                  owner: str | None = None) -> None:
         import boto3  # here, not at the top: it costs every other command a third of a second
         from botocore.exceptions import BotoCoreError
 
-        self.box, self.say, self.poll = box, say, poll_seconds
+        self.box, self.reporter, self.poll = box, reporter, poll_seconds
         try:
             session = boto3.session.Session(region_name=box.region)
             self.ec2 = session.client("ec2")
@@ -231,12 +232,12 @@ class Fleet:
             except ValueError:
                 holder = {}
             if held and time.time() - float(holder.get("since", 0)) > LOCK_STALE_SECONDS:
-                self.say(f"taking over a stale lock left by {holder.get('holder')}")
+                self.reporter.note(f"taking over a stale lock left by {holder.get('holder')}")
                 self.call(self.ssm, "delete_parameter", _accept=("ParameterNotFound",),
                           Name=name)
                 continue
             if not waited:
-                self.say(f"waiting: {holder.get('holder', 'another command')} runs "
+                self.reporter.note(f"waiting: {holder.get('holder', 'another command')} runs "
                          f"`ec2 {holder.get('operation', '?')}` on this box")
                 waited = True
             if time.monotonic() > deadline:
@@ -254,7 +255,7 @@ class Fleet:
         if volume:
             return volume
         zone = self.box.volume.availability_zone or self.box.availability_zone
-        self.say(f"creating the data volume ({self.box.volume.size_gb} GB {self.box.volume.type} "
+        self.reporter.note(f"creating the data volume ({self.box.volume.size_gb} GB {self.box.volume.type} "
                  f"in {zone})")
         volume = self.call(self.ec2, "create_volume", AvailabilityZone=zone,
                            Size=self.box.volume.size_gb, VolumeType=self.box.volume.type,
@@ -294,7 +295,7 @@ class Fleet:
 
     def launch(self, role: str, image: str, volume_id: str, key: str) -> dict:
         request = self.launch_request(role, image, volume_id, key)
-        self.say(f"launching the {role} box ({request['InstanceType']}, {request['ImageId']}"
+        self.reporter.note(f"launching the {role} box ({request['InstanceType']}, {request['ImageId']}"
                  f"{', spot' if self.box.spot else ''})")
         return self.call(self.ec2, "run_instances", **request)["Instances"][0]
 
@@ -333,7 +334,7 @@ class Fleet:
             raise InputError(f"the {role} box is a spot instance, whose type EC2 cannot change "
                              f"({listed})", hint=f"devbox-build ec2 destroy --role {role}, "
                              "then up: the data volume stays")
-        self.say(f"updating the stopped {role} box to boxes.toml: {listed}")
+        self.reporter.note(f"updating the stopped {role} box to boxes.toml: {listed}")
         if "instance type" in changes:
             self.call(self.ec2, "modify_instance_attribute", InstanceId=instance["InstanceId"],
                       InstanceType={"Value": self.box.roles[role].instance_type})
@@ -355,7 +356,7 @@ class Fleet:
             if instance["State"]["Name"] in ("stopping", "stopped"):
                 if instance["State"]["Name"] == "stopping":
                     self.wait("instance_stopped", InstanceIds=[instance["InstanceId"]])
-                self.say(f"starting the {role} box ({instance['InstanceId']})")
+                self.reporter.note(f"starting the {role} box ({instance['InstanceId']})")
                 try:
                     self.call(self.ec2, "start_instances", InstanceIds=[instance["InstanceId"]])
                 except CloudError as exc:
@@ -371,13 +372,13 @@ class Fleet:
         return self.instance(role) or instance
 
     def _attach(self, volume: dict, instance_id: str) -> None:
-        self.say(f"attaching the data volume {volume['VolumeId']} to {instance_id}")
+        self.reporter.note(f"attaching the data volume {volume['VolumeId']} to {instance_id}")
         self.call(self.ec2, "attach_volume", VolumeId=volume["VolumeId"],
                   InstanceId=instance_id, Device=DATA_DEVICE)
         self.wait("volume_in_use", VolumeIds=[volume["VolumeId"]])
 
     def _stop(self, instance_id: str, role: str) -> None:
-        self.say(f"stopping the {role} box ({instance_id})")
+        self.reporter.note(f"stopping the {role} box ({instance_id})")
         self.call(self.ec2, "stop_instances", InstanceIds=[instance_id])
         self.wait("instance_stopped", InstanceIds=[instance_id])
 
@@ -411,13 +412,13 @@ class Fleet:
             if source:
                 if source_was_running:
                     self._stop(holder, source_role)
-                self.say(f"detaching the data volume from the {source_role} box")
+                self.reporter.note(f"detaching the data volume from the {source_role} box")
                 self.call(self.ec2, "detach_volume", VolumeId=volume["VolumeId"],
                           InstanceId=holder)
                 self.wait("volume_available", VolumeIds=[volume["VolumeId"]])
             self._attach(volume, target["InstanceId"])
         except CloudError as exc:
-            self.say(f"{exc.message}: putting the data volume back")
+            self.reporter.note(f"{exc.message}: putting the data volume back")
             self._roll_back(volume["VolumeId"], holder, source_role, source_was_running,
                             target["InstanceId"], to)
             raise CloudError(f"{exc.message}. Rolled back: the data volume is on the "
@@ -471,7 +472,7 @@ class Fleet:
         volume = self.volume()
         if volume is None:
             return None
-        self.say(f"snapshotting the data volume {volume['VolumeId']} ({why})")
+        self.reporter.note(f"snapshotting the data volume {volume['VolumeId']} ({why})")
         made = self.call(self.ec2, "create_snapshot", VolumeId=volume["VolumeId"],
                          Description=f"devbox-build {self.box.name} ({self.owner}): {why}",
                          TagSpecifications=self._tags("snapshot", **{
@@ -490,7 +491,7 @@ class Fleet:
                 if instance.get("SpotInstanceRequestId"):
                     self.call(self.ec2, "cancel_spot_instance_requests",
                               SpotInstanceRequestIds=[instance["SpotInstanceRequestId"]])
-                self.say(f"terminating the {_tag(instance, TAG_ROLE)} box "
+                self.reporter.note(f"terminating the {_tag(instance, TAG_ROLE)} box "
                          f"({instance['InstanceId']})")
                 self.call(self.ec2, "terminate_instances", InstanceIds=[instance["InstanceId"]])
                 ended.append(instance["InstanceId"])
@@ -500,7 +501,7 @@ class Fleet:
             if delete_volume and (volume := self.volume()):
                 snapshot = self.snapshot("the final snapshot before `ec2 destroy` deleted it")
                 self.wait("volume_available", VolumeIds=[volume["VolumeId"]])
-                self.say(f"deleting the data volume {volume['VolumeId']} (snapshot {snapshot})")
+                self.reporter.note(f"deleting the data volume {volume['VolumeId']} (snapshot {snapshot})")
                 self.call(self.ec2, "delete_volume", VolumeId=volume["VolumeId"])
             return {**self.status(), "terminated": ended, "final_snapshot": snapshot}
 
@@ -519,7 +520,7 @@ class Fleet:
                     raise InputError(f"the {_tag(instance, TAG_ROLE)} box runs",
                                      hint=f"devbox-build ec2 down --boxes {self.box.path}")
             snapshot = self.snapshot(f"relocating to {zone}")
-            self.say(f"creating the data volume in {zone} from {snapshot}")
+            self.reporter.note(f"creating the data volume in {zone} from {snapshot}")
             made = self.call(self.ec2, "create_volume", AvailabilityZone=zone,
                              SnapshotId=snapshot, VolumeType=volume["VolumeType"],
                              Encrypted=True, TagSpecifications=self._tags(
