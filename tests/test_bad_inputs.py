@@ -1,7 +1,7 @@
 """Bad inputs and faults: each is one clear error naming the file, key or step, an exit code
 that says which kind of failure (errors.py), no traceback, and nothing half-done.
 
-The cases are data: ``CASES`` below is also the table in the README's reliability section
+The cases are data: ``CASES`` below is also the table in docs/reference.md's reliability section
 (test_readme_table_lists_every_case keeps the two equal). Cases that need no engine run with
 DOCKER_HOST pointing nowhere, which also proves they are refused before any engine work: an
 engine call would exit 4, not 2.
@@ -28,7 +28,7 @@ PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
 @dataclass(frozen=True)
 class Case:
     id: str
-    what: str  # the bad input, as the README's table says it
+    what: str  # the bad input, as the reference's table says it
     args: tuple[str, ...]  # {stack} is the test's copy of the tiny stack
     code: int
     needles: tuple[str, ...]
@@ -292,12 +292,12 @@ def test_disk_full_while_writing_a_lock_keeps_the_old_lock(stack, tmp_path):
 
 
 def test_readme_table_lists_every_case():
-    """The README's reliability table is this file's CASES (and the fault tests below it)."""
-    readme = (ROOT / "README.md").read_text()
+    """The reference's reliability table is this file's CASES (and the fault tests below it)."""
+    readme = (ROOT / "docs" / "reference.md").read_text()
     section = readme.split("<!-- bad-inputs:start -->", 1)[1].split("<!-- bad-inputs:end -->")[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     expected = [readme_row(case) for case in CASES]
-    assert rows[:len(expected)] == expected, "README table out of date; expected:\n" + "\n".join(
+    assert rows[:len(expected)] == expected, "docs/reference.md table out of date; expected:\n" + "\n".join(
         expected)
     # The rows after the cases name fault tests elsewhere; each must exist.
     for row in rows[len(expected):]:
@@ -320,10 +320,11 @@ def test_check_list_needs_no_image():
 
 
 def test_the_exit_codes_are_one_table_in_help_readme_and_errors():
-    """errors.EXIT_CODES is the only table: `--help`, the README and every error class agree."""
+    """errors.EXIT_CODES is the only table: `--help`, the reference and every error class
+    agree."""
     from devbox_build import errors
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "reference.md").read_text()
     section = readme.split("<!-- exit-codes:start -->", 1)[1].split("<!-- exit-codes:end -->")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[1:] == [f"| {code} | {meaning} |" for code, meaning in errors.EXIT_CODES.items()]

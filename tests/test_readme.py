@@ -1,5 +1,6 @@
-"""Every command this README prints is run here as printed (placeholders filled in), or, for the
-few that cannot end or run on this machine, parsed and named with the test that covers them."""
+"""Every command the README and the guides under docs/ print is run here as printed
+(placeholders filled in), or, for the few that cannot end or run on this machine, parsed and
+named with the test that covers them."""
 
 from __future__ import annotations
 
@@ -54,9 +55,17 @@ def _commands(block: str) -> list[str]:
     return commands
 
 
+# The README, then the guides in reading order: one text, as a reader goes through it.
+DOCS = ["README.md", "docs/building.md", "docs/running.md", "docs/projects.md",
+        "docs/reference.md"]
+
+
+def documentation() -> str:
+    return "\n".join((ROOT / name).read_text() for name in DOCS)
+
+
 def printed_commands() -> list[str]:
-    return [command for block in re.findall(r"```(?:bash|sh)\n(.*?)```",
-                                            (ROOT / "README.md").read_text(), re.S)
+    return [command for block in re.findall(r"```(?:bash|sh)\n(.*?)```", documentation(), re.S)
             for command in _commands(block)]
 
 
@@ -65,9 +74,9 @@ WALK_THROUGH = "<!-- ec2 walk-through"
 
 
 def walk_through_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    block = re.search(re.escape(WALK_THROUGH) + r"[^\n]*\n```bash\n(.*?)```", text, re.S)
-    assert block, f"README.md has no {WALK_THROUGH} block"
+    block = re.search(re.escape(WALK_THROUGH) + r"[^\n]*\n```bash\n(.*?)```", documentation(),
+                      re.S)
+    assert block, f"no {WALK_THROUGH} block in {', '.join(DOCS)}"
     return _commands(block.group(1))
 
 
@@ -175,3 +184,18 @@ def test_the_version_is_written_once_and_released_with_a_changelog_entry():
     for tag in tags:
         if re.fullmatch(r"v?\d+\.\d+\.\d+", tag):
             assert tag.lstrip("v") == __version__, tags
+
+
+def test_the_readme_is_short_and_every_guide_is_linked_and_kept():
+    """The README says what, the two commands and the flow, and links every guide; no
+    markdown file under docs/ is left out of the command tests."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) < 8000, len(readme)
+    for name in DOCS[1:]:
+        assert f"]({name})" in readme, name
+    assert sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")) == sorted(
+        DOCS[1:])
+    for name in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (ROOT / name).read_text()):
+            if not target.startswith("http"):
+                assert ((ROOT / name).parent / target).exists(), (name, target)
