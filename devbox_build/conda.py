@@ -23,7 +23,6 @@ locking.py).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
@@ -31,7 +30,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from .errors import LockError, SpecError
 from .lockunit import EDITED, MISSING, STALE, Input, LockUnit
@@ -78,6 +76,8 @@ class CondaLock(LockUnit):
         return None
 
     def write(self, spec: ImageSpec, *, resolver: str, upgrade: bool) -> int:
+        import asyncio
+
         lockfile = asyncio.run(_solve(spec, self))  # conda locks always solve afresh
         _write(lockfile, self.path(spec))
         return len(lockfile.package)
@@ -87,6 +87,8 @@ class CondaLock(LockUnit):
 
 
 def read_environment(spec: ImageSpec, relative: str) -> Environment:
+    import yaml  # here: only a conda spec needs it, and every command imports this module
+
     path = spec.input_path(relative)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import jinja2
 from packaging.utils import canonicalize_name
 
-from . import __version__, channels, conda, layers, locking
+from . import __version__, cache, channels, conda, layers, locking
 from .errors import InputError, LockError, SpecError
 from .runtime import contract
 from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, Idle, ImageSpec
@@ -624,11 +624,20 @@ def _shell_quoted(value: object) -> str:
 
 
 def _environment() -> jinja2.Environment:
+    # Compiled templates are kept in the host's cache (keyed by the template's source): compiling
+    # the Dockerfile template is half of a no-op build's own work.
+    folder = cache.folder("templates")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        bytecode = jinja2.FileSystemBytecodeCache(str(folder))
+    except OSError:  # a read-only home: compile every time
+        bytecode = None
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("devbox_build", "dockerfile"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
+        bytecode_cache=bytecode,
     )
     env.filters["dq"] = _double_quoted
     env.filters["sh"] = _shell_quoted
