@@ -141,6 +141,10 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
     pip locks live in images/<name>/locks/<platform>/, conda locks in images/<name>/locks/
     (solved with py-rattler: no conda binary needed). Only missing or stale locks are
     re-resolved, and existing pins are kept unless an input moves them (or --upgrade).
+
+    Every platform gets the first platform's versions: its locks are resolved preferring them,
+    and go stale when they move. A version that cannot be followed (no wheel of it for the other
+    platform) fails `--check` unless [pip] platform_specific lists the package.
     """
     spec = load_spec(image, images_dir)
     selected = list(platforms) or None
@@ -178,6 +182,10 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
     with shown.group(f"locking {spec.name} with {resolver}"):
         results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
                                reporter=shown, base_manifests=base_manifests)
+    # A version no other pin could follow (no wheel of it for this platform): the locks are
+    # written, and `lock --check` fails until the spec says the package may differ.
+    for path, problem in locking.divergences(spec, selected):
+        shown.item("fail", f"{path}: {problem}")
     if as_json:
         out.print_json(data=[{**r.__dict__, "path": str(r.path)} for r in results])
 

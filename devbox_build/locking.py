@@ -48,7 +48,7 @@ from . import conda
 from .errors import DevboxError, LockError, SpecError
 from .hostca import resolver_environment
 from .report import SILENT, Reporter
-from .lockunit import EDITED, MISSING, STALE, Input, LockResult, LockUnit
+from .lockunit import DIVERGED, EDITED, MISSING, STALE, Input, LockResult, LockUnit
 from .spec import PLATFORMS, TEAM_CONSTRAINTS, TEAM_PYTHON_PREFIX, ImageSpec
 
 __all__ = ["EDITED", "MISSING", "STALE", "LockResult", "PipLock", "Pin", "check", "lock",
@@ -69,6 +69,13 @@ class PipLock(LockUnit):
 
     def path(self, spec: ImageSpec) -> Path:
         return lock_dir(spec, self.platform) / f"{self.name}.txt"
+
+    def leader(self, spec: ImageSpec) -> Path | None:
+        """The same lock for the spec's first platform, whose pins this one follows (None: this
+        is that platform's). One set of pins on every platform: a lock resolved on its own per
+        platform picks whatever each index page holds that day."""
+        first = spec.platforms[0]
+        return None if self.platform == first else lock_dir(spec, first) / f"{self.name}.txt"
 
     def verdict(self, spec: ImageSpec) -> str | None:
         path = self.path(spec)
@@ -208,6 +215,9 @@ def inputs_digest(spec: ImageSpec, layer: PipLock) -> str:
         below = layer.below.path(spec)
         digest.update(b"below\n")
         digest.update(below.read_bytes() if below.is_file() else b"<missing>")
+    if (leader := layer.leader(spec)) is not None:
+        digest.update(b"leader\n")
+        digest.update(leader.read_bytes() if leader.is_file() else b"<missing>")
     return digest.hexdigest()
 
 
@@ -274,6 +284,34 @@ def check(
         elif verdict.startswith(STALE) and unit.below and unit.below.path(spec) in edited:
             continue
         problems.append((path, verdict))
+    reported = {path for path, _ in problems}
+    problems += [(path, problem) for path, problem in divergences(spec, platforms, variants)
+                 if path not in reported]
+    return problems
+
+
+def divergences(
+    spec: ImageSpec, platforms: list[str] | None = None, variants: list[str] | None = None
+) -> list[tuple[Path, str]]:
+    """Locks whose versions differ from the first platform's, outside the spec's
+    ``platform_specific`` packages: one problem per lock, naming every package."""
+    allowed = {canonicalize_name(name)
+               for name in (*spec.pip.platform_specific, *spec.dev.platform_specific)}
+    problems = []
+    for unit in units(spec, platforms, variants):
+        leader = unit.leader(spec) if isinstance(unit, PipLock) else None
+        path = unit.path(spec)
+        if leader is None or not leader.is_file() or not path.is_file():
+            continue
+        theirs, ours = read_pins(leader), read_pins(path)
+        differing = [f"{name} {pin.version} ({spec.platforms[0]}: {theirs[name].version})"
+                     for name, pin in sorted(ours.items())
+                     if name in theirs and theirs[name].version != pin.version
+                     and name not in allowed]
+        if differing:
+            problems.append((path, f"{DIVERGED}: " + ", ".join(differing) + "; lock again, or "
+                             "list a package with no wheel for one platform's version under "
+                             "[pip] platform_specific"))
     return problems
 
 
@@ -362,8 +400,14 @@ def _resolve(spec: ImageSpec, layer: PipLock, resolver: str, upgrade: bool) -> s
         output = Path(scratch) / "lock.txt"
         inputs = _input_files(spec, layer, Path(scratch))
         # The resolvers read an existing output file as preferences: pins only move when
-        # an input asks them to (or with --upgrade).
-        if existing.is_file() and not upgrade:
+        # an input asks them to (or with --upgrade). Another platform's lock prefers the first
+        # platform's pins instead (upgraded first, when upgrading), so every platform gets the
+        # same versions wherever a wheel exists.
+        leader = layer.leader(spec)
+        if leader is not None and leader.is_file():
+            shutil.copyfile(leader, output)
+            upgrade = False
+        elif existing.is_file() and not upgrade:
             shutil.copyfile(existing, output)
         constraints = []
         if layer.below is not None:

@@ -15,6 +15,7 @@ from .spec import ImageSpec
 
 # A unit's verdicts. An edited lock is refused even by build --allow-stale.
 MISSING, EDITED, STALE = "missing", "edited", "stale"
+DIVERGED = "differs between platforms"
 
 
 @dataclass(frozen=True)

@@ -136,10 +136,6 @@ class Conda(_Model):
     glibc: Annotated[str, _pattern(r"\d+\.\d+", "a glibc version like '2.36'")] = "2.36"
 
 
-class PipInputs(_Model):
-    """pip input files (requirements.in style), locked with hashes."""
-
-    requirements: list[str] = []
 
 
 class Cuda(_Model):
@@ -208,6 +204,15 @@ class Idle(_Model):
 
 PackageName = Annotated[str, _pattern(
     r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", "a package name (letters, digits, '.', '_', '-')")]
+
+
+class PipInputs(_Model):
+    """pip input files (requirements.in style), locked with hashes."""
+
+    requirements: list[str] = []
+    # Packages whose version may differ between the spec's platforms (one has no wheel for the
+    # other's version); every other pin is the same on all of them, or `lock --check` fails.
+    platform_specific: list[PackageName] = []
 
 
 class Layers(_Model):

@@ -208,3 +208,50 @@ def test_lock_trusts_the_hosts_extra_cas_as_build_does(tmp_path):
         assert all(Path(p).read_text().strip() in text for p in host_ca_certificates())
     else:
         assert "SSL_CERT_FILE" not in bundle
+
+
+def test_every_platform_gets_the_first_platforms_pins(tmp_path, local_index):
+    """An arm64 lock made after the amd64 one prefers its pins (a fresh resolve would take the
+    newer release); it goes stale when they move; a version with no wheel for arm64 fails
+    `lock --check` naming the package, until the spec lists it as platform-specific."""
+    local_index.add("alpha", "1.0", "beta>=1")
+    local_index.add("beta", "1.0")
+    folder = small_stack(tmp_path / "both", "alpha\ngamma\n")
+    local_index.add("gamma", "1.0")
+    spec_file = folder / "image.toml"
+    amd64, arm64 = (folder / "locks" / p / "pip.txt" for p in ("linux-amd64", "linux-arm64"))
+    locking.lock(load(folder))  # amd64 only, as the team's lock was
+    assert {n: p.version for n, p in locking.read_pins(amd64).items()} == {
+        "alpha": "1.0", "beta": "1.0", "gamma": "1.0"}
+
+    local_index.add("beta", "1.1")  # released since: a fresh arm64 resolve would take it
+    spec_file.write_text(spec_file.read_text().replace(
+        'python = "3.11"\n', 'python = "3.11"\nplatforms = ["linux/amd64", "linux/arm64"]\n'))
+    result = cli("lock", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert locking.read_pins(arm64)["beta"].version == "1.0"
+    assert cli("lock", str(folder), "--check").returncode == 0
+
+    # The first platform's pins move (an upgrade of it alone): the arm64 lock is stale, and
+    # locking again moves it with them.
+    locking.lock(load(folder), platforms=["linux/amd64"], upgrade=True)
+    assert locking.read_pins(amd64)["beta"].version == "1.1"
+    result = cli("lock", str(folder), "--check")
+    assert result.returncode == 3 and "linux-arm64/pip.txt: stale" in result.stderr
+    locking.lock(load(folder))
+    assert locking.read_pins(arm64)["beta"].version == "1.1"
+
+    # gamma 2.0 ships an x86_64 wheel only: arm64 keeps 1.0, which --check names.
+    local_index.add("gamma", "2.0", tag="cp311-cp311-manylinux_2_17_x86_64")
+    locking.lock(load(folder), upgrade=True)
+    assert locking.read_pins(amd64)["gamma"].version == "2.0"
+    assert locking.read_pins(arm64)["gamma"].version == "1.0"
+    result = cli("lock", str(folder), "--check")
+    assert_clean_error(result, "linux-arm64/pip.txt: differs between platforms: gamma 1.0 "
+                               "(linux/amd64: 2.0)", "platform_specific")
+    assert result.returncode == 3
+    spec_file.write_text(spec_file.read_text().replace(
+        'requirements = ["requirements.in"]\n',
+        'requirements = ["requirements.in"]\nplatform_specific = ["gamma"]\n'))
+    assert cli("lock", str(folder), "--check").returncode == 0
+

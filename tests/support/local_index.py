@@ -23,8 +23,10 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def make_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
-    """A pure-Python wheel with fixed timestamps: the same arguments give the same bytes."""
+def make_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (),
+               tag: str = "py3-none-any") -> Path:
+    """A wheel with fixed timestamps (the same arguments give the same bytes); pure Python, or
+    with ``tag`` one platform's (``cp311-cp311-manylinux_2_17_x86_64``)."""
     module = name.replace("-", "_")
     dist = f"{module}-{version}"
     files = {
@@ -33,11 +35,12 @@ def make_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] 
             f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
             + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode(),
         f"{dist}.dist-info/WHEEL":
-            b"Wheel-Version: 1.0\nGenerator: devbox-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            f"Wheel-Version: 1.0\nGenerator: devbox-tests\nRoot-Is-Purelib: "
+            f"{'true' if tag == 'py3-none-any' else 'false'}\nTag: {tag}\n".encode(),
     }
     record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
     files[f"{dist}.dist-info/RECORD"] = (record + f"{dist}.dist-info/RECORD,,\n").encode()
-    path = folder / f"{dist}-py3-none-any.whl"
+    path = folder / f"{dist}-{tag}.whl"
     with zipfile.ZipFile(path, "w") as archive:
         for member, data in sorted(files.items()):
             archive.writestr(zipfile.ZipInfo(member, (2000, 1, 1, 0, 0, 0)), data)
@@ -52,8 +55,8 @@ class LocalIndex:
     url: str = ""
     requests: list[str] = field(default_factory=list)
 
-    def add(self, name: str, version: str, *requires: str) -> Path:
-        return make_wheel(self.folder, name, version, requires)
+    def add(self, name: str, version: str, *requires: str, tag: str = "py3-none-any") -> Path:
+        return make_wheel(self.folder, name, version, requires, tag)
 
     def project(self, name: str) -> dict:
         files = []
