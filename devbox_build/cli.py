@@ -100,6 +100,7 @@ def cli() -> None:
       devbox-build render datascience        print the Dockerfile a build will use
       devbox-build build datascience         build the cpu and gpu variants
       devbox-build inspect devbox/datascience:cpu   what is inside a built image
+      devbox-build diff devbox/datascience:cpu devbox/datascience:gpu   what changed
       devbox-build check devbox/datascience:cpu     prove it meets the platform contracts
       devbox-build sagemaker config devbox/datascience:cpu   SageMaker registration inputs
       devbox-build ec2 up --role cpu                 your EC2 box (boxes.toml)
@@ -382,6 +383,59 @@ def check_command(ref, profiles, extra_tests, junit_xml, list_profiles, as_json)
             err.print(f"  JUnit report: {junit_xml}")
     if counts["failed"] or not outcomes:
         sys.exit(ChecksFailed.exit_code)
+
+
+# -- diff ---------------------------------------------------------------------------------------
+
+
+@cli.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--markdown", "as_markdown", is_flag=True,
+              help="Print markdown for a pull request comment.")
+@json_option
+def diff_command(a, b, as_markdown, as_json):
+    """What changed from image A to image B: apt, conda and pip packages added, removed and
+    changed (with major / minor / patch), the layers B shares with A and the bytes a machine
+    holding A fetches to run B, and the facts that changed (Python, user, CUDA, minimum driver,
+    entrypoint, labels).
+
+    \b
+      devbox-build diff devbox/datascience:cpu devbox/datascience:gpu
+      devbox-build diff devbox/datascience:cpu-3198df3da368 devbox/datascience:cpu --markdown
+    """
+    from .diff import KINDS, Side, compare, counts, elided, markdown
+
+    engine = Engine.connect()
+    sides = []
+    for ref in (a, b):
+        refs.check_reference(ref, "A and B")
+        sides.append(Side(ref, read_manifest(engine, ref), engine.layers(ref),
+                          engine.image(ref).get("Config") or {}))
+    result = compare(*sides)
+    if as_json:
+        out.print_json(data=result)
+        return
+    if as_markdown:
+        click.echo(markdown(result))
+        return
+    total, layers = counts(result), result["layers"]
+    out.print(f"[bold]{escape(a)}[/] → [bold]{escape(b)}[/]: {total['added']} added, "
+              f"{total['removed']} removed, {total['changed']} changed")
+    for kind in KINDS:
+        entry = result["packages"][kind]
+        for package in entry["added"]:
+            out.print(f"  [green]+[/] {kind:<5} {escape(package['name'])} {package['version']}")
+        for package in entry["removed"]:
+            out.print(f"  [red]-[/] {kind:<5} {escape(package['name'])} {package['version']}")
+        for package in entry["changed"]:
+            out.print(f"  [yellow]~[/] {kind:<5} {escape(package['name'])} {package['from']} → "
+                      f"{package['to']} ({package['bump']})")
+    out.print(f"layers: {layers['shared']} of {layers['b']} shared; {layers['to_fetch']} to fetch, "
+              f"{layers['bytes_to_fetch'] / 1e6:.1f} MB uncompressed")
+    for fact in result["facts"]:
+        before, after = elided(fact["a"], fact["b"])
+        out.print(f"  {escape(fact['fact'])}: {escape(before) or '–'} → {escape(after) or '–'}")
 
 
 # -- sagemaker ----------------------------------------------------------------------------------

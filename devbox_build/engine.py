@@ -157,6 +157,19 @@ class Engine:
         """Image history, bottom layer first."""
         return list(reversed(self.api.history(ref)))
 
+    def layers(self, ref: str) -> list[tuple[str, int, str]]:
+        """(diff id, bytes, the step that made it) of each filesystem layer, bottom first: the
+        history's steps that made a layer (RUN, COPY, ADD, the base's import), matched with the
+        image's RootFS layers."""
+        steps = [(entry["Size"], entry["CreatedBy"]) for entry in self.history(ref)
+                 if "#(nop) " not in entry["CreatedBy"]
+                 or "#(nop) COPY" in entry["CreatedBy"] or "#(nop) ADD" in entry["CreatedBy"]]
+        diff_ids = self.image(ref)["RootFS"]["Layers"]
+        if len(steps) != len(diff_ids):
+            raise EngineError(f"{ref}: its history names {len(steps)} layers, its root file "
+                              f"system has {len(diff_ids)}")
+        return [(diff_id, size, step) for diff_id, (size, step) in zip(diff_ids, steps)]
+
     def size(self, ref: str) -> int:
         return self.api.inspect_image(ref)["Size"]
 

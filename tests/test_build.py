@@ -63,14 +63,8 @@ def history_ids(engine: Engine, ref: str) -> list[tuple[str, str]]:
 
 
 def filesystem_layers(engine: Engine, ref: str) -> list[tuple[str, str]]:
-    """(step, diff id) of each filesystem layer, bottom first: the history's steps that made a
-    layer (RUN, COPY, the base's import), matched with the image's RootFS layers."""
-    steps = [entry["CreatedBy"] for entry in engine.history(ref)
-             if "#(nop) " not in entry["CreatedBy"]
-             or "#(nop) COPY" in entry["CreatedBy"] or "#(nop) ADD" in entry["CreatedBy"]]
-    diff_ids = engine.image(ref)["RootFS"]["Layers"]
-    assert len(steps) == len(diff_ids), (steps, diff_ids)
-    return list(zip(steps, diff_ids))
+    """(step, diff id) of each filesystem layer, bottom first."""
+    return [(step, diff_id) for diff_id, _, step in engine.layers(ref)]
 
 
 def index_of(history: list[tuple[str, str]], needle: str) -> int:

@@ -51,3 +51,14 @@ class LoopbackRegistry:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"http://{self.host}/v2/{repository}/tags/list", timeout=10) as response:
             return json.load(response).get("tags") or []
+
+    def manifest(self, repository: str, tag: str) -> dict:
+        """The image manifest a pull reads first: its layers, by compressed digest and size."""
+        import json
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        request = urllib.request.Request(
+            f"http://{self.host}/v2/{repository}/manifests/{tag}",
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json, "
+                               "application/vnd.oci.image.manifest.v1+json"})
+        with opener.open(request, timeout=10) as response:
+            return json.load(response)
