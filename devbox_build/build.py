@@ -241,6 +241,8 @@ def build_contexts(
             with reporter.group(f"building {content_tag} (base {context.base})"):
                 result = _run_build(engine, context, digest, content_tag, options, reporter)
         result.tags = [content_tag, *human_tags]
+        if spec.budget is not None:
+            check_budget(engine, spec, result.image_id, human_tags[0])
         apply_tags(engine, result.image_id, result.tags)
         if options.push:
             for ref in result.tags:
@@ -255,6 +257,28 @@ def build_contexts(
                       finished=result.tags)
         results.append(result)
     return results
+
+
+def check_budget(engine: Engine, spec: ImageSpec, image_id: str, replaces: str) -> None:
+    """The spec's [budget] against the built image, before any tag moves; ``replaces``: the tag
+    whose current image is the one growth is measured against."""
+    from . import budget
+    from .manifest import read_manifest
+
+    manifest = read_manifest(engine, image_id)
+    previous = None
+    previous_id = engine.image_id(replaces)
+    if previous_id and previous_id != image_id:
+        try:
+            previous = (read_manifest(engine, replaces), engine.image(replaces)["Size"])
+        except DevboxError:
+            previous = None  # not built by devbox-build: nothing to compare packages with
+    problems = budget.problems(spec.budget, manifest, engine.image(image_id)["Size"], previous,
+                               where=f"{spec.path}: [budget]")
+    if problems:
+        raise BuildFailed(f"{manifest['spec']} {manifest['variant']} is over its size budget "
+                          "(nothing was tagged):\n  " + "\n  ".join(problems),
+                          hint="remove or replace what grew, or raise the limit in [budget]")
 
 
 # overlay2 stacks at most 127 layers; the margin is for an image that extends this one.

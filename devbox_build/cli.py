@@ -404,7 +404,7 @@ def diff_command(a, b, as_markdown, as_json):
       devbox-build diff devbox/datascience:cpu devbox/datascience:gpu
       devbox-build diff devbox/datascience:cpu-3198df3da368 devbox/datascience:cpu --markdown
     """
-    from .diff import KINDS, Side, compare, counts, elided, markdown
+    from .diff import KINDS, Side, compare, counts, elided, markdown, signed
 
     engine = Engine.connect()
     sides = []
@@ -425,12 +425,15 @@ def diff_command(a, b, as_markdown, as_json):
     for kind in KINDS:
         entry = result["packages"][kind]
         for package in entry["added"]:
-            out.print(f"  [green]+[/] {kind:<5} {escape(package['name'])} {package['version']}")
+            out.print(f"  [green]+[/] {kind:<5} {escape(package['name'])} {package['version']} "
+                      f"[dim]{signed(package['size'])}[/]")
         for package in entry["removed"]:
-            out.print(f"  [red]-[/] {kind:<5} {escape(package['name'])} {package['version']}")
+            out.print(f"  [red]-[/] {kind:<5} {escape(package['name'])} {package['version']} "
+                      f"[dim]{signed(-package['size'])}[/]")
         for package in entry["changed"]:
             out.print(f"  [yellow]~[/] {kind:<5} {escape(package['name'])} {package['from']} → "
-                      f"{package['to']} ({package['bump']})")
+                      f"{package['to']} ({package['bump']}) "
+                      f"[dim]{signed(package['size_change'])}[/]")
     out.print(f"layers: {layers['shared']} of {layers['b']} shared; {layers['to_fetch']} to fetch, "
               f"{layers['bytes_to_fetch'] / 1e6:.1f} MB uncompressed")
     for fact in result["facts"]:

@@ -33,6 +33,24 @@ def _versions(manifest: dict, kind: str) -> dict[str, str]:
     return {p["name"]: p["version"] for p in manifest.get("packages", {}).get(kind) or []}
 
 
+def sizes(manifest: dict, kind: str) -> dict[str, int]:
+    """Installed bytes per package (0 where an older manifest did not record them)."""
+    return {p["name"]: p.get("size") or 0 for p in manifest.get("packages", {}).get(kind) or []}
+
+
+def growth(a: dict, b: dict) -> list[tuple[str, str, int]]:
+    """(kind, package, bytes it grew) from manifest ``a`` to ``b``, most grown first; an added
+    package grows by its size, a removed one shrinks by it."""
+    grown = []
+    for kind in KINDS:
+        old, new = sizes(a, kind), sizes(b, kind)
+        for name in old.keys() | new.keys():
+            delta = new.get(name, 0) - old.get(name, 0)
+            if delta:
+                grown.append((kind, name, delta))
+    return sorted(grown, key=lambda item: (-item[2], item[0], item[1]))
+
+
 def bump(old: str, new: str, kind: str = "pip") -> str:
     """major, minor or patch (any later part of the release), or "other" for versions that do
     not compare by their parts. Debian's ``[epoch:]upstream[-revision]``: a new revision of the
@@ -84,12 +102,17 @@ def compare(a: Side, b: Side) -> dict:
     packages = {}
     for kind in KINDS:
         old, new = _versions(a.manifest, kind), _versions(b.manifest, kind)
+        was, now = sizes(a.manifest, kind), sizes(b.manifest, kind)
         packages[kind] = {
-            "added": [{"name": n, "version": new[n]} for n in sorted(new.keys() - old.keys())],
-            "removed": [{"name": n, "version": old[n]}
+            "added": [{"name": n, "version": new[n], "size": now.get(n, 0)}
+                      for n in sorted(new.keys() - old.keys())],
+            "removed": [{"name": n, "version": old[n], "size": was.get(n, 0)}
                         for n in sorted(old.keys() - new.keys())],
-            "changed": [{"name": n, "from": old[n], "to": new[n], "bump": bump(old[n], new[n], kind)}
+            "changed": [{"name": n, "from": old[n], "to": new[n],
+                         "bump": bump(old[n], new[n], kind),
+                         "size_change": now.get(n, 0) - was.get(n, 0)}
                         for n in sorted(old.keys() & new.keys()) if old[n] != new[n]],
+            "bytes": {"a": sum(was.values()), "b": sum(now.values())},
         }
     held = {diff_id for diff_id, _, _ in a.layers}
     fetched = [(diff_id, size, step) for diff_id, size, step in b.layers if diff_id not in held]
@@ -132,6 +155,15 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
+def signed(size: int) -> str:
+    """A size change: +1.2 MB, -0.3 MB, +4 kB."""
+    return f"{size / 1e6:+.1f} MB" if abs(size) >= 100_000 else f"{size / 1e3:+.0f} kB"
+
+
+def changed(entry: dict) -> bool:
+    return bool(entry["added"] or entry["removed"] or entry["changed"])
+
+
 def _cell(value: str) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ") or "–"
 
@@ -147,15 +179,16 @@ def markdown(diff: dict) -> str:
              "uncompressed).", ""]
     for kind in KINDS:
         entry = diff["packages"][kind]
-        if not any(entry.values()):
+        if not changed(entry):
             continue
-        lines += [f"**{kind}**", "", "| package | before | after | change |", "|---|---|---|---|"]
-        lines += [f"| {_cell(p['name'])} | – | {_cell(p['version'])} | added |"
-                  for p in entry["added"]]
-        lines += [f"| {_cell(p['name'])} | {_cell(p['version'])} | – | removed |"
-                  for p in entry["removed"]]
-        lines += [f"| {_cell(p['name'])} | {_cell(p['from'])} | {_cell(p['to'])} | {p['bump']} |"
-                  for p in entry["changed"]]
+        lines += [f"**{kind}** ({signed(entry['bytes']['b'] - entry['bytes']['a'])})", "",
+                  "| package | before | after | change | size |", "|---|---|---|---|---|"]
+        lines += [f"| {_cell(p['name'])} | – | {_cell(p['version'])} | added | "
+                  f"{signed(p['size'])} |" for p in entry["added"]]
+        lines += [f"| {_cell(p['name'])} | {_cell(p['version'])} | – | removed | "
+                  f"{signed(-p['size'])} |" for p in entry["removed"]]
+        lines += [f"| {_cell(p['name'])} | {_cell(p['from'])} | {_cell(p['to'])} | {p['bump']} | "
+                  f"{signed(p['size_change'])} |" for p in entry["changed"]]
         lines.append("")
     if diff["facts"]:
         lines += ["**facts**", "", "| fact | before | after |", "|---|---|---|"]

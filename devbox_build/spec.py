@@ -226,6 +226,17 @@ class Layers(_Model):
     max_per_lock: Annotated[int, Field(ge=1, le=24)] = 10
 
 
+class Budget(_Model):
+    """Size limits a build (and a release) must keep, in MB of installed bytes (1 MB = 10^6):
+    the whole image, the packages of each layer kind, and growth against the image the build
+    replaces (REPOSITORY:VARIANT before it is moved)."""
+
+    total_mb: Annotated[int, Field(ge=1)] | None = None
+    layers: dict[Literal["system", "conda", "pip", "variant", "dev"],
+                 Annotated[int, Field(ge=1)]] = {}
+    growth_percent: Annotated[float, Field(ge=0)] | None = None
+
+
 class ImageSpec(_Model):
     """A whole ``image.toml``."""
 
@@ -252,6 +263,7 @@ class ImageSpec(_Model):
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = []
     # Unset under `extends`: the image below keeps its rules.
     idle: Idle | None = None
+    budget: Budget | None = None
     # Default arguments to the image's entrypoint (CMD). Empty: the IDE server when the image has
     # one (JupyterLab), else a shell.
     command: list[str] = []

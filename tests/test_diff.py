@@ -8,16 +8,21 @@ import json
 
 import pytest
 
-from devbox_build.diff import Side, bump, compare, markdown
+from devbox_build.diff import Side, bump, changed, compare, growth, markdown
 
 from .conftest import assert_clean_error, cli
 from .support.registry import LoopbackRegistry
 
 
+SIZES = {("numpy", "1.26.4"): 30_000_000, ("numpy", "2.4.0"): 32_000_000, ("gone", "1"): 1_000,
+         ("new", "0.1"): 100_000}
+
+
 def side(ref: str, pip: dict, apt: dict, layers: list, labels: dict | None = None) -> Side:
     manifest = {"python_version": "3.11.2", "platform": "linux/amd64",
                 "user": {"name": "sagemaker-user", "uid": 1000, "gid": 100},
-                "packages": {"pip": [{"name": n, "version": v} for n, v in pip.items()],
+                "packages": {"pip": [{"name": n, "version": v, "size": SIZES.get((n, v), 0)}
+                                     for n, v in pip.items()],
                              "apt": [{"name": n, "version": v} for n, v in apt.items()]},
                 "image": {"labels": {"org.opencontainers.image.created": ref, **(labels or {})}}}
     return Side(ref, manifest, layers, {"Entrypoint": ["devbox-entrypoint"]})
@@ -44,8 +49,8 @@ def test_packages_layers_and_facts_compared():
              labels={"devbox.cuda.version": "12.9", "devbox.cuda.min-driver": "525.60.13"})
     diff = compare(a, b)
     pip = diff["packages"]["pip"]
-    assert pip["added"] == [{"name": "new", "version": "0.1"}]
-    assert pip["removed"] == [{"name": "gone", "version": "1"}]
+    assert pip["added"] == [{"name": "new", "version": "0.1", "size": 100_000}]
+    assert pip["removed"] == [{"name": "gone", "version": "1", "size": 1_000}]
     assert [(p["name"], p["bump"]) for p in pip["changed"]] == [("numpy", "major"),
                                                                 ("six", "minor")]
     assert diff["packages"]["apt"]["changed"][0]["bump"] == "other"
@@ -55,10 +60,14 @@ def test_packages_layers_and_facts_compared():
     assert diff["facts"] == [{"fact": "cuda", "a": "", "b": "12.9"},
                              {"fact": "min driver", "a": "", "b": "525.60.13"}]
     text = markdown(diff)
-    assert "| numpy | 1.26.4 | 2.4.0 | major |" in text and "| gone | 1 | – | removed |" in text
+    assert "| numpy | 1.26.4 | 2.4.0 | major | +2.0 MB |" in text
+    assert "| gone | 1 | – | removed | -1 kB |" in text
+    assert "**pip** (+2.1 MB)" in text
+    assert growth(a.manifest, b.manifest)[:2] == [("pip", "numpy", 2_000_000),
+                                                  ("pip", "new", 100_000)]
     assert "2 of 4 layers shared, 2 to fetch" in text
     assert compare(a, a)["facts"] == [] and not any(
-        any(entry.values()) for entry in compare(a, a)["packages"].values())
+        changed(entry) for entry in compare(a, a)["packages"].values())
 
 
 @pytest.mark.engine
