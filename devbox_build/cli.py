@@ -32,6 +32,7 @@ from .build import (
 )
 from .engine import Engine
 from .errors import (
+    BuildFailed,
     ChecksFailed,
     CloudError,
     DevboxError,
@@ -41,9 +42,9 @@ from .errors import (
     exit_codes_help,
 )
 from .hostca import host_ca_certificates
-from .report import SILENT, Reporter
 from .manifest import read_manifest
 from .render import render
+from .report import SILENT, Reporter
 from .runtime import contract
 from .spec import load_spec
 
@@ -101,6 +102,7 @@ def cli() -> None:
       devbox-build build datascience         build the cpu and gpu variants
       devbox-build inspect devbox/datascience:cpu   what is inside a built image
       devbox-build diff devbox/datascience:cpu devbox/datascience:gpu   what changed
+      devbox-build release datascience       next version, CHANGELOG.md, tags
       devbox-build check devbox/datascience:cpu     prove it meets the platform contracts
       devbox-build sagemaker config devbox/datascience:cpu   SageMaker registration inputs
       devbox-build ec2 up --role cpu                 your EC2 box (boxes.toml)
@@ -272,6 +274,139 @@ def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, n
     results = build_contexts(contexts, Engine.connect(), options, reporter)
     if as_json:
         out.print_json(data=[r.as_dict() for r in results])
+
+
+# -- release ------------------------------------------------------------------------------------
+
+
+@cli.command("release")
+@click.argument("image")
+@click.option("--variant", default="all", show_default=True, help="cpu, gpu, ... or all.")
+@click.option("--registry", help="Registry HOST[:PORT][/namespace] to prefix the repository with.")
+@click.option("--push", is_flag=True, help="Push the release's tags.")
+@click.option("--dry-run", is_flag=True, help="Say what the release would be; change nothing.")
+@ca_options
+@click.option("--network", "network_mode", default=settings.default("DEVBOX_NETWORK"),
+              help="Network for build steps (env DEVBOX_NETWORK).")
+@images_dir_option
+@json_option
+def release_command(image, variant, registry, push, dry_run, ca_certs, no_host_ca, network_mode,
+                    images_dir, as_json):
+    """Release IMAGE: build it (a no-op when built), compare each variant with the last
+    release (the newest version in CHANGELOG.md beside the spec, its images
+    REPOSITORY:VERSION-VARIANT), propose the next version by the spec's [release] policy,
+    hold [budget] growth_percent against the last release, then label and tag
+    REPOSITORY:VERSION-VARIANT and write the CHANGELOG.md entry. Nothing changed: no release.
+
+    \b
+      devbox-build release datascience --dry-run
+      devbox-build release datascience --registry 127.0.0.1:5000/team --push
+    """
+    import datetime
+
+    from . import budget as budgets
+    from . import release as releases
+    from .build import apply_tags, repository
+    from .diff import Side, compare, markdown
+
+    spec = load_spec(image, images_dir)
+    variants = resolve_variants(spec, variant)
+    ca_files, _ = chosen_ca_certificates(ca_certs, no_host_ca)
+    options = BuildOptions(registry=registry, push=False, ca_certificates=ca_files,
+                           network_mode=network_mode)
+    contexts = prepare(spec, variants, options)
+    if push and not registry and not refs.names_registry(spec.repository):
+        raise InputError("--push needs a registry: pass --registry HOST[/NAMESPACE], or name "
+                         "one in the spec's repository (HOST[:PORT]/name)")
+    engine = Engine.connect()
+    shown = SILENT if as_json else reporter
+    results = build_contexts(contexts, engine, options, shown)
+    changelog = spec.folder / releases.CHANGELOG
+    previous = releases.previous_version(changelog)
+    repo = repository(spec, registry)
+    sides, diffs, changed = {}, [], previous is None
+    for result in results:
+        ref = result.content_tag
+        sides[result.variant] = Side(ref, read_manifest(engine, ref), engine.layers(ref),
+                                     engine.image(ref).get("Config") or {})
+        if previous is None:
+            continue
+        before = f"{repo}:{previous}-{result.variant}"
+        if engine.image_id(before) is None:
+            raise InputError(f"the last release's image {before} is not in this engine "
+                             f"({changelog} says {previous} is the last release)",
+                             hint=f"docker pull {before}")
+        old = Side(before, read_manifest(engine, before), engine.layers(before),
+                   engine.image(before).get("Config") or {})
+        changed = changed or (old.manifest.get("content_hash")
+                              != sides[result.variant].manifest.get("content_hash"))
+        diffs.append(compare(old, sides[result.variant]))
+        if spec.budget is not None and spec.budget.growth_percent is not None:
+            problems = budgets.problems(
+                spec.budget.model_copy(update={"total_mb": None, "layers": {}}),
+                sides[result.variant].manifest, engine.image(ref)["Size"],
+                (old.manifest, engine.image(before)["Size"]), where=f"{spec.path}: [budget]")
+            if problems:
+                raise BuildFailed(f"{spec.name} {result.variant} grew too much since {previous} "
+                                  "(nothing was released):\n  " + "\n  ".join(problems),
+                                  hint="remove or replace what grew, or raise growth_percent")
+    # What the spec's inputs name (the top lock's direct pins, the system packages).
+    inputs = {name.split("=")[0] for name in spec.system.packages} | {
+        name for result in results
+        for lock in locking.stack(spec, result.variant,
+                                  sides[result.variant].manifest["platform"])[-1:]
+        for name, pin in locking.read_pins(lock.path(spec)).items() if pin.direct}
+    proposal = releases.propose(previous, spec.release.first, diffs, changed,
+                                spec.release.major, spec.release.minor, inputs)
+    summary = {"version": proposal.version, "previous": proposal.previous,
+               "level": proposal.level, "why": proposal.why,
+               "tags": [f"{repo}:{proposal.version}-{r.variant}" for r in results]
+               if proposal.version else [], "dry_run": dry_run}
+    if proposal.version is None or dry_run:
+        if as_json:
+            out.print_json(data=summary)
+        else:
+            shown.item("note" if proposal.version is None else "ok",
+                       f"{spec.name}: " + (proposal.why[0] if proposal.version is None else
+                                           f"would release {proposal.version} "
+                                           f"({proposal.level}): " + "; ".join(proposal.why)))
+        return
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    sections = [markdown({**diff, "b": tag}) for diff, tag in zip(diffs, summary["tags"])]
+    text = releases.with_entry(changelog, releases.entry(proposal, date, sections))
+    for result, tag in zip(results, summary["tags"]):
+        labelled = _labelled(engine, result.content_tag, proposal.version)
+        apply_tags(engine, labelled, [tag])
+        if push:
+            for line in engine.push(tag):
+                shown.output(line)
+    locking.write_atomic(changelog, text, error=InputError)
+    if as_json:
+        out.print_json(data=summary)
+        return
+    shown.item("ok", f"released {spec.name} {proposal.version} ({proposal.level}): "
+               + ", ".join(summary["tags"]), detail="\n".join(proposal.why),
+               finished=summary["tags"])
+    err.print(f"  wrote {changelog}")
+
+
+def _labelled(engine: Engine, ref: str, version: str) -> str:
+    """``ref`` with the label org.opencontainers.image.version (no new layer); its id."""
+    import io
+    import tarfile
+
+    from .engine import Built
+
+    dockerfile = (f"FROM {ref}\nLABEL org.opencontainers.image.version="
+                  f"{json.dumps(version)}\n").encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        member = tarfile.TarInfo("Dockerfile")
+        member.size, member.mtime = len(dockerfile), 0
+        archive.addfile(member, io.BytesIO(dockerfile))
+    buffer.seek(0)
+    built = [event for event in engine.build(buffer) if isinstance(event, Built)]
+    return built[-1].image_id
 
 
 # -- inspect ------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from packaging.version import InvalidVersion, Version
 
 KINDS = ("apt", "conda", "pip")
 # Labels that differ on every build, whatever changed.
-VOLATILE_LABELS = ("org.opencontainers.image.created", "devbox.content-hash")
+VOLATILE_LABELS = ("org.opencontainers.image.created", "devbox.content-hash",
+                   "org.opencontainers.image.version")  # a release's label, not its content
 SHOWN_AS_FACTS = ("devbox.cuda.version", "devbox.cuda.min-driver")
 
 

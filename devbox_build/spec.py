@@ -237,6 +237,20 @@ class Budget(_Model):
     growth_percent: Annotated[float, Field(ge=0)] | None = None
 
 
+ReleaseWord = Literal["python", "cuda", "added", "removed", "major", "minor", "input-major",
+                      "input-minor", "input-removed"]
+
+
+class Release(_Model):
+    """How `devbox-build release` numbers releases (release.py says what each word means):
+    a change named in ``major`` makes a major release, one in ``minor`` a minor one, any other
+    change a patch."""
+
+    major: list[ReleaseWord] = ["python", "input-major", "input-removed"]
+    minor: list[ReleaseWord] = ["added", "cuda", "input-minor"]
+    first: Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")] = "1.0.0"
+
+
 class ImageSpec(_Model):
     """A whole ``image.toml``."""
 
@@ -264,6 +278,7 @@ class ImageSpec(_Model):
     # Unset under `extends`: the image below keeps its rules.
     idle: Idle | None = None
     budget: Budget | None = None
+    release: Release = Release()
     # Default arguments to the image's entrypoint (CMD). Empty: the IDE server when the image has
     # one (JupyterLab), else a shell.
     command: list[str] = []
