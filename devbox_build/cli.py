@@ -102,6 +102,7 @@ def cli() -> None:
       devbox-build build datascience         build the cpu and gpu variants
       devbox-build inspect devbox/datascience:cpu   what is inside a built image
       devbox-build diff devbox/datascience:cpu devbox/datascience:gpu   what changed
+      devbox-build sbom devbox/datascience:cpu -o sbom.json   CycloneDX SBOM
       devbox-build release datascience       next version, CHANGELOG.md, tags
       devbox-build check devbox/datascience:cpu     prove it meets the platform contracts
       devbox-build sagemaker config devbox/datascience:cpu   SageMaker registration inputs
@@ -274,6 +275,38 @@ def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, n
     results = build_contexts(contexts, Engine.connect(), options, reporter)
     if as_json:
         out.print_json(data=[r.as_dict() for r in results])
+
+
+# -- sbom ---------------------------------------------------------------------------------------
+
+
+@cli.command("sbom")
+@click.argument("ref")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write it to this file (default: print it).")
+def sbom_command(ref, output):
+    """Print image REF's software bill of materials: every apt, conda and pip package
+    installed, as CycloneDX 1.6 JSON with package URLs (pkg:deb, pkg:conda, pkg:pypi), the
+    sha256 the locks pinned, and the base image. The build wrote it from the package databases
+    (/opt/devbox/sbom.cdx.json); `check` (drift) holds it to what is installed.
+
+    \b
+      devbox-build sbom devbox/datascience:cpu -o datascience-cpu.cdx.json
+    """
+    refs.check_reference(ref, "REF")
+    engine = Engine.connect()
+    engine.image(ref)  # a missing image is its own error
+    try:
+        text = engine.read_file(ref, contract.SBOM).decode()
+    except DevboxError:
+        raise InputError(f"{ref} has no {contract.SBOM}: it was built by devbox-build before "
+                         "0.2.0, or not by devbox-build",
+                         hint="rebuild it: devbox-build build SPEC") from None
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    locking.write_atomic(output, text, error=InputError)
+    err.print(f"[green]✓[/] {len(json.loads(text)['components'])} components in {output}")
 
 
 # -- release ------------------------------------------------------------------------------------

@@ -415,6 +415,7 @@ def render(
         "cuda": {"version": cuda.version, "min_driver": cuda.min_driver,
                  "runtime": cuda.runtime} if cuda else None,
         "extends": variant_spec.base if spec.extends else None,
+        "base": variant_spec.base,  # the image this one is built FROM (the SBOM names it)
         # The idle watcher's rules (finalize.py writes /etc/devbox/idle.toml); under `extends`
         # without [idle], the image below keeps its own.
         "idle": None if spec.extends and spec.idle is None

@@ -156,6 +156,15 @@ def test_build_installs_exactly_the_lock(engine, conda_stack):
     assert code == 0 and "goodbye from conda" in out and "hello from conda" in out, out
     code, out = engine.run(cpu, ["python", "-c", "import packaging; print('pip section ok')"])
     assert code == 0 and "pip section ok" in out, out
+    # The SBOM of a conda + pip image: valid, and exactly what the three databases hold (the
+    # drift check reads conda-meta, dpkg and the environment's own metadata).
+    from .test_sbom import schema_problems
+
+    sbom = engine.read_file(cpu, "/opt/devbox/sbom.cdx.json").decode()
+    assert schema_problems(sbom) == []
+    assert any(c["purl"].startswith("pkg:conda/") for c in json.loads(sbom)["components"])
+    check = cli("check", cpu, "--profile", "drift")
+    assert check.returncode == 0, check.stderr
     # GPU shares every layer below its first GPU-only layer (diff ids), the conda layer included.
     cpu_layers, gpu_layers = filesystem_layers(engine, cpu), filesystem_layers(engine, gpu)
     shared = next(i for i, (a, b) in enumerate(zip(cpu_layers, gpu_layers)) if a != b)

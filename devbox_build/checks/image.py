@@ -22,7 +22,7 @@ from ..errors import DevboxError
 from ..runtime import contract
 
 MANIFEST = contract.MANIFEST
-REQUIREMENTS = f"{contract.DEVBOX}/requirements"
+REQUIREMENTS = contract.REQUIREMENTS
 
 # What SageMaker Studio requires of an image's user (its FileSystemConfig defaults), which this
 # tool's images also use on laptops and EC2.

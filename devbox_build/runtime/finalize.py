@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import contract
+from . import contract, sbom
 
 DEVBOX = Path(contract.DEVBOX)
 # Leftovers that only cost space. apt's lists and caches, pip's and uv's download caches.
@@ -62,13 +62,18 @@ def pip_packages(info: dict, base: dict | None) -> list[dict]:
     return sorted(packages, key=lambda p: p["name"])
 
 
-def conda_packages(info: dict) -> list[dict]:
-    """What the conda layer installed, from the prefix's own records."""
+def conda_records(info: dict) -> list[dict]:
+    """The conda prefix's own records of what it installed."""
     if not info.get("conda"):
         return []
+    return [json.loads(path.read_text())
+            for path in sorted(Path(info["conda"]["prefix"], "conda-meta").glob("*.json"))]
+
+
+def conda_packages(info: dict) -> list[dict]:
+    """What the conda layer installed, from the prefix's own records."""
     packages = []
-    for path in sorted(Path(info["conda"]["prefix"], "conda-meta").glob("*.json")):
-        record = json.loads(path.read_text())
+    for record in conda_records(info):
         paths = (record.get("paths_data") or {}).get("paths") or []
         packages.append({**{key: record.get(key) for key in ("name", "version", "build",
                                                              "channel")},
@@ -197,10 +202,13 @@ def main(argv: list) -> int:
     write_idle_rules(info)
     let_pip_install_for_the_user(info)
     previous.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    records = [{**record, "size": package["size"]}
+               for record, package in zip(conda_records(info), manifest["packages"]["conda"])]
+    components = sbom.write(manifest, records)
     print(
         f"devbox-build: manifest written: {len(manifest['packages']['pip'])} pip, "
         f"{len(manifest['packages']['conda'])} conda and {len(manifest['packages']['apt'])} "
-        "apt packages"
+        f"apt packages; SBOM: {components} components"
     )
     return 0
 

@@ -80,3 +80,33 @@ def test_system_packages_match_the_build(image_host, manifest):
     expected = {p["name"]: p["version"] for p in manifest["packages"]["apt"]}
     problems = differences(expected, found)
     assert not problems, "system packages drifted from the build:\n" + "\n".join(problems)
+
+
+def test_the_sbom_lists_exactly_what_is_installed(image_host, manifest):
+    """the CycloneDX SBOM lists every installed apt, conda and pip package, and nothing else"""
+    from devbox_build.runtime.sbom import conda_purl, deb_purl, pypi_purl
+
+    if not image_host.file(contract.SBOM).exists:
+        pytest.fail(f"no {contract.SBOM}: built by devbox-build before the SBOM was",
+                    pytrace=False)
+    sbom = json.loads(image_host.file(contract.SBOM).content_string)
+    listed = {component["purl"] for component in sbom["components"]}
+    # Read from the package databases themselves, not from the manifest the SBOM was made from.
+    arch = image_host.run("dpkg --print-architecture").stdout.strip()
+    distro = "debian-" + image_host.run(". /etc/os-release && echo $VERSION_ID").stdout.strip()
+    apt = image_host.run("dpkg-query -W -f '${Package}\\t${Version}\\n'").stdout
+    found = {deb_purl(*line.split("\t"), arch, distro) for line in apt.splitlines() if line}
+    pip = json.loads(image_host.run(INSTALLED).stdout)
+    found |= {pypi_purl(name, version) for name, version in pip.items()}
+    conda_prefix = (manifest.get("conda") or {}).get("prefix")
+    if conda_prefix:
+        listing = image_host.run(f"cat {conda_prefix}/conda-meta/*.json").stdout
+        decoder, at = json.JSONDecoder(), 0
+        while at < len(listing.strip()):
+            record, at = decoder.raw_decode(listing, at)
+            found.add(conda_purl(record))
+            while at < len(listing) and listing[at].isspace():
+                at += 1
+    missing, extra = sorted(found - listed), sorted(listed - found)
+    assert not missing and not extra, (f"installed but not in the SBOM: {missing[:10]}; "
+                                       f"in the SBOM but not installed: {extra[:10]}")
