@@ -24,7 +24,7 @@ PROFILES: dict[str, str] = {
     "base": "user 1000:100 and its home, non-root default, ids <= 65535, exec-form entrypoint, "
             "no secrets or proxies (shown masked), no private key in the CA store",
     "drift": "installed Python and Debian packages are exactly the lock's full closure; every "
-             "dependency installed (pip check)",
+             "dependency installed (pip check); the SBOM lists exactly what is installed",
     "jupyter": "laptop mode: JupyterLab at / on 8888 behind a token; healthcheck; quick stop",
     "sagemaker-studio": "Studio mode: /jupyterlab/default without a token, empty home volume, "
                         "sudo, idle-shutdown extension",
