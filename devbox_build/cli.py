@@ -186,6 +186,19 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
     with shown.group(f"locking {spec.name} with {resolver}"):
         results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
                                reporter=shown, base_manifests=base_manifests)
+    if spec.like:
+        from .like import off_release
+
+        for unit in locking.units(spec, selected):
+            release = unit.like(spec) if isinstance(unit, locking.PipLock) else None
+            if release is None or not unit.path(spec).is_file():
+                continue
+            locked = {n: p.version for n, p in locking.read_pins(unit.path(spec)).items()}
+            shared = [name for name in locked if name in release.pins]
+            off = off_release(release, locked)
+            shown.item("note", f"{unit.path(spec)}: {len(shared) - len(off)} of {len(shared)} "
+                       f"packages it shares with {spec.like} at its version",
+                       detail="\n".join(f"off: {line}" for line in off))
     # A version no other pin could follow (no wheel of it for this platform): the locks are
     # written, and `lock --check` fails until the spec says the package may differ.
     for path, problem in locking.divergences(spec, selected):

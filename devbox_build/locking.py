@@ -51,8 +51,8 @@ from .report import SILENT, Reporter
 from .lockunit import DIVERGED, EDITED, MISSING, STALE, Input, LockResult, LockUnit
 from .spec import PLATFORMS, TEAM_CONSTRAINTS, TEAM_PYTHON_PREFIX, ImageSpec
 
-__all__ = ["EDITED", "MISSING", "STALE", "LockResult", "PipLock", "Pin", "check", "lock",
-           "read_pins", "stack", "units"]
+__all__ = ["DIVERGED", "EDITED", "MISSING", "STALE", "LockResult", "PipLock", "Pin", "check",
+           "divergences", "lock", "read_pins", "stack", "units"]
 
 LOCK_FORMAT = "devbox-lock/2"  # 2: pins record their wheel and its size
 DIGEST_PREFIX = "# inputs-sha256: "
@@ -69,6 +69,17 @@ class PipLock(LockUnit):
 
     def path(self, spec: ImageSpec) -> Path:
         return lock_dir(spec, self.platform) / f"{self.name}.txt"
+
+    def like(self, spec: ImageSpec):
+        """The release this lock is resolved like (like.Release), or None: the GPU files for a
+        lock of a CUDA variant, the CPU files for the shared and CPU locks."""
+        if spec.like is None:
+            return None
+        from . import like
+
+        variant = self.name.split("-", 1)[1] if "-" in self.name else None
+        gpu = variant in spec.variants and spec.variants[variant].cuda is not None
+        return like.load(spec, spec.like, "gpu" if gpu else "cpu")
 
     def leader(self, spec: ImageSpec) -> Path | None:
         """The same lock for the spec's first platform, whose pins this one follows (None: this
@@ -215,6 +226,10 @@ def inputs_digest(spec: ImageSpec, layer: PipLock) -> str:
         below = layer.below.path(spec)
         digest.update(b"below\n")
         digest.update(below.read_bytes() if below.is_file() else b"<missing>")
+    if (release := layer.like(spec)) is not None:
+        digest.update(f"like {release.like} {release.flavour}\n".encode())
+        for path in release.files:
+            digest.update(path.read_bytes())
     if (leader := layer.leader(spec)) is not None:
         digest.update(b"leader\n")
         digest.update(leader.read_bytes() if leader.is_file() else b"<missing>")
@@ -357,11 +372,12 @@ def lock(
 
 
 def _header(spec: ImageSpec, layer: PipLock, digest: str) -> str:
+    like = f"# Like: {spec.like} (like/{spec.like.replace(':', '-')}/)\n" if spec.like else ""
     return (
         f"# Locked by devbox-build for image '{spec.name}', layer '{layer.name}' "
         f"({layer.platform}, Python {spec.python_version}). Do not edit.\n"
         f"# Regenerate with: {regenerate_command(spec)}\n"
-        f"{DIGEST_PREFIX}{digest}\n"
+        f"{like}{DIGEST_PREFIX}{digest}\n"
     )
 
 
@@ -403,17 +419,25 @@ def _resolve(spec: ImageSpec, layer: PipLock, resolver: str, upgrade: bool) -> s
         # an input asks them to (or with --upgrade). Another platform's lock prefers the first
         # platform's pins instead (upgraded first, when upgrading), so every platform gets the
         # same versions wherever a wheel exists.
-        leader = layer.leader(spec)
+        leader, release = layer.leader(spec), layer.like(spec)
         if leader is not None and leader.is_file():
             shutil.copyfile(leader, output)
             upgrade = False
         elif existing.is_file() and not upgrade:
             shutil.copyfile(existing, output)
+        elif release is not None:
+            # Locked like a release: its pins are the preferences, its ranges constraints.
+            output.write_text(release.preferences(), encoding="utf-8")
+            upgrade = False
         constraints = []
         if layer.below is not None:
             constraints = ["-c", os.path.relpath(layer.below.path(spec), spec.folder)]
         elif spec.extends:
             constraints = ["-c", os.path.relpath(team_constraints_path(spec), spec.folder)]
+        if release is not None:
+            ranges = Path(scratch) / "like-constraints.txt"
+            ranges.write_text(release.constraints(), encoding="utf-8")
+            constraints += ["-c", str(ranges)]
         if resolver == "uv":
             command, env = _uv_command(spec, layer, inputs, constraints, output, upgrade)
             env = resolver_environment(Path(scratch), env)

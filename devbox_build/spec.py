@@ -265,6 +265,8 @@ class ImageSpec(_Model):
     # and the pip locks are constrained by the pins it already has (locks/team-constraints.txt).
     extends: Repository | None = None
     platforms: list[Literal["linux/amd64", "linux/arm64"]] = ["linux/amd64"]
+    # A release to lock like (like.py): "smd:4.4.1", its files stored under like/smd-4.4.1/.
+    like: Annotated[str, Field(pattern=r"^[a-z]+:\d+\.\d+\.\d+$")] | None = None
     ca_certificates: list[str] = []
     user: User = User()
     system: System = System()

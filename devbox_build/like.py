@@ -1,0 +1,145 @@
+"""`like = "smd:4.4.1"`: lock a stack the way a SageMaker Distribution release is.
+
+A release's files are stored beside the spec (``like/smd-4.4.1/{cpu,gpu}.env.{in,out}``, copied
+from the distribution's ``build_artifacts``: offline and reviewable). conda-forge's names are
+mapped to PyPI's by the table below; what has no PyPI counterpart (the C libraries, Python itself)
+or whose version is not a PEP 440 one (``tzdata 2026c``) is skipped and listed.
+
+    env.in  ``conda-forge::numpy[version='>=1.26.4,<1.27.0']``: ranges, hard constraints
+    env.out the solved environment's package URLs: pins, the resolver's preferences
+
+The lock then matches the release wherever the spec's own inputs allow; `lock` names every
+shared package that ends off the release's version, and why.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from .errors import SpecError
+
+SOURCES = {"smd": "SageMaker Distribution"}
+LIKE = re.compile(r"(?P<source>[a-z]+):(?P<version>\d+\.\d+\.\d+)")
+# conda-forge name → PyPI name, where they differ (checked in; extend as releases need).
+CONDA_TO_PYPI = {
+    "pytorch": "torch", "pytorch-cpu": "torch", "pytorch-gpu": "torch",
+    "matplotlib-base": "matplotlib", "py-xgboost": "xgboost", "py-xgboost-cpu": "xgboost",
+    "py-xgboost-gpu": "xgboost", "sagemaker-python-sdk": "sagemaker", "python-gssapi": "gssapi",
+    "ray-default": "ray", "ray-core": "ray", "brotli-python": "brotli", "python-tzdata": "tzdata",
+    "tensorflow-base": "tensorflow", "msgpack-python": "msgpack", "pytables": "tables",
+    "python-kubernetes": "kubernetes", "python-flatbuffers": "flatbuffers",
+    "amazon_sagemaker_sql_editor": "amazon-sagemaker-sql-editor",
+}
+# conda packages that are not Python distributions on PyPI at all.
+NOT_ON_PYPI = {"python", "pip", "conda", "docker-cli", "supervisor", "uv", "python_abi",
+               "ca-certificates", "openssl", "tzdata"}
+ENV_IN = re.compile(r"^[\w.-]+::(?P<name>[\w.-]+)(?:\[version='(?P<spec>[^']*)'\])?\s*$")
+
+
+def pypi_name(conda_name: str) -> str:
+    return canonicalize_name(CONDA_TO_PYPI.get(conda_name, conda_name))
+
+
+@dataclass(frozen=True)
+class Release:
+    """One release's ranges and pins, by PyPI name."""
+
+    like: str  # "smd:4.4.1"
+    folder: Path
+    flavour: str  # "cpu" or "gpu"
+    ranges: dict[str, str] = field(default_factory=dict)
+    pins: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # conda name → why
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.folder / f"{self.flavour}.env.in", self.folder / f"{self.flavour}.env.out"]
+
+    def constraints(self) -> str:
+        return "".join(f"{name}{spec}\n" for name, spec in sorted(self.ranges.items()))
+
+    def preferences(self) -> str:
+        return "".join(f"{name}=={version}\n" for name, version in sorted(self.pins.items()))
+
+
+def parse(text: str, where: str) -> tuple[str, str]:
+    found = LIKE.fullmatch(text)
+    if not found or found["source"] not in SOURCES:
+        raise SpecError(f"{where}: {text!r} is not a release to be like: expected "
+                        + " or ".join(f"{key}:X.Y.Z ({name})" for key, name in SOURCES.items()))
+    return found["source"], found["version"]
+
+
+def load(spec, like: str, flavour: str) -> Release:
+    """The release ``like`` names, from the files stored beside ``spec``."""
+    source, version = parse(like, f"{spec.path}: key 'like'")
+    folder = spec.folder / "like" / f"{source}-{version}"
+    release = Release(like, folder, flavour)
+    missing = [path for path in release.files if not path.is_file()]
+    if missing:
+        raise SpecError(f"{spec.path}: key 'like': {like} needs "
+                        + ", ".join(str(p) for p in missing),
+                        hint=f"copy {source}'s build_artifacts/.../{version}/{flavour}.env.in and "
+                             f".env.out there (they are read offline)")
+    env_in, env_out = (path.read_text(encoding="utf-8") for path in release.files)
+    for number, line in enumerate(env_in.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        found = ENV_IN.match(line.strip())
+        if not found:
+            raise SpecError(f"{release.files[0]}, line {number}: cannot read {line.strip()!r}")
+        name = found["name"]
+        if name in NOT_ON_PYPI:
+            release.skipped[name] = "not a PyPI package"
+            continue
+        try:
+            SpecifierSet(found["spec"] or "")
+        except InvalidSpecifier:
+            release.skipped[name] = f"range {found['spec']!r} is not a PEP 440 one"
+            continue
+        release.ranges[pypi_name(name)] = found["spec"] or ""
+    for line in env_out.splitlines():
+        if not line.startswith("http"):
+            continue
+        filename = line.split("#", 1)[0].rsplit("/", 1)[-1]
+        stem = re.sub(r"\.(conda|tar\.bz2)$", "", filename)
+        parts = stem.rsplit("-", 2)
+        if len(parts) != 3:
+            continue
+        name, package_version, _build = parts
+        if name in NOT_ON_PYPI or name.startswith(("lib", "_")):
+            release.skipped.setdefault(name, "not a PyPI package")
+            continue
+        try:
+            # Another scheme may still parse (tzdata's 2026c reads as 2026rc0): a version PEP 440
+            # would write differently is not one.
+            pep440 = str(Version(package_version)) == package_version
+        except InvalidVersion:
+            pep440 = False
+        if not pep440:
+            release.skipped[name] = f"version {package_version} is not a PEP 440 one"
+            continue
+        release.pins[pypi_name(name)] = package_version
+    return release
+
+
+def off_release(release: Release, locked: dict[str, str]) -> list[str]:
+    """Each locked package the release also has at another version, and why."""
+    lines = []
+    for name, version in sorted(locked.items()):
+        wanted = release.pins.get(name)
+        if wanted is None or Version(wanted) == Version(version):
+            continue
+        if name in release.ranges and Version(version) not in SpecifierSet(release.ranges[name]):
+            why = "outside the release's own range: the spec's inputs ask for it"
+        else:
+            why = ("the spec's inputs (or what they need) rule the release's version out, or "
+                   "the index has no wheel of it for this Python and platform")
+        lines.append(f"{name} {version} ({release.like}: {wanted}): {why}")
+    return lines

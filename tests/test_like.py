@@ -1,0 +1,106 @@
+"""`like = "smd:X.Y.Z"`: a stack locked the way a SageMaker Distribution release is: its ranges
+as constraints, its pins as the resolver's preferences, names mapped from conda-forge to PyPI,
+what is not a PyPI package or version skipped, every shared package off its version named."""
+
+from __future__ import annotations
+
+import pytest
+
+from devbox_build import locking
+from devbox_build.errors import SpecError
+from devbox_build.like import load, off_release
+
+from .conftest import ROOT, assert_clean_error, cli, load as load_spec
+from .test_locking import local_index, small_stack  # noqa: F401 (a fixture)
+
+
+def test_the_stored_release_reads_as_pypi_ranges_and_pins():
+    spec = load_spec(ROOT / "images" / "datascience")
+    cpu = load(spec, "smd:4.4.1", "cpu")
+    assert cpu.pins["torch"] == "2.8.0" and cpu.pins["numpy"] == "1.26.4"
+    assert cpu.pins["sagemaker"] == "3.12.0" and cpu.pins["pandas"] == "2.3.3"
+    assert cpu.pins["matplotlib"].startswith("3.10.") and cpu.pins["urllib3"] == "1.26.20"
+    assert cpu.ranges["numpy"] == ">=1.26.4,<1.27.0" and cpu.ranges["torch"] == ">=2.8.0,<2.9.0"
+    assert cpu.skipped["python"] == "not a PyPI package"
+    assert "libgcc" in cpu.skipped and "tzdata" in cpu.skipped
+    assert len(cpu.pins) > 300
+    gpu = load(spec, "smd:4.4.1", "gpu")
+    assert gpu.pins["torch"] == "2.8.0" and "xgboost" in gpu.ranges
+    with pytest.raises(SpecError, match="smd:9.9.9 needs"):
+        load(spec, "smd:9.9.9", "cpu")
+    with pytest.raises(SpecError, match="is not a release to be like"):
+        load(spec, "conda:1.0.0", "cpu")
+
+
+def release_files(folder, version="9.9.9"):
+    like = folder / "like" / f"smd-{version}"
+    like.mkdir(parents=True)
+    (like / "cpu.env.in").write_text(
+        "# This file is auto-generated.\n"
+        "conda-forge::alpha[version='>=1.0,<2.0']\nconda-forge::python[version='>=3.11']\n")
+    base = "https://conda.anaconda.org/conda-forge"
+    (like / "cpu.env.out").write_text("@EXPLICIT\n" + "".join(
+        f"{base}/{sub}/{name}#0123\n" for sub, name in [
+            ("noarch", "alpha-1.1-pyhd8ed1ab_0.conda"), ("noarch", "beta-1.0-pyhd8ed1ab_0.conda"),
+            ("noarch", "gamma-2026c-h0_0.conda"), ("linux-64", "libfoo-1.0-h0_0.conda"),
+            ("linux-64", "python-3.11.9-h0_0_cpython.conda")]))
+
+
+def test_a_stack_locked_like_a_release(tmp_path, local_index):  # noqa: F811
+    for version in ("1.0", "1.1", "1.2", "2.0"):
+        local_index.add("alpha", version)
+    local_index.add("beta", "1.0")
+    local_index.add("beta", "1.5")
+    local_index.add("delta", "3.0", "beta>=1.5")
+    folder = small_stack(tmp_path / "like", "alpha\nbeta\ndelta\n")
+    release_files(folder)
+    spec_file = folder / "image.toml"
+    spec_file.write_text(spec_file.read_text().replace(
+        'python = "3.11"\n', 'python = "3.11"\nlike = "smd:9.9.9"\n'))
+    result = cli("lock", str(folder))
+    assert result.returncode == 0, result.stderr
+    lock = folder / "locks" / "linux-amd64" / "pip.txt"
+    pins = {name: pin.version for name, pin in locking.read_pins(lock).items()}
+    # alpha: the release's 1.1, though 2.0 is out (and 1.2 within its range); beta: delta
+    # needs 1.5, so it ends off the release, and lock says so.
+    assert pins == {"alpha": "1.1", "beta": "1.5", "delta": "3.0"}
+    assert "# Like: smd:9.9.9 (like/smd-9.9.9/)" in lock.read_text()
+    assert "1 of 2 packages it shares with smd:9.9.9 at its version" in result.stderr
+    assert "off: beta 1.5 (smd:9.9.9: 1.0)" in result.stderr
+    release = load(load_spec(folder), "smd:9.9.9", "cpu")
+    assert release.skipped == {"gamma": "version 2026c is not a PEP 440 one",
+                               "libfoo": "not a PyPI package", "python": "not a PyPI package"}
+    assert off_release(release, pins) == [
+        "beta 1.5 (smd:9.9.9: 1.0): the spec's inputs (or what they need) rule the release's "
+        "version out, or the index has no wheel of it for this Python and platform"]
+
+    # The release's files are inputs: a new one makes the lock stale.
+    (folder / "like" / "smd-9.9.9" / "cpu.env.out").write_text("@EXPLICIT\n")
+    check = cli("lock", str(folder), "--check")
+    assert check.returncode == 3 and "pip.txt: stale" in check.stderr
+    # Its ranges are hard: an input outside one cannot be locked, and the error says so.
+    (folder / "requirements.in").write_text("alpha>=2\n")
+    assert_clean_error(cli("lock", str(folder)), "could not lock layer 'pip'", "alpha")
+
+
+@pytest.mark.network
+def test_the_default_stack_locked_like_smd_matches_it(tmp_path):
+    """The default stack's inputs, locked like SageMaker Distribution 4.4.1 against the public
+    index: at most three shared packages end off the release's version (cffi: PyPI's metadata
+    of what needs it says >=2 where conda-forge's repodata patches allow 1.17)."""
+    import shutil
+
+    folder = tmp_path / "datascience"
+    shutil.copytree(ROOT / "images" / "datascience", folder, ignore=shutil.ignore_patterns("locks"))
+    spec_file = folder / "image.toml"
+    spec_file.write_text(spec_file.read_text().replace(
+        'python = "3.11"\n', 'python = "3.11"\nlike = "smd:4.4.1"\n'))
+    result = cli("lock", str(folder))
+    assert result.returncode == 0, result.stderr
+    release = load(load_spec(folder), "smd:4.4.1", "cpu")
+    pins = {n: p.version for n, p in locking.read_pins(
+        folder / "locks" / "linux-amd64" / "dev.txt").items()}
+    shared = [name for name in pins if name in release.pins]
+    assert len(shared) > 100
+    assert len(off_release(release, pins)) <= 3, off_release(release, pins)
+    assert pins["numpy"] == "1.26.4" and pins["pandas"] == "2.3.3"
