@@ -322,6 +322,30 @@ def sbom_command(ref, output):
     err.print(f"[green]✓[/] {len(json.loads(text)['components'])} components in {output}")
 
 
+def _inspect_like(manifest: dict, like: str, images_dir: Path, as_json: bool) -> None:
+    from .like import compare_image, load
+
+    spec = load_spec(manifest["spec"], images_dir)
+    flavour = "gpu" if manifest.get("cuda") else "cpu"
+    report = compare_image(load(spec, like, flavour), manifest)
+    if as_json:
+        out.print_json(data=report)
+        return
+    versions = report["versions"]
+    out.print(f"[bold]{manifest['image']['ref']}[/] against {like} ({flavour}): "
+              f"{report['shared']} shared pip packages; {len(versions['same'])} the same, "
+              f"{len(versions['patch'])} patch, {len(versions['minor'])} minor, "
+              f"{len(versions['major'])} major apart")
+    out.print(f"  Python {report['python']['image']} (the release: "
+              f"{report['python']['release'] or '?'})")
+    for level in ("major", "minor"):
+        if versions[level]:
+            out.print(f"  {level}: " + ", ".join(escape(v) for v in versions[level]))
+    if report["release_only"]:
+        out.print("  the release has, the image lacks: " + ", ".join(report["release_only"]))
+    out.print(f"  the image has {len(report['image_only'])} packages the release lacks")
+
+
 # -- release ------------------------------------------------------------------------------------
 
 
@@ -461,11 +485,24 @@ def _labelled(engine: Engine, ref: str, version: str) -> str:
 @cli.command("inspect")
 @click.argument("ref")
 @click.option("--packages/--no-packages", default=True, help="List installed packages.")
+@click.option("--like", "like", metavar="smd:X.Y.Z",
+              help="Compare with a release whose files are stored beside the image's spec "
+                   "(like/smd-X.Y.Z/): shared packages same / patch / minor / major, top-level "
+                   "packages one has and the other lacks, the Pythons.")
+@images_dir_option
 @json_option
-def inspect_command(ref, packages, as_json):
-    """Show what image REF was built from and what it contains (its manifest)."""
+def inspect_command(ref, packages, like, images_dir, as_json):
+    """Show what image REF was built from and what it contains (its manifest).
+
+    \b
+      devbox-build inspect devbox/datascience:cpu
+      devbox-build inspect devbox/datascience:cpu --like smd:4.4.1
+    """
     refs.check_reference(ref, "REF")
     manifest = read_manifest(Engine.connect(), ref)
+    if like:
+        _inspect_like(manifest, like, images_dir, as_json)
+        return
     if as_json:
         out.print_json(data=manifest)
         return

@@ -56,6 +56,8 @@ class Release:
     ranges: dict[str, str] = field(default_factory=dict)
     pins: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # conda name → why
+    python: str = ""  # the release's Python (from env.out)
+    top_level: tuple[str, ...] = ()  # what env.in asks for (PyPI names), in its order
 
     @property
     def files(self) -> list[Path]:
@@ -104,6 +106,7 @@ def load(spec, like: str, flavour: str) -> Release:
             release.skipped[name] = f"range {found['spec']!r} is not a PEP 440 one"
             continue
         release.ranges[pypi_name(name)] = found["spec"] or ""
+        object.__setattr__(release, "top_level", (*release.top_level, pypi_name(name)))
     for line in env_out.splitlines():
         if not line.startswith("http"):
             continue
@@ -113,6 +116,8 @@ def load(spec, like: str, flavour: str) -> Release:
         if len(parts) != 3:
             continue
         name, package_version, _build = parts
+        if name == "python":
+            object.__setattr__(release, "python", package_version)
         if name in NOT_ON_PYPI or name.startswith(("lib", "_")):
             release.skipped.setdefault(name, "not a PyPI package")
             continue
@@ -143,3 +148,27 @@ def off_release(release: Release, locked: dict[str, str]) -> list[str]:
                    "the index has no wheel of it for this Python and platform")
         lines.append(f"{name} {version} ({release.like}: {wanted}): {why}")
     return lines
+
+
+def compare_image(release: Release, manifest: dict) -> dict:
+    """A built image (its manifest) against the release: shared pip packages by how far their
+    versions are apart, the release's top-level packages the image lacks, the image's packages
+    the release lacks, and both Pythons."""
+    from .diff import bump
+
+    installed = {p["name"]: p["version"] for p in manifest["packages"]["pip"]}
+    shared = sorted(name for name in installed if name in release.pins)
+    levels: dict[str, list[str]] = {"same": [], "patch": [], "minor": [], "major": [],
+                                    "other": []}
+    for name in shared:
+        ours, theirs = installed[name], release.pins[name]
+        level = "same" if Version(ours) == Version(theirs) else bump(theirs, ours)
+        levels[level].append(name if level == "same" else f"{name} {ours} ({theirs})")
+    return {
+        "like": release.like,
+        "python": {"image": manifest.get("python_version", ""), "release": release.python},
+        "shared": len(shared),
+        "versions": levels,
+        "release_only": [name for name in release.top_level if name not in installed],
+        "image_only": sorted(name for name in installed if name not in release.pins),
+    }

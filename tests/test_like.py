@@ -104,3 +104,28 @@ def test_the_default_stack_locked_like_smd_matches_it(tmp_path):
     assert len(shared) > 100
     assert len(off_release(release, pins)) <= 3, off_release(release, pins)
     assert pins["numpy"] == "1.26.4" and pins["pandas"] == "2.3.3"
+
+
+@pytest.mark.engine
+def test_inspect_like_compares_a_built_image_with_the_release(engine, tiny_images):
+    import json
+
+    spec, results = tiny_images
+    like = spec.folder / "like" / "smd-9.8.7"
+    like.mkdir(parents=True, exist_ok=True)
+    (like / "cpu.env.in").write_text("conda-forge::six[version='>=1.16,<1.17']\n"
+                                     "conda-forge::polars[version='>=1.0,<2.0']\n")
+    base = "https://conda.anaconda.org/conda-forge/noarch"
+    (like / "cpu.env.out").write_text("@EXPLICIT\n" + "".join(f"{base}/{name}#0\n" for name in (
+        "python-3.12.13-h0_0_cpython.conda", "idna-3.20-pyhd8ed1ab_0.conda",
+        "six-1.16.0-pyhd8ed1ab_0.conda", "markupsafe-2.1.5-py_0.conda",
+        "polars-1.30.0-py_0.conda")))
+    result = cli("inspect", results["cpu"].content_tag, "--like", "smd:9.8.7",
+                 "--images-dir", str(spec.folder.parent), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["python"]["release"] == "3.12.13" and report["shared"] == 3
+    assert report["versions"]["same"] == ["idna"]
+    assert report["versions"]["minor"] == ["six 1.17.0 (1.16.0)"]
+    assert report["versions"]["major"] == ["markupsafe 3.0.4 (2.1.5)"]
+    assert report["release_only"] == ["polars"] and "iniconfig" in report["image_only"]
