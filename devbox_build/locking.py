@@ -360,15 +360,47 @@ def lock(
     for unit in units(spec, platforms):
         started = time.monotonic()
         if upgrade or unit.verdict(spec) is not None:
+            before = read_pins(unit.path(spec)) if isinstance(unit, PipLock) else {}
             count = unit.write(spec, resolver=resolver, upgrade=upgrade)
             result = LockResult(unit.path(spec), "written", count, time.monotonic() - started)
         else:
+            before = None
             result = LockResult(unit.path(spec), "up to date", unit.count(spec), 0.0)
         results.append(result)
         reporter.item("ok", f"{result.path}: {result.status} ({result.packages} packages)",
                       seconds=result.seconds if result.status == "written" else None,
                       finished=[str(result.path)] if result.status == "written" else [])
+        if before is not None and isinstance(unit, PipLock):
+            for warning in lock_warnings(spec, unit, before, read_pins(unit.path(spec))):
+                reporter.item("fail", f"{result.path}: {warning}")
     return results
+
+
+# What only a GPU layer should hold: a CPU image that installs them carries the CUDA wheels.
+GPU_ONLY = ("torch", "triton", "tensorflow", "jax", "jaxlib")
+
+
+def lock_warnings(spec: ImageSpec, unit: PipLock, before: dict[str, Pin],
+                  after: dict[str, Pin]) -> list[str]:
+    """What a lock just written did that its author should look at: an input's major version
+    moved (what users import changed its API), or a GPU framework or CUDA wheel landed in a lock
+    a CPU variant installs."""
+    from .diff import bump
+
+    warnings = [f"{name} {before[name].version} → {pin.version}: an input's major version moved"
+                for name, pin in sorted(after.items())
+                if pin.direct and name in before and before[name].version != pin.version
+                and bump(before[name].version, pin.version) == "major"]
+    variant = unit.name.split("-", 1)[1] if "-" in unit.name else None
+    gpu = variant in spec.variants and spec.variants[variant].cuda is not None
+    if not gpu:
+        landed = sorted(name for name in after
+                        if name in GPU_ONLY or name.startswith(("nvidia-", "cuda-")))
+        if landed:
+            warnings.append(f"{', '.join(landed[:6])}{' ...' if len(landed) > 6 else ''} in a "
+                            "lock the CPU image installs: pin what pulled them in, or move it "
+                            "to the GPU variant's pip inputs")
+    return warnings
 
 
 def _header(spec: ImageSpec, layer: PipLock, digest: str) -> str:

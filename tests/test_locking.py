@@ -255,3 +255,20 @@ def test_every_platform_gets_the_first_platforms_pins(tmp_path, local_index):
         'requirements = ["requirements.in"]\nplatform_specific = ["gamma"]\n'))
     assert cli("lock", str(folder), "--check").returncode == 0
 
+
+
+def test_lock_warns_when_an_input_moves_a_major_or_a_gpu_framework_lands_in_cpu(
+        tmp_path, local_index):
+    local_index.add("alpha", "1.4")
+    local_index.add("helper", "1.0")
+    folder = small_stack(tmp_path / "warn", "alpha\n")
+    assert cli("lock", str(folder)).returncode == 0
+
+    local_index.add("alpha", "2.0", "helper")
+    local_index.add("torch", "2.8.0")
+    local_index.add("nvidia-cudnn-cu12", "9.1")
+    (folder / "requirements.in").write_text("alpha\ntorch\nnvidia-cudnn-cu12\n")
+    result = cli("lock", str(folder), "--upgrade")
+    assert result.returncode == 0, result.stderr
+    assert "alpha 1.4 → 2.0: an input's major version moved" in result.stderr
+    assert "nvidia-cudnn-cu12, torch in a lock the CPU image installs" in result.stderr
