@@ -402,6 +402,11 @@ def release_command(image, variant, registry, push, dry_run, ca_certs, no_host_c
         if previous is None:
             continue
         before = f"{repo}:{previous}-{result.variant}"
+        if engine.image_id(before) is None and refs.names_registry(before):
+            try:
+                engine.pull(before)  # the last release, as the registry holds it
+            except DevboxError:
+                pass
         if engine.image_id(before) is None:
             raise InputError(f"the last release's image {before} is not in this engine "
                              f"({changelog} says {previous} is the last release)",
