@@ -10,7 +10,9 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -288,6 +290,49 @@ def build_command(image, variant, tags, registry, push, allow_stale, ca_certs, n
     results = build_contexts(contexts, Engine.connect(), options, reporter)
     if as_json:
         out.print_json(data=[r.as_dict() for r in results])
+
+
+def _diff_side(text: str, variant: str, images_dir: Path):
+    """One side of `diff`: SPEC@REV, a lock file, or an image reference."""
+    from .diff import Side
+
+    if "@" in text and not text.startswith(("/", ".")) and ":" not in text.split("@")[0]:
+        name, _, revision = text.partition("@")
+        spec = load_spec(name, images_dir)
+        lock = locking.stack(spec, resolve_variants(spec, variant)[0],
+                             spec.platforms[0])[-1].path(spec)
+        if revision:
+            relative = os.path.relpath(lock, _git_root(lock.parent))
+            shown = subprocess.run(["git", "show", f"{revision}:{relative}"],
+                                   cwd=lock.parent, capture_output=True, text=True, check=False)
+            if shown.returncode != 0:
+                raise InputError(f"{text}: git has no {relative} at {revision}: "
+                                 f"{shown.stderr.strip()}")
+            pins = locking.parse_pins(shown.stdout)
+        else:
+            pins = locking.read_pins(lock)
+        return Side(text, _lock_manifest(pins), [], {})
+    path = Path(text)
+    if path.suffix == ".txt" and path.is_file():
+        return Side(text, _lock_manifest(locking.read_pins(path)), [], {})
+    refs.check_reference(text, "A and B (an image, a lock file or SPEC@REV)")
+    engine = Engine.connect()
+    return Side(text, read_manifest(engine, text), engine.layers(text),
+                engine.image(text).get("Config") or {})
+
+
+def _lock_manifest(pins: dict) -> dict:
+    """A lock's pins as the packages of a manifest (sizes: the wheels')."""
+    return {"packages": {"pip": [{"name": name, "version": pin.version, "size": pin.size or 0}
+                                 for name, pin in pins.items()]}}
+
+
+def _git_root(folder: Path) -> Path:
+    found = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder,
+                           capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        raise InputError(f"{folder} is not in a git repository: SPEC@REV needs one")
+    return Path(found.stdout.strip())
 
 
 # -- sbom ---------------------------------------------------------------------------------------
@@ -614,27 +659,30 @@ def check_command(ref, profiles, extra_tests, junit_xml, list_profiles, as_json)
 @cli.command("diff")
 @click.argument("a")
 @click.argument("b")
+@click.option("--variant", default="cpu", show_default=True,
+              help="For a spec at a git revision: the variant whose top lock to compare.")
 @click.option("--markdown", "as_markdown", is_flag=True,
               help="Print markdown for a pull request comment.")
+@images_dir_option
 @json_option
-def diff_command(a, b, as_markdown, as_json):
-    """What changed from image A to image B: apt, conda and pip packages added, removed and
-    changed (with major / minor / patch), the layers B shares with A and the bytes a machine
-    holding A fetches to run B, and the facts that changed (Python, user, CUDA, minimum driver,
-    entrypoint, labels).
+def diff_command(a, b, variant, as_markdown, images_dir, as_json):
+    """What changed from A to B. Each is a built image, a pip lock file, or a spec at a git
+    revision (SPEC@REV: its variant's top lock as that commit has it; SPEC@ alone: as the
+    working tree has it), so a pull request is reviewed before anything is built.
+
+    For images: apt, conda and pip packages added, removed and changed (with major / minor /
+    patch) and the bytes each change installs, the layers B shares with A and the bytes a
+    machine holding A fetches to run B, and the facts that changed (Python, user, CUDA, minimum
+    driver, entrypoint, labels). For locks: the pip packages, with their wheels' sizes.
 
     \b
       devbox-build diff devbox/datascience:cpu devbox/datascience:gpu
-      devbox-build diff devbox/datascience:cpu-3198df3da368 devbox/datascience:cpu --markdown
+      devbox-build diff datascience@origin/main datascience@ --markdown
+      devbox-build diff old/pip.txt images/datascience/locks/linux-amd64/pip.txt
     """
-    from .diff import KINDS, Side, compare, counts, elided, markdown, signed
+    from .diff import KINDS, compare, counts, elided, markdown, signed
 
-    engine = Engine.connect()
-    sides = []
-    for ref in (a, b):
-        refs.check_reference(ref, "A and B")
-        sides.append(Side(ref, read_manifest(engine, ref), engine.layers(ref),
-                          engine.image(ref).get("Config") or {}))
+    sides = [_diff_side(text, variant, images_dir) for text in (a, b)]
     result = compare(*sides)
     if as_json:
         out.print_json(data=result)
@@ -657,8 +705,9 @@ def diff_command(a, b, as_markdown, as_json):
             out.print(f"  [yellow]~[/] {kind:<5} {escape(package['name'])} {package['from']} → "
                       f"{package['to']} ({package['bump']}) "
                       f"[dim]{signed(package['size_change'])}[/]")
-    out.print(f"layers: {layers['shared']} of {layers['b']} shared; {layers['to_fetch']} to fetch, "
-              f"{layers['bytes_to_fetch'] / 1e6:.1f} MB uncompressed")
+    if layers["b"]:
+        out.print(f"layers: {layers['shared']} of {layers['b']} shared; {layers['to_fetch']} to "
+                  f"fetch, {layers['bytes_to_fetch'] / 1e6:.1f} MB uncompressed")
     for fact in result["facts"]:
         before, after = elided(fact["a"], fact["b"])
         out.print(f"  {escape(fact['fact'])}: {escape(before) or '–'} → {escape(after) or '–'}")

@@ -173,11 +173,12 @@ def markdown(diff: dict) -> str:
     """The comparison as a pull request comment (GitHub-flavoured markdown)."""
     total = counts(diff)
     layers = diff["layers"]
+    layered = (f"; {layers['shared']} of {layers['b']} layers shared, {layers['to_fetch']} to "
+               f"fetch ({_megabytes(layers['bytes_to_fetch'])} uncompressed)"
+               if layers["b"] else "")
     lines = [f"### `{diff['a']}` → `{diff['b']}`", "",
-             f"{total['added']} added, {total['removed']} removed, {total['changed']} changed; "
-             f"{layers['shared']} of {layers['b']} layers shared, "
-             f"{layers['to_fetch']} to fetch ({_megabytes(layers['bytes_to_fetch'])} "
-             "uncompressed).", ""]
+             f"{total['added']} added, {total['removed']} removed, {total['changed']} "
+             f"changed{layered}.", ""]
     for kind in KINDS:
         entry = diff["packages"][kind]
         if not changed(entry):

@@ -110,3 +110,26 @@ def test_diff_of_the_cpu_and_gpu_images_matches_what_a_registry_serves(engine, t
     assert "0 added, 0 removed, 0 changed" in same.stdout and "0 to fetch" in same.stdout
     assert_clean_error(cli("diff", cpu, "debian:bookworm-slim"), "debian:bookworm-slim",
                        "not built by devbox-build")
+
+
+def test_diff_of_locks_and_of_a_spec_at_two_git_revisions(tmp_path):
+    """Before anything is built: two lock files, or a spec's top lock at two commits (this
+    repository's own history: the commit that put jupyterhub in the default image)."""
+    from .conftest import ROOT
+
+    lock = ROOT / "images" / "datascience" / "locks" / "linux-amd64" / "pip.txt"
+    old = tmp_path / "old.txt"
+    text = lock.read_text()
+    assert "\nsix==" in text
+    old.write_text(text.replace("\nsix==", "\nsix==0.9.0\n# six==", 1))
+    result = cli("diff", str(old), str(lock), "--json")
+    assert result.returncode == 0, result.stderr
+    changed = json.loads(result.stdout)["packages"]["pip"]["changed"]
+    assert [(c["name"], c["from"], c["bump"]) for c in changed] == [("six", "0.9.0", "major")]
+
+    result = cli("diff", "datascience@3d13a8d~1", "datascience@3d13a8d", "--markdown")
+    assert result.returncode == 0, result.stderr
+    assert "| jupyterhub | – | 5.5.4 | added |" in result.stdout
+    assert "layers shared" not in result.stdout  # locks have none
+    assert_clean_error(cli("diff", "datascience@no-such-revision", "datascience@"),
+                       "datascience@no-such-revision: git has no")
