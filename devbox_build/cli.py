@@ -26,6 +26,7 @@ from rich.table import Table
 from . import __version__, locking, refs, settings
 from .build import (
     MECHANISMS,
+    PROXY_ARGS,
     BuildOptions,
     base_image_id,
     build_contexts,
@@ -138,9 +139,13 @@ cli.help = (f"{inspect.cleandoc(cli.help)}\n\n\b\n{textwrap.fill(exit_codes_help
     help="uv locks for any platform; pip-compile only for the one it runs on.",
 )
 @click.option("--upgrade", is_flag=True, help="Re-resolve every lock to the newest allowed versions.")
+@click.option("--apt", "apt", is_flag=True,
+              help="Also lock the Debian packages of the os and system layers (locks/<platform>/"
+                   "apt.txt, resolved in a throwaway container of the base; needs the engine). "
+                   "Once it exists, `lock` keeps it current.")
 @images_dir_option
 @json_option
-def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json):
+def lock_command(image, check, platforms, resolver, upgrade, apt, images_dir, as_json):
     """Lock IMAGE's inputs: pip into hashed requirements files per variant and platform, conda
     (an environment.yml) into conda-lock.yml for every conda platform.
 
@@ -201,6 +206,17 @@ def lock_command(image, check, platforms, resolver, upgrade, images_dir, as_json
             shown.item("note", f"{unit.path(spec)}: {len(shared) - len(off)} of {len(shared)} "
                        f"packages it shares with {spec.like} at its version",
                        detail="\n".join(f"off: {line}" for line in off))
+    from . import aptlock
+
+    for platform in selected or spec.platforms:
+        existing = aptlock.path(spec, platform)
+        if apt or (existing.is_file() and (upgrade or aptlock.verdict(spec, platform))):
+            started = time.monotonic()
+            proxies = {name: os.environ[name] for name in PROXY_ARGS if name in os.environ}
+            sections = aptlock.resolve(Engine.connect(), spec, platform, proxies)
+            written = aptlock.write(spec, platform, sections)
+            shown.item("ok", f"{written}: written ({sum(map(len, sections.values()))} Debian "
+                       "packages)", seconds=time.monotonic() - started, finished=[str(written)])
     # A version no other pin could follow (no wheel of it for this platform): the locks are
     # written, and `lock --check` fails until the spec says the package may differ.
     for path, problem in locking.divergences(spec, selected):

@@ -299,6 +299,11 @@ def check(
         elif verdict.startswith(STALE) and unit.below and unit.below.path(spec) in edited:
             continue
         problems.append((path, verdict))
+    from . import aptlock
+
+    for platform in platforms or spec.platforms:
+        if (verdict := aptlock.verdict(spec, platform)) is not None:
+            problems.append((aptlock.path(spec, platform), verdict))
     reported = {path for path, _ in problems}
     problems += [(path, problem) for path, problem in divergences(spec, platforms, variants)
                  if path not in reported]

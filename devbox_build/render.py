@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import jinja2
 from packaging.utils import canonicalize_name
 
-from . import __version__, cache, channels, conda, layers, locking
+from . import __version__, aptlock, cache, channels, conda, layers, locking
 from .errors import InputError, LockError, SpecError
 from .runtime import contract
 from .spec import CONDA_SUBDIRS, TEAM_CONSTRAINTS, Idle, ImageSpec
@@ -343,6 +343,10 @@ def render(
                         f"recorded in {spec.folder / TEAM_CONSTRAINTS})",
                         hint=f"run: {spec.lock_command}")
     platform = platform or spec.platforms[0]
+    apt_lock = aptlock.path(spec, platform)
+    apt_pins = ({section: [shlex.quote(pin) for pin in pins]
+                 for section, pins in aptlock.read(apt_lock).items()}
+                if apt_lock.is_file() else None)
     variant_spec = spec.variants[variant]
     context = BuildContext(spec, variant, platform, variant_spec.base)
 
@@ -416,6 +420,10 @@ def render(
                  "runtime": cuda.runtime} if cuda else None,
         "extends": variant_spec.base if spec.extends else None,
         "base": variant_spec.base,  # the image this one is built FROM (the SBOM names it)
+        # The apt lock's versions (the drift check holds the image to them); None: no apt lock.
+        "apt_locked": {pin.split("=", 1)[0]: pin.split("=", 1)[1]
+                       for pins in aptlock.read(apt_lock).values() for pin in pins}
+        if apt_pins else None,
         # The idle watcher's rules (finalize.py writes /etc/devbox/idle.toml); under `extends`
         # without [idle], the image below keeps its own.
         "idle": None if spec.extends and spec.idle is None
@@ -448,6 +456,14 @@ def render(
         shadow_day=LAYER_MTIME // 86400,
         python_mismatch_marker=PYTHON_MISMATCH_MARKER,
         apt_cleanup=APT_CLEANUP,
+        # The apt lock's pins when the spec has one (aptlock.py), else the names.
+        os_install=" ".join(apt_pins["os"]) if apt_pins else " ".join(aptlock.os_packages(spec)),
+        system_install=" ".join(apt_pins["system"]) if apt_pins
+        else " ".join(spec.system.packages),
+        # A pinned install names every dependency; apt-mark gives them back the "automatically
+        # installed" mark an unpinned install leaves, so the layers are the same bytes.
+        os_auto=_auto(apt_pins, "os", aptlock.os_packages(spec)),
+        system_auto=_auto(apt_pins, "system", [n.split("=")[0] for n in spec.system.packages]),
         install_secrets_cleanup=INSTALL_SECRETS_CLEANUP.format(day=LAYER_MTIME // 86400),
         volatile_files=" ".join(VOLATILE_FILES),
         install_steps=context.install_steps,
@@ -622,6 +638,14 @@ def _shell_quoted(value: object) -> str:
     if re.search(r"[\x00-\x1f\x7f]", value):
         raise ValueError(f"refusing to write a control character into the Dockerfile: {value!r}")
     return shlex.quote(value)
+
+
+def _auto(apt_pins: dict | None, section: str, asked: list[str]) -> str:
+    """The pinned packages of a section the spec did not ask for (their dependencies)."""
+    if not apt_pins:
+        return ""
+    names = [shlex.split(pin)[0].split("=", 1)[0] for pin in apt_pins[section]]
+    return " ".join(shlex.quote(name) for name in names if name not in asked)
 
 
 def _environment() -> jinja2.Environment:

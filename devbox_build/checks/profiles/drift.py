@@ -80,6 +80,11 @@ def test_system_packages_match_the_build(image_host, manifest):
     expected = {p["name"]: p["version"] for p in manifest["packages"]["apt"]}
     problems = differences(expected, found)
     assert not problems, "system packages drifted from the build:\n" + "\n".join(problems)
+    # With an apt lock, every package it pins is installed at its version.
+    locked = manifest.get("apt_locked") or {}
+    off = [f"{name} is {found.get(name, 'missing')}, the apt lock says {version}"
+           for name, version in sorted(locked.items()) if found.get(name) != version]
+    assert not off, "system packages differ from the apt lock:\n" + "\n".join(off)
 
 
 def test_the_sbom_lists_exactly_what_is_installed(image_host, manifest):
