@@ -20,9 +20,10 @@ import testinfra
 from ..engine import Engine
 from ..errors import DevboxError
 from ..runtime import contract
+from ..runtime.sbom import REQUIREMENTS  # noqa: F401 (the lock lines each group installed)
 
 MANIFEST = contract.MANIFEST
-REQUIREMENTS = contract.REQUIREMENTS
+
 
 # What SageMaker Studio requires of an image's user (its FileSystemConfig defaults), which this
 # tool's images also use on laptops and EC2.

@@ -21,7 +21,6 @@ LIB = f"{DEVBOX}/lib"  # this package, as devbox_runtime
 PACKAGE = "devbox_runtime"
 MANIFEST = f"{DEVBOX}/manifest.json"  # written by the build's last step: what is installed
 SBOM = f"{DEVBOX}/sbom.cdx.json"  # the same packages as a CycloneDX document (sbom.py)
-REQUIREMENTS = f"{DEVBOX}/requirements"  # the lock lines each pip group installed
 BUILD_INFO = f"{DEVBOX}/build-info.json"  # what render knew: spec, user, locks, idle rules
 START_HOOKS = f"{DEVBOX}/start.d"  # run at every container start, in name order
 DATA = "/data"  # the data volume's mount point (dev containers, EC2 boxes)

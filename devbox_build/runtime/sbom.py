@@ -17,6 +17,7 @@ from urllib.parse import quote
 from . import contract
 
 SPEC_VERSION = "1.6"
+REQUIREMENTS = f"{contract.DEVBOX}/requirements"  # the lock lines each pip group installed
 # The purl types (github.com/package-url/purl-spec): Debian's, conda's, PyPI's.
 PURL_SAFE = ".-_~"
 
@@ -40,7 +41,7 @@ def conda_purl(record: dict) -> str:
         f"?{qualifiers}" if qualifiers else "")
 
 
-def pinned_hashes(folder: str = contract.REQUIREMENTS) -> dict[str, list[str]]:
+def pinned_hashes(folder: str = REQUIREMENTS) -> dict[str, list[str]]:
     """name → the sha256 digests its lock lines allowed pip to install."""
     hashes: dict[str, list[str]] = {}
     for path in sorted(Path(folder).glob("*.txt")):
