@@ -16,7 +16,6 @@ import shlex
 from pathlib import Path
 
 from .errors import LockError
-from .lockunit import EDITED, STALE
 from .spec import ImageSpec
 
 FILENAME = "apt.txt"
@@ -66,16 +65,13 @@ def read(lock: Path) -> dict[str, list[str]]:
 
 def verdict(spec: ImageSpec, platform: str) -> str | None:
     """Why the apt lock must be rewritten; None when fresh or when the spec has none."""
-    from .locking import recorded_digest, tampered
+    from .locking import sealed_verdict
 
     lock = path(spec, platform)
     if not lock.is_file():
         return None
-    if reason := tampered(lock):
-        return f"{EDITED}: {reason}"
-    if recorded_digest(lock) != inputs_digest(spec, platform):
-        return f"{STALE}: its inputs (base, sudo, [system] packages) changed since it was written"
-    return None
+    return sealed_verdict(lock, inputs_digest(spec, platform),
+                          "its inputs (base, sudo, [system] packages)")
 
 
 def resolve(engine, spec: ImageSpec, platform: str, environment: dict[str, str]

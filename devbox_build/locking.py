@@ -92,11 +92,7 @@ class PipLock(LockUnit):
         path = self.path(spec)
         if not path.is_file():
             return MISSING
-        if reason := tampered(path):
-            return f"{EDITED}: {reason}"
-        if recorded_digest(path) != inputs_digest(spec, self):
-            return f"{STALE}: its inputs changed since it was written"
-        return None
+        return sealed_verdict(path, inputs_digest(spec, self), "its inputs")
 
     def write(self, spec: ImageSpec, *, resolver: str, upgrade: bool) -> int:
         body = _with_wheel_sizes(spec, self, _resolve(spec, self, resolver, upgrade))
@@ -263,6 +259,16 @@ def sealed(text: str) -> str:
     inputs_line, _, rest = body.partition("\n")
     return (f"{header}\n{DIGEST_PREFIX}{inputs_line}\n{SELF_DIGEST_PREFIX}{self_digest(text)}\n"
             f"{rest}")
+
+
+def sealed_verdict(path: Path, digest: str, inputs: str) -> str | None:
+    """Why an existing lock written by us must be rewritten: edited since (EDITED), or its
+    ``inputs`` (named in the message) no longer the ones of ``digest`` (STALE); None if fresh."""
+    if reason := tampered(path):
+        return f"{EDITED}: {reason}"
+    if recorded_digest(path) != digest:
+        return f"{STALE}: {inputs} changed since it was written"
+    return None
 
 
 def tampered(path: Path) -> str | None:
