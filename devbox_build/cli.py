@@ -312,7 +312,9 @@ def _diff_side(text: str, variant: str, images_dir: Path):
     """One side of `diff`: SPEC@REV, a lock file, or an image reference."""
     from .diff import Side
 
-    if "@" in text and not text.startswith(("/", ".")) and ":" not in text.split("@")[0]:
+    # SPEC@REV, not an image by digest (REPOSITORY@sha256:...).
+    if ("@" in text and not text.startswith(("/", ".")) and ":" not in text.split("@")[0]
+            and not text.partition("@")[2].startswith("sha256:")):
         name, _, revision = text.partition("@")
         spec = load_spec(name, images_dir)
         lock = locking.stack(spec, resolve_variants(spec, variant)[0],

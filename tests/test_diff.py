@@ -133,3 +133,7 @@ def test_diff_of_locks_and_of_a_spec_at_two_git_revisions(tmp_path):
     assert "layers shared" not in result.stdout  # locks have none
     assert_clean_error(cli("diff", "datascience@no-such-revision", "datascience@"),
                        "datascience@no-such-revision: git has no")
+    # An image by digest is an image, not a spec at a revision.
+    digest = "devbox-test/no-such@sha256:" + "0" * 64
+    assert_clean_error(cli("diff", digest, digest), "devbox-test/no-such@sha256:")
+    assert "git" not in cli("diff", digest, digest).stderr
