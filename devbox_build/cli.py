@@ -417,14 +417,17 @@ def _inspect_like(manifest: dict, like: str, images_dir: Path, as_json: bool) ->
 @click.option("--variant", default="all", show_default=True, help="cpu, gpu, ... or all.")
 @click.option("--registry", help="Registry HOST[:PORT][/namespace] to prefix the repository with.")
 @click.option("--push", is_flag=True, help="Push the release's tags.")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Sign each pushed tag with this private key and attach its provenance "
+                   "(see sign; needs --push).")
 @click.option("--dry-run", is_flag=True, help="Say what the release would be; change nothing.")
 @ca_options
 @click.option("--network", "network_mode", default=settings.default("DEVBOX_NETWORK"),
               help="Network for build steps (env DEVBOX_NETWORK).")
 @images_dir_option
 @json_option
-def release_command(image, variant, registry, push, dry_run, ca_certs, no_host_ca, network_mode,
-                    images_dir, as_json):
+def release_command(image, variant, registry, push, sign_key, dry_run, ca_certs, no_host_ca,
+                    network_mode, images_dir, as_json):
     """Release IMAGE: build it (a no-op when built), compare each variant with the last
     release (the newest version in CHANGELOG.md beside the spec, its images
     REPOSITORY:VERSION-VARIANT), propose the next version by the spec's [release] policy,
@@ -434,6 +437,7 @@ def release_command(image, variant, registry, push, dry_run, ca_certs, no_host_c
     \b
       devbox-build release datascience --dry-run
       devbox-build release datascience --registry 127.0.0.1:5000/team --push
+      devbox-build release datascience --registry 127.0.0.1:5000/team --push --sign-key team.key
     """
     import datetime
 
@@ -451,6 +455,9 @@ def release_command(image, variant, registry, push, dry_run, ca_certs, no_host_c
     if push and not registry and not refs.names_registry(spec.repository):
         raise InputError("--push needs a registry: pass --registry HOST[/NAMESPACE], or name "
                          "one in the spec's repository (HOST[:PORT]/name)")
+    if sign_key and not push:
+        raise InputError("--sign-key signs what is pushed: add --push")
+    key = _signing_key(sign_key) if sign_key and not dry_run else None  # before any work
     engine = Engine.connect()
     shown = SILENT if as_json else reporter
     results = build_contexts(contexts, engine, options, shown)
@@ -518,6 +525,8 @@ def release_command(image, variant, registry, push, dry_run, ca_certs, no_host_c
         if push:
             for line in engine.push(tag):
                 shown.output(line)
+        if key is not None:
+            shown.item("ok", f"signed {tag} ({_sign_pushed(engine, tag, key)})")
     locking.write_atomic(changelog, text, error=InputError)
     if as_json:
         out.print_json(data=summary)
@@ -545,6 +554,128 @@ def _labelled(engine: Engine, ref: str, version: str) -> str:
     buffer.seek(0)
     built = [event for event in engine.build(buffer) if isinstance(event, Built)]
     return built[-1].image_id
+
+
+# -- signing ------------------------------------------------------------------------------------
+
+
+def _passphrase(confirm: bool = False) -> bytes:
+    """DEVBOX_SIGNING_PASSPHRASE, or asked for on a terminal (never echoed, never printed)."""
+    text = settings.value("DEVBOX_SIGNING_PASSPHRASE")
+    if text is None:
+        if not sys.stdin.isatty():
+            raise InputError("the signing key's passphrase is not set",
+                             hint="set DEVBOX_SIGNING_PASSPHRASE (a CI secret), or run this on "
+                                  "a terminal to be asked")
+        text = click.prompt("Passphrase for the signing key", hide_input=True,
+                            confirmation_prompt=confirm, err=True)
+    return text.encode()
+
+
+def _signing_key(path: Path):
+    from .signing import load_private_key
+
+    return load_private_key(path, _passphrase())
+
+
+def _sign_pushed(engine: Engine, ref: str, key) -> str:
+    """Signs ``ref`` as its registry holds it, with its provenance: read from the engine's copy,
+    which must be what the registry holds (its RepoDigests name the registry's digest)."""
+    from .registry import resolve
+    from .signing import provenance, sign
+
+    _, reference, digest = resolve(ref)
+    if engine.image_id(ref) is None:
+        engine.pull(reference.at(digest))
+        ref = reference.at(digest)
+    if reference.at(digest) not in (engine.image(ref).get("RepoDigests") or []):
+        raise InputError(f"{ref}: the registry holds {digest}, not this engine's image; the "
+                         "provenance would describe another image",
+                         hint=f"docker pull {reference.at(digest)} (or push this one), then "
+                              "sign again")
+    manifest = read_manifest(engine, ref)
+    base = manifest.get("base")
+    return sign(ref, key, provenance(manifest, engine.image_id(base) if base else None))
+
+
+@cli.command("generate-key-pair")
+@click.option("--output-prefix", default="cosign", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Write PREFIX.key (the private key, encrypted, mode 0600) and PREFIX.pub.")
+def generate_key_pair_command(output_prefix):
+    """Make the team's signing key pair, in cosign's format (cosign and skopeo read it).
+    Keep PREFIX.key and its passphrase secret (a CI secret: DEVBOX_SIGNING_PASSPHRASE); commit
+    PREFIX.pub, which verify, ec2 and the hub configs check images against.
+
+    \b
+      devbox-build generate-key-pair --output-prefix team-signing
+    """
+    from .signing import generate_key_pair
+
+    private, public = generate_key_pair(output_prefix, _passphrase(confirm=True))
+    err.print(f"[green]✓[/] wrote {private} (secret) and {public} (share it)")
+
+
+def _key_option(half: str):
+    return click.option("--key", "key_path", required=True,
+                        type=click.Path(dir_okay=False, path_type=Path),
+                        help=f"The {half} key (generate-key-pair's PREFIX."
+                             + {"private": "key", "public": "pub"}[half] + ").")
+
+
+@cli.command("sign")
+@click.argument("ref")
+@_key_option("private")
+@json_option
+def sign_command(ref, key_path, as_json):
+    """Sign image REF as its registry holds it, and attach its provenance (the spec, every
+    lock's digest, the base image, the builder's version as an in-toto SLSA provenance
+    statement), both in cosign's layout beside the image (tags sha256-<digest>.sig and .att).
+    The passphrase comes from DEVBOX_SIGNING_PASSPHRASE, or is asked for.
+
+    \b
+      devbox-build sign 127.0.0.1:5000/team/datascience:cpu --key team-signing.key
+    """
+    key = _signing_key(key_path)
+    engine = Engine.connect()
+    digest = _sign_pushed(engine, ref, key)
+    if as_json:
+        out.print_json(data={"ref": ref, "digest": digest})
+        return
+    err.print(f"[green]✓[/] signed {ref} ({digest}), with its provenance")
+
+
+@cli.command("verify")
+@click.argument("ref")
+@_key_option("public")
+@json_option
+def verify_command(ref, key_path, as_json):
+    """Verify image REF in its registry: a signature by the key over its digest, and a
+    provenance statement signed by it. Prints the digest to run (REPOSITORY@sha256:...), which
+    is exactly what was signed. Exit code 7 when it is unsigned, signed by another key, or
+    its signature does not match.
+
+    \b
+      devbox-build verify 127.0.0.1:5000/team/datascience:cpu --key team-signing.pub
+    """
+    from .signing import load_public_key, verify
+
+    verified = verify(ref, load_public_key(key_path))
+    build = verified.provenance["buildDefinition"]
+    facts = {"ref": ref, "digest": verified.digest, "pinned": verified.pinned,
+             "spec": build["externalParameters"].get("spec"),
+             "variant": build["externalParameters"].get("variant"),
+             "builder": verified.provenance["runDetails"]["builder"],
+             "materials": build["resolvedDependencies"]}
+    if as_json:
+        out.print_json(data=facts)
+        return
+    out.print(f"[green]✓[/] {ref}: signed by {key_path}; run {verified.pinned}")
+    out.print(f"  built by devbox-build "
+              f"{facts['builder']['version'].get('devbox-build')} from spec {facts['spec']} "
+              f"({facts['variant']}): " + ", ".join(
+                  f"{m['uri']}" + (f" {next(iter(m['digest'].values()))[:12]}"
+                                   if m.get("digest") else "") for m in facts["materials"]))
 
 
 # -- inspect ------------------------------------------------------------------------------------
@@ -937,12 +1068,13 @@ def ec2_user_data_command(boxes_path, role, key_path, volume_id):
       devbox-build ec2 user-data --role gpu > user-data.yml
     """
     from .targets import prepare
-    from .targets.ec2 import Ec2, public_key
+    from .targets.ec2 import Ec2, box_image, public_key
 
     box = _checked_box(boxes_path)
     key, _ = public_key(key_path)
     local = _local_images(box)
-    files = prepare(Ec2(box, role, key, volume_id), [local[role]] if role in local else [])
+    files = prepare(Ec2(box, role, key, volume_id, box_image(box, role)),
+                    [local[role]] if role in local else [])
     click.echo(next(iter(files.values())), nl=False)
 
 
@@ -971,13 +1103,14 @@ def ec2_up_command(boxes_path, role, key_path, wait_image, as_json):
     \b
       devbox-build ec2 up --role cpu
     """
-    from .targets.ec2 import public_key
+    from .targets.ec2 import box_image, public_key
 
     box = _checked_box(boxes_path)
     key, _ = public_key(key_path)
+    image = box_image(box, role)  # verified before anything starts, when boxes.toml asks
     fleet = _fleet(box)
     started = time.monotonic()
-    status = fleet.up(role, f"{box.image}:{role}", key)
+    status = fleet.up(role, image, key)
     instance = status["roles"][role]
     if wait_image and not fleet.wait_for_image(role):
         raise CloudError(f"{instance['instance_id']} runs, but the image did not answer in 15 "
@@ -1024,11 +1157,11 @@ def ec2_move_command(boxes_path, key_path, to, as_json):
       devbox-build ec2 move --to gpu      # train
       devbox-build ec2 move --to cpu      # back to the cheap box
     """
-    from .targets.ec2 import public_key
+    from .targets.ec2 import box_image, public_key
 
     box = _checked_box(boxes_path)
     key, _ = public_key(key_path)
-    _print_status(_fleet(box).move(to, f"{box.image}:{to}", key), as_json)
+    _print_status(_fleet(box).move(to, box_image(box, to), key), as_json)
     if not as_json:
         _connect_lines(box, to, boxes_path)
 
@@ -1177,6 +1310,16 @@ def ec2_iam_policy_command(who, boxes_path, buckets, kms_keys):
 # -- hub ----------------------------------------------------------------------------------------
 
 
+def _verified(images, public_key: Path | None) -> dict[str, str]:
+    """With a key: each image pinned to its verified digest (signing.verify_images); without:
+    none."""
+    if public_key is None:
+        return {}
+    from .signing import verify_images
+
+    return verify_images(images, public_key)
+
+
 @cli.group("hub")
 def hub_group() -> None:
     """JupyterHub for a team: the built images as a hub's profiles."""
@@ -1194,8 +1337,12 @@ def hub_group() -> None:
               "long idle, by the image's watcher: 30m, 2h.")
 @click.option("--cull-minutes", type=click.IntRange(1), help="Also run jupyterhub-idle-culler "
               "with this timeout (the watcher keeps busy servers from it).")
+@click.option("--verify-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve only images signed by this public key (generate-key-pair's .pub), "
+                   "each pinned to its verified digest (IMAGES name their registry).")
 @json_option
-def hub_docker_command(images, output, network, home_volume, idle_timeout, cull_minutes, as_json):
+def hub_docker_command(images, output, network, home_volume, idle_timeout, cull_minutes,
+                       verify_key, as_json):
     """Write a JupyterHub configuration for DockerSpawner on one host, serving IMAGES (built
     images; the first is the default, more make a picker; a CUDA image gets the host's GPUs):
     jupyterhub_config.py (the same every time) and devbox-hub.json (the images by content tag,
@@ -1222,11 +1369,13 @@ def hub_docker_command(images, output, network, home_volume, idle_timeout, cull_
     for ref in images:
         refs.check_reference(ref, "IMAGES")
     loaded = [ImageUnderTest.load(engine, ref) for ref in images]
-    target = DockerHub(network, home_volume, idle_timeout, cull_minutes)
+    pinned = _verified(loaded, verify_key)
+    target = DockerHub(network, home_volume, idle_timeout, cull_minutes, pinned)
     written = write(output, prepare(target, loaded))
     if as_json:
         out.print_json(data={"files": [str(p) for p in written],
-                             "profiles": [profile_for(image).image for image in loaded]})
+                             "profiles": [profile_for(image, pinned.get(image.ref)).image
+                                          for image in loaded]})
         return
     for path in written:
         err.print(f"[green]✓[/] wrote {path}")
@@ -1248,7 +1397,11 @@ def hub_docker_command(images, output, network, home_volume, idle_timeout, cull_
               help="CPU guarantee:limit per user.")
 @click.option("--memory", "memory", default="1G:4G", show_default=True,
               help="Memory guarantee:limit per user.")
-def hub_k8s_command(images, output, idle_timeout, cull_minutes, gpu_nodes, cpu, memory):
+@click.option("--verify-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve only images signed by this public key (generate-key-pair's .pub), "
+                   "each pinned to its verified digest (IMAGES name their registry).")
+def hub_k8s_command(images, output, idle_timeout, cull_minutes, gpu_nodes, cpu, memory,
+                    verify_key):
     """Write Zero to JupyterHub values for IMAGES (built images, pushed where the cluster pulls
     them with the same tags: `build --registry ... --push`): the image as its user (uid 1000,
     fsGid 100), jupyterhub-singleuser, the home mount, each image a profile (a CUDA image asks
@@ -1281,8 +1434,10 @@ def hub_k8s_command(images, output, idle_timeout, cull_minutes, gpu_nodes, cpu, 
     engine = Engine.connect()
     for ref in images:
         refs.check_reference(ref, "IMAGES")
-    target = KubernetesHub(gpu_nodes, resources, idle_timeout, cull_minutes, output.name)
-    write(output.parent, prepare(target, [ImageUnderTest.load(engine, ref) for ref in images]))
+    loaded = [ImageUnderTest.load(engine, ref) for ref in images]
+    target = KubernetesHub(gpu_nodes, resources, idle_timeout, cull_minutes, output.name,
+                           _verified(loaded, verify_key))
+    write(output.parent, prepare(target, loaded))
     err.print(f"[green]✓[/] wrote {output}")
 
 

@@ -29,7 +29,7 @@ VALUE_PATTERNS: dict[str, re.Pattern[str]] = {
 }
 # Variable names whose non-empty value is a secret by definition.
 SECRET_NAME = re.compile(
-    r"(?i)(?:^|_)(?:PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIALS?)"
+    r"(?i)(?:^|_)(?:PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIALS?)"
     r"(?:_|$)"
 )
 # Proxies belong to the network an image was built on, not to the image.

@@ -16,9 +16,11 @@ EXIT_CODES = {
     2: "bad input: spec, flag, image reference, CA file",
     3: "a lock is missing, stale, edited by hand, unresolvable or could not be written "
        "(`lock --check` included)",
-    4: "the engine is unreachable or refused (missing image, pull, push)",
+    4: "the engine or a registry is unreachable or refused (missing image, pull, push)",
     5: "a build step failed (its output is shown; nothing is tagged)",
     6: "AWS refused a request or did not answer (`ec2 up`, `down`, `move`, `status`)",
+    7: "an image is not signed by the key, or its signature or provenance does not match it "
+       "(`verify`, and the targets that verify before they run an image)",
     130: "interrupted by Ctrl-C (nothing new is tagged)",
     143: "interrupted by SIGTERM (nothing new is tagged)",
 }
@@ -85,6 +87,16 @@ class CloudError(DevboxError):
     exit_code = 6
 
 
+class RegistryError(EngineError):
+    """A registry refused a request or could not be reached (signatures, provenance)."""
+
+
+class NotVerified(DevboxError):
+    """The image has no signature by the key, or one that does not match it."""
+
+    exit_code = 7
+
+
 class ChecksFailed(DevboxError):
     """Checks ran and at least one failed."""
 
@@ -106,7 +118,7 @@ class Interrupted(BaseException):
 def _check_codes() -> None:
     """Every class's code is in the table (import time: a new class without a row fails)."""
     classes = [DevboxError, InputError, LockError, EngineError, BuildFailed, CloudError,
-               ChecksFailed]
+               NotVerified, ChecksFailed]
     missing = [cls.__name__ for cls in classes if cls.exit_code not in EXIT_CODES]
     if missing:
         raise RuntimeError(f"exit codes missing from EXIT_CODES: {missing}")

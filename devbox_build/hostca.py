@@ -40,13 +40,12 @@ def _default_roots() -> bytes:
     return Path(certifi.where()).read_bytes()
 
 
-def resolver_environment(scratch: Path, environ=os.environ) -> dict[str, str]:
-    """``environ`` for a resolver subprocess: with SSL_CERT_FILE naming a bundle (written in
-    ``scratch``) of the default roots and this host's extra CAs, when the host has any."""
-    environment = dict(environ)
+def ca_bundle() -> bytes | None:
+    """The default roots plus this host's extra CAs, as one PEM bundle; None when the host adds
+    none (the defaults serve)."""
     extra = host_ca_certificates()
     if not extra:
-        return environment
+        return None
     bundle = _default_roots()
     for path in extra:
         try:
@@ -55,6 +54,16 @@ def resolver_environment(scratch: Path, environ=os.environ) -> dict[str, str]:
             continue
         if data.strip() and data.strip() not in bundle:
             bundle += b"\n" + data.strip() + b"\n"
+    return bundle
+
+
+def resolver_environment(scratch: Path, environ=os.environ) -> dict[str, str]:
+    """``environ`` for a resolver subprocess: with SSL_CERT_FILE naming a bundle (written in
+    ``scratch``) of the default roots and this host's extra CAs, when the host has any."""
+    environment = dict(environ)
+    bundle = ca_bundle()
+    if bundle is None:
+        return environment
     target = scratch / "ca-bundle.pem"
     target.write_bytes(bundle)
     environment["SSL_CERT_FILE"] = str(target)

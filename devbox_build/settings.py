@@ -71,6 +71,8 @@ HOST = {setting.name: setting for setting in (
     Setting("DEVBOX_LAYER_CACHE_MB", "the layer cache's size budget in MB", _whole,
             16_384),
     Setting("DEVBOX_IMAGE", "the image the check plugin checks (pytest --devbox-image)"),
+    Setting("DEVBOX_SIGNING_PASSPHRASE", "the signing key's passphrase (generate-key-pair, "
+            "sign, release --sign-key; asked for on a terminal when unset)"),
 )}
 
 # Read inside the image (runtime/) or by the EC2 boot script: set on a container, not here.

@@ -89,7 +89,7 @@ def stack(tmp_path: Path, request) -> Path:
     """A private copy of the tiny stack, with its own repository name."""
     target = tmp_path / "tiny"
     shutil.copytree(TINY, target)
-    name = request.node.name.split("[")[0].removeprefix("test_").replace("_", "-")[:40]
+    name = request.node.name.split("[")[0].removeprefix("test_").replace("_", "-")[:40].rstrip("-")
     spec = target / "image.toml"
     spec.write_text(spec.read_text().replace('"devbox-test/tiny"', f'"devbox-test/{name}"'))
     return target

@@ -331,7 +331,7 @@ def test_the_exit_codes_are_one_table_in_help_readme_and_errors():
     help_text = " ".join(cli("--help").stdout.split())
     assert " ".join(errors.exit_codes_help().split()) in help_text
     for cls in (errors.ChecksFailed, errors.InputError, errors.LockError, errors.EngineError,
-                errors.BuildFailed, errors.CloudError):
+                errors.BuildFailed, errors.CloudError, errors.NotVerified):
         assert cls.exit_code in errors.EXIT_CODES
     assert "--check  exit 3" in help_text or "--check exit 3" in help_text
     assert cli("lock", str(ROOT / "tests/stacks/tiny"), "--check").returncode == 0

@@ -69,14 +69,15 @@ def printed_commands() -> list[str]:
             for command in _commands(block)]
 
 
-# The EC2 walk-through's block: tests/test_ec2.py runs it, against moto and the stand-in box.
+# The walk-throughs' blocks, each run by its own test: EC2's by tests/test_ec2.py (against moto
+# and the stand-in box), signing's by tests/test_signing.py (against a loopback registry).
 WALK_THROUGH = "<!-- ec2 walk-through"
+SIGNING_WALK_THROUGH = "<!-- signing walk-through"
 
 
-def walk_through_commands() -> list[str]:
-    block = re.search(re.escape(WALK_THROUGH) + r"[^\n]*\n```bash\n(.*?)```", documentation(),
-                      re.S)
-    assert block, f"no {WALK_THROUGH} block in {', '.join(DOCS)}"
+def walk_through_commands(marker: str = WALK_THROUGH) -> list[str]:
+    block = re.search(re.escape(marker) + r"[^\n]*\n```bash\n(.*?)```", documentation(), re.S)
+    assert block, f"no {marker} block in {', '.join(DOCS)}"
     return _commands(block.group(1))
 
 
@@ -129,7 +130,7 @@ def test_every_printed_command_runs(engine, default_images, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                     str(tmp_path / "id_ed25519")], check=True)
     PLACEHOLDERS["~/.ssh/id_ed25519.pub"] = str(tmp_path / "id_ed25519.pub")
-    walk_through = walk_through_commands()
+    walk_through = walk_through_commands() + walk_through_commands(SIGNING_WALK_THROUGH)
     tags_before = set(sum((i["RepoTags"] or [] for i in engine.api.images()), []))
     ran = []
     try:

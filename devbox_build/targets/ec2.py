@@ -176,6 +176,9 @@ class Box(_Model):
     # separate from the instance and survives either way.
     spot: bool = False
     roles: dict[Literal["cpu", "gpu"], Role]
+    # The team's public key (devbox-build generate-key-pair's .pub), relative to this file: a
+    # box then runs only an image signed by it, pinned to the digest verified before launch.
+    signed_by: Path | None = None
     volume: Volume = Volume()
     metadata: Metadata = Metadata()
     guardrails: Guardrails = Guardrails()
@@ -311,6 +314,7 @@ class Ec2:
     role: str
     public_key: str
     volume_id: str = "vol-00000000000000000"  # `ec2 up` passes the real one
+    image: str | None = None  # default box.image:role; a verified REPOSITORY@DIGEST when signed
 
     @property
     def name(self) -> str:
@@ -321,8 +325,24 @@ class Ec2:
 
     def render(self, images=()) -> dict[str, str]:
         return {f"user-data-{self.role}.yml": user_data(
-            self.box, self.role, f"{self.box.image}:{self.role}", self.volume_id,
+            self.box, self.role, self.image or f"{self.box.image}:{self.role}", self.volume_id,
             self.public_key)}
+
+
+def box_image(box: Box, role: str) -> str:
+    """What the role's box runs: ``box.image:role``; with ``signed_by``, that image verified
+    in its registry (a signature by the team's key, before anything is launched), pinned to
+    the digest signed: REPOSITORY@sha256:..."""
+    ref = f"{box.image}:{role}"
+    if box.signed_by is None:
+        return ref
+    from ..signing import load_public_key, verify
+
+    key = box.signed_by if box.signed_by.is_absolute() else box.path.parent / box.signed_by
+    if not key.is_file():
+        raise InputError(f"{box.path}: key 'signed_by': {key} is not a file (the team's public "
+                         "key, generate-key-pair's .pub)")
+    return verify(ref, load_public_key(key), want_provenance=False).pinned
 
 
 def _guardrails(box: Box, role: str, instance_type: str, key: str, gpu: bool) -> list[str]:

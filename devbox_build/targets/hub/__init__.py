@@ -5,7 +5,9 @@
     KubernetesHub  the chart's values.yaml for the same profiles
 
 A profile is one built image: its content tag (what a hub pulls never changes under it), whether
-it needs GPUs (its CUDA label), and the name a user picks it by.
+it needs GPUs (its CUDA label), and the name a user picks it by. A hub that runs only signed
+images (``--verify-key``) gets each image's verified digest instead: what the hub pulls is then
+exactly what was signed.
 """
 
 from __future__ import annotations
@@ -46,13 +48,19 @@ def admit(image) -> list[str]:
     return problems
 
 
-def profile_for(image) -> Profile:
-    """The profile of an admitted image: its content tag, its variant, whether it has CUDA."""
+def profile_for(image, pinned: str | None = None, keep_tag: bool = False) -> Profile:
+    """The profile of an admitted image: its content tag, or the ``pinned`` REPOSITORY@DIGEST
+    it was verified as (REPOSITORY:CONTENT-TAG@DIGEST with ``keep_tag``); its variant; whether
+    it has CUDA."""
     content = next(t for t in image.attrs["RepoTags"] if CONTENT_TAG.fullmatch(t))
     variant = CONTENT_TAG.fullmatch(content)["variant"]
     spec = image.labels.get(contract.LABEL_SPEC, content.rsplit("/", 1)[-1].split(":")[0])
     gpus = bool(image.cuda_version)
-    return Profile(slug=variant, image=content, gpus=gpus, display_name=f"{spec} ({variant}"
+    ref = content
+    if pinned:
+        name, digest = pinned.split("@")
+        ref = f"{name}:{content.rsplit(':', 1)[1]}@{digest}" if keep_tag else pinned
+    return Profile(slug=variant, image=ref, gpus=gpus, display_name=f"{spec} ({variant}"
                    + (", GPU" if gpus and "gpu" not in variant else "") + ")")
 
 
@@ -87,13 +95,14 @@ class DockerHub:
     home_volume: str = "devbox-home-{username}"
     idle_timeout: str | None = None
     cull_minutes: int | None = None
+    pinned: dict[str, str] = field(default_factory=dict)  # image.ref → REPOSITORY@DIGEST
     name = "JupyterHub (DockerSpawner)"
 
     def admit(self, image) -> list[str]:
         return admit(image)
 
     def render(self, images: Sequence) -> dict[str, str]:
-        profiles = [profile_for(image) for image in images]
+        profiles = [profile_for(image, self.pinned.get(image.ref)) for image in images]
         return docker_files(docker_settings(profiles, self.network, self.idle_timeout,
                                             self.cull_minutes, self.home_volume))
 
@@ -110,8 +119,11 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 
 def _name_and_tag(image: str) -> tuple[str, str]:
+    """The chart's image name and tag; a digest rides on the tag (``cpu-0123abcd@sha256:...``),
+    which the chart joins back with a ':'."""
+    image, at, digest = image.partition("@")
     name, _, tag = image.rpartition(":")
-    return name, tag
+    return name, tag + at + digest
 
 
 def chart_values(profiles: list[Profile], idle_timeout: str | None, cull_minutes: int | None,
@@ -159,6 +171,7 @@ class KubernetesHub:
     idle_timeout: str | None = None
     cull_minutes: int | None = None
     filename: str = "values.yaml"
+    pinned: dict[str, str] = field(default_factory=dict)  # image.ref → REPOSITORY@DIGEST
     name = "JupyterHub (Zero to JupyterHub)"
 
     def admit(self, image) -> list[str]:
@@ -167,7 +180,8 @@ class KubernetesHub:
     def render(self, images: Sequence) -> dict[str, str]:
         import yaml
 
-        values = chart_values([profile_for(image) for image in images], self.idle_timeout,
+        values = chart_values([profile_for(image, self.pinned.get(image.ref), keep_tag=True)
+                               for image in images], self.idle_timeout,
                               self.cull_minutes, self.gpu_node_selector, self.resources)
         return {self.filename: "# Zero to JupyterHub values, written by devbox-build hub k8s.\n"
                 + yaml.safe_dump(values, sort_keys=False)}
