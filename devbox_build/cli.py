@@ -363,21 +363,26 @@ def _git_root(folder: Path) -> Path:
 def sbom_command(ref, output):
     """Print image REF's software bill of materials: every apt, conda and pip package
     installed, as CycloneDX 1.6 JSON with package URLs (pkg:deb, pkg:conda, pkg:pypi), the
-    sha256 the locks pinned, and the base image. The build wrote it from the package databases
-    (/opt/devbox/sbom.cdx.json); `check` (drift) holds it to what is installed.
+    sha256 the locks pinned, the base image, and the image's id and layers. The build wrote it
+    from the package databases (/opt/devbox/sbom.cdx.json; this adds the layers, which the copy
+    inside the image cannot know); `check` (drift) holds it to what is installed.
 
     \b
       devbox-build sbom devbox/datascience:cpu -o datascience-cpu.cdx.json
     """
+    from .runtime.sbom import with_layers
+
     refs.check_reference(ref, "REF")
     engine = Engine.connect()
-    engine.image(ref)  # a missing image is its own error
+    image = engine.image(ref)  # a missing image is its own error
     try:
         text = engine.read_file(ref, contract.SBOM).decode()
     except DevboxError:
         raise InputError(f"{ref} has no {contract.SBOM}: it was built by devbox-build before "
                          "0.2.0, or not by devbox-build",
                          hint="rebuild it: devbox-build build SPEC") from None
+    sbom = with_layers(json.loads(text), image["Id"], engine.layers(ref))
+    text = json.dumps(sbom, indent=1, sort_keys=True) + "\n"
     if output is None:
         click.echo(text, nl=False)
         return
@@ -385,14 +390,18 @@ def sbom_command(ref, output):
     err.print(f"[green]✓[/] {len(json.loads(text)['components'])} components in {output}")
 
 
-def _inspect_like(manifest: dict, like: str, images_dir: Path, as_json: bool) -> None:
-    from .like import compare_image, load
+def _inspect_like(manifest: dict, like: str, images_dir: Path, as_json: bool,
+                  as_markdown: bool = False) -> None:
+    from .like import compare_image, load, markdown
 
     spec = load_spec(manifest["spec"], images_dir)
     flavour = "gpu" if manifest.get("cuda") else "cpu"
     report = compare_image(load(spec, like, flavour), manifest)
     if as_json:
         out.print_json(data=report)
+        return
+    if as_markdown:
+        click.echo(markdown(report, flavour), nl=False)
         return
     versions = report["versions"]
     out.print(f"[bold]{manifest['image']['ref']}[/] against {like} ({flavour}): "
@@ -688,19 +697,24 @@ def verify_command(ref, key_path, as_json):
               help="Compare with a release whose files are stored beside the image's spec "
                    "(like/smd-X.Y.Z/): shared packages same / patch / minor / major, top-level "
                    "packages one has and the other lacks, the Pythons.")
+@click.option("--markdown", "as_markdown", is_flag=True,
+              help="With --like: the comparison as a markdown table.")
 @images_dir_option
 @json_option
-def inspect_command(ref, packages, like, images_dir, as_json):
+def inspect_command(ref, packages, like, as_markdown, images_dir, as_json):
     """Show what image REF was built from and what it contains (its manifest).
 
     \b
       devbox-build inspect devbox/datascience:cpu
       devbox-build inspect devbox/datascience:cpu --like smd:4.4.1
+      devbox-build inspect devbox/datascience:cpu --like smd:4.4.1 --markdown
     """
     refs.check_reference(ref, "REF")
+    if as_markdown and not like:
+        raise InputError("--markdown is for --like's comparison: add --like smd:X.Y.Z")
     manifest = read_manifest(Engine.connect(), ref)
     if like:
-        _inspect_like(manifest, like, images_dir, as_json)
+        _inspect_like(manifest, like, images_dir, as_json, as_markdown)
         return
     if as_json:
         out.print_json(data=manifest)

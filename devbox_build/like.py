@@ -172,3 +172,25 @@ def compare_image(release: Release, manifest: dict) -> dict:
         "release_only": [name for name in release.top_level if name not in installed],
         "image_only": sorted(name for name in installed if name not in release.pins),
     }
+
+
+def markdown(report: dict, flavour: str) -> str:
+    """compare_image's report as a markdown table (docs, a pull request comment)."""
+    versions = report["versions"]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = [("shared pip packages", str(report["shared"])),
+            ("the same version", str(len(versions["same"]))),
+            ("a patch apart", str(len(versions["patch"]))),
+            ("a minor apart", str(len(versions["minor"]))),
+            ("a major apart", f"{len(versions['major'])}"
+             + (": " + ", ".join(versions["major"]) if versions["major"] else "")),
+            ("Python", f"{report['python']['image']} (the release: "
+                       f"{report['python']['release'] or '?'})"),
+            ("the release's top-level packages the image lacks", str(len(report["release_only"]))),
+            ("the image's packages the release lacks", str(len(report["image_only"])))]
+    lines = [f"| against {report['like']} ({flavour}) | |", "|---|---|"]
+    lines += [f"| {cell(name)} | {cell(value)} |" for name, value in rows]
+    return "\n".join(lines) + "\n"

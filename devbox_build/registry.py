@@ -28,6 +28,9 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 TIMEOUT = 60
+# An ECR registry's host: without a `docker login`, a token comes from the caller's AWS identity.
+ECR_HOST = re.compile(r"(?P<account>[0-9]{12})\.dkr\.ecr\.(?P<region>[a-z]{2}(-gov)?-[a-z]+-[0-9])"
+                      r"\.amazonaws\.com(\.cn)?")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,30 @@ def _credentials(host: str) -> tuple[str, str] | None:
     password = entry.get("Password") or entry.get("password")
     if entry.get("IdentityToken"):
         return ("<token>", entry["IdentityToken"])
-    return (user, password) if user and password else None
+    if user and password:
+        return (user, password)
+    ecr = ECR_HOST.fullmatch(host)
+    return _ecr_credentials(host, ecr["account"], ecr["region"]) if ecr else None
+
+
+def _ecr_credentials(host: str, account: str, region: str) -> tuple[str, str]:
+    """ECR's user and password for ``host``, from the caller's AWS identity (what `aws ecr
+    get-login-password | docker login` would store)."""
+    import base64
+
+    import boto3
+    import botocore.exceptions
+
+    try:
+        answer = boto3.client("ecr", region_name=region).get_authorization_token(
+            registryIds=[account])
+        token = answer["authorizationData"][0]["authorizationToken"]
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise RegistryError(f"registry {host}: no ECR login ({exc})",
+                            hint=f"aws ecr get-login-password --region {region} | docker login "
+                                 f"--username AWS --password-stdin {host}") from None
+    user, _, password = base64.b64decode(token).decode().partition(":")
+    return user, password
 
 
 def _challenge(header: str) -> tuple[str, dict[str, str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from packaging.specifiers import SpecifierSet
+
 from devbox_build import locking
 from devbox_build.spec import load_spec
 
@@ -13,6 +15,29 @@ from .test_build import SEEDS, installed
 
 def test_committed_locks_are_fresh():
     assert locking.check(load_spec(DEFAULT_SPEC)) == []
+
+
+def test_the_sagemaker_sdk_and_widgets_follow_the_sagemaker_distribution_release():
+    """requirements.in asks for the SageMaker SDK and ipywidgets in the ranges of the SageMaker
+    Distribution release the stack follows (its env.in, stored beside the spec), and the CPU
+    lock has them without torch (an unpinned SDK backtracks to a release that pulls it in)."""
+    import re
+
+    from packaging.requirements import Requirement
+
+    folder = DEFAULT_SPEC if DEFAULT_SPEC.is_dir() else DEFAULT_SPEC.parent
+    asked = {}
+    for line in (folder / "requirements.in").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            asked[requirement.name] = requirement.specifier
+    release = (folder / "like" / "smd-4.4.1" / "cpu.env.in").read_text()
+    for pypi, conda in (("sagemaker", "sagemaker-python-sdk"), ("ipywidgets", "ipywidgets")):
+        (ranged,) = re.findall(rf"::{conda}\[version='([^']+)'\]", release)
+        assert asked[pypi] == SpecifierSet(ranged), pypi
+    pins = locking.read_pins(folder / "locks" / "linux-amd64" / "dev.txt")
+    assert pins["sagemaker"].version == "3.12.0" and "ipywidgets" in pins
+    assert not set(pins) & {"torch", "nvidia-cuda-runtime", "triton"}
 
 
 @pytest.mark.engine
@@ -31,6 +56,9 @@ def test_default_cpu_image_runs_the_stack(engine, default_images):
     ref = default_images["cpu"].content_tag
     code, out = engine.run(ref, ["python", "-c", (
         "import numpy, pandas, sklearn, matplotlib, jupyterlab, ipykernel, ruff, debugpy, pytest;"
+        "import sagemaker, ipywidgets;"
+        # pandas reads s3:// through s3fs, and refuses one older than its minimum.
+        "from pandas.compat._optional import import_optional_dependency as need; need('s3fs');"
         "print(pandas.DataFrame({'x': numpy.arange(3)}).x.sum())")])
     assert code == 0 and out.strip().endswith("3"), out
     code, out = engine.run(ref, ["jupyter", "lab", "--version"])

@@ -484,7 +484,8 @@ def test_iam_policies_pass_parliament(tmp_path):
 
     boxes = tmp_path / "boxes.toml"
     boxes.write_text(GOOD.replace("idle_minutes = 60",
-                                  'idle_minutes = 60\ninstance_profile = "devbox-box"'))
+                                  'idle_minutes = 60\ninstance_profile = "devbox-box"\n'
+                                  'signed_by = "team-signing.pub"'))
     for args in (["--for", "user"], ["--for", "box", "--bucket", "team-data"],
                  ["--for", "user", "--kms-key",
                   "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"]):
@@ -498,6 +499,10 @@ def test_iam_policies_pass_parliament(tmp_path):
     user = json.loads(cli("ec2", "iam-policy", "--for", "user", "--boxes", str(boxes)).stdout)
     passes = [s for s in user["Statement"] if s["Action"] == "iam:PassRole"]
     assert passes and passes[0]["Resource"].endswith(":role/devbox-box"), passes
+    # signed_by: the person's credentials read the image's signature before a launch.
+    reads = next(s for s in user["Statement"] if s["Sid"] == "ReadSignatures")
+    assert reads["Action"] == ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"]
+    assert reads["Resource"].endswith(":repository/devbox/datascience")
 
 
 # -- bad input: each one error naming the key, its exit code, no traceback ---------------------

@@ -104,6 +104,8 @@ def test_the_default_stack_locked_like_smd_matches_it(tmp_path):
     assert len(shared) > 100
     assert len(off_release(release, pins)) <= 3, off_release(release, pins)
     assert pins["numpy"] == "1.26.4" and pins["pandas"] == "2.3.3"
+    for name in ("scikit-learn", "sagemaker", "ipywidgets"):  # the SDK: the default stack's own
+        assert pins[name] == release.pins[name], name
 
 
 @pytest.mark.engine
@@ -129,3 +131,17 @@ def test_inspect_like_compares_a_built_image_with_the_release(engine, tiny_image
     assert report["versions"]["minor"] == ["six 1.17.0 (1.16.0)"]
     assert report["versions"]["major"] == ["markupsafe 3.0.4 (2.1.5)"]
     assert report["release_only"] == ["polars"] and "iniconfig" in report["image_only"]
+
+
+@pytest.mark.engine
+def test_the_guides_table_is_the_default_images_comparison_with_smd(default_images):
+    """docs/building.md's `inspect --like` table is what the command prints for the default CPU
+    image as built now (a lock change that moves it fails here: paste the command's output)."""
+    result = cli("inspect", default_images["cpu"].content_tag, "--like", "smd:4.4.1",
+                 "--markdown")
+    assert result.returncode == 0, result.stderr
+    guide = (ROOT / "docs" / "building.md").read_text()
+    table = guide.split("<!-- like-table:start -->\n", 1)[1].split("<!-- like-table:end -->")[0]
+    assert table == result.stdout
+    assert_clean_error(cli("inspect", default_images["cpu"].content_tag, "--markdown"),
+                       "--markdown is for --like")

@@ -70,6 +70,12 @@ def test_the_sboms_of_a_built_image_are_complete_and_checked(engine, tiny_images
              for c in sbom["components"]]
     assert kinds.count("apt") == len(manifest["packages"]["apt"]) > 50
     assert kinds.count("pip") == len(manifest["packages"]["pip"])
+    # Beside the image, it also names the image and its layers, base first.
+    properties = sbom["metadata"]["component"]["properties"]
+    assert properties[0] == {"name": "devbox:image-id", "value": engine.image(ref)["Id"]}
+    assert [p["value"].split()[0] for p in properties[1:]] == engine.image(ref)["RootFS"]["Layers"]
+    assert {"name": "devbox:base-image", "value": "debian:bookworm-slim"} in sbom["metadata"][
+        "properties"]
     idna = next(c for c in sbom["components"] if c["name"] == "idna")
     assert idna["hashes"][0]["content"] in (engine.read_file(
         ref, "/opt/devbox/requirements/pip-01.txt").decode())

@@ -370,3 +370,25 @@ def test_the_signing_walk_through_and_a_real_hub_runs_the_signed_digest(engine, 
         container = engine.api.inspect_container(f"{hub.prefix}-alice")
         assert container["Config"]["Image"] == pinned
         assert container["Image"] == engine.image_id(remote)
+
+
+def test_an_ecr_registry_logs_in_with_the_callers_aws_identity(tmp_path, monkeypatch):
+    """No `docker login` for ECR: the registry client asks ECR (here moto's server) for the
+    token `aws ecr get-login-password` would print; AWS out of reach is one error, exit 4."""
+    from devbox_build.errors import RegistryError
+    from devbox_build.registry import _credentials
+
+    from .support.aws import MotoServer
+
+    host = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))  # no docker login of the user's
+    with MotoServer() as server:
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        user, password = _credentials(host)
+        assert user == "AWS" and password
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(RegistryError, match=f"registry {host}: no ECR login") as raised:
+        _credentials(host)
+    assert raised.value.exit_code == 4 and "docker login" in raised.value.hint
+    assert _credentials("127.0.0.1:5000") is None

@@ -100,6 +100,16 @@ def document(manifest: dict, conda_records: list[dict], arch: str, distro: str,
     }
 
 
+def with_layers(sbom: dict, image_id: str, layers: list[tuple[str, int, str]]) -> dict:
+    """``sbom`` with what only the host knows once the image exists: its id and its layers
+    (diff id and bytes, bottom first; the base image's are the first), as properties of the
+    image component. The copy inside the image cannot hold them: it is in the last layer."""
+    image = dict(sbom["metadata"]["component"])
+    image["properties"] = [{"name": "devbox:image-id", "value": image_id}] + [
+        {"name": "devbox:layer", "value": f"{diff_id} {size}"} for diff_id, size, _ in layers]
+    return {**sbom, "metadata": {**sbom["metadata"], "component": image}}
+
+
 def write(manifest: dict, conda_records: list[dict], path: str = contract.SBOM) -> int:
     """Write the image's SBOM; the number of components."""
     arch = {"linux/amd64": "amd64", "linux/arm64": "arm64"}.get(manifest.get("platform", ""),

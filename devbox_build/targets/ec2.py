@@ -33,6 +33,7 @@ from pydantic import (
 from .. import __version__
 from ..errors import InputError
 from ..runtime import contract
+from ..registry import ECR_HOST
 from ..spec import ImageReference, Repository, _describe
 
 BOXES_FILENAME = "boxes.toml"
@@ -214,8 +215,7 @@ class ImageFacts:
 
 
 # An ECR repository: its account, region and name.
-ECR_REPOSITORY = re.compile(r"(?P<account>[0-9]{12})\.dkr\.ecr\.(?P<region>[a-z]{2}(-gov)?-[a-z]+-[0-9])"
-                            r"\.amazonaws\.com(\.cn)?/(?P<name>[a-z0-9][a-z0-9._/-]*)")
+ECR_REPOSITORY = re.compile(ECR_HOST.pattern + r"/(?P<name>[a-z0-9][a-z0-9._/-]*)")
 
 
 @cache

@@ -71,6 +71,12 @@ def user_policy(box: Box, kms_keys: tuple[str, ...] = ()) -> dict:
         {"Sid": "ImageExists", "Effect": "Allow", "Action": "ecr:DescribeImages",
          "Resource": _repository(box)},
     ]
+    if box.signed_by is not None:  # the image's signature is read before a box is launched
+        statements += [
+            {"Sid": "EcrLogin", "Effect": "Allow", "Action": "ecr:GetAuthorizationToken",
+             "Resource": "*"},
+            {"Sid": "ReadSignatures", "Effect": "Allow", "Resource": _repository(box),
+             "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"]}]
     if box.instance_profile:
         statements.append({
             "Sid": "PassBoxRole", "Effect": "Allow", "Action": "iam:PassRole",
