@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, NotVerified
+from .errors import InputError, NotVerified, RegistryError
 from .registry import OCI_MANIFEST, Reference, Registry, resolve
 
 PRIVATE_PEM = "ENCRYPTED SIGSTORE PRIVATE KEY"
@@ -213,8 +213,7 @@ def _attach(registry: Registry, reference: Reference, digest: str, suffix: str,
     tag = digest.replace(":", "-") + "." + suffix
     found = registry.manifest(reference.repository, tag)
     layers = json.loads(found[1]).get("layers", []) if found else []
-    layers = [old for old in layers
-              if not replaces(old, registry.blob(reference.repository, old["digest"]))]
+    layers = [old for old in layers if not replaces(old, _blob(registry, reference, old))]
     layers.append({**layer, **registry.put_blob(reference.repository, data)})
     config = json.dumps({"architecture": "", "os": "", "config": {},
                          "rootfs": {"type": "layers",
@@ -294,6 +293,15 @@ class Verified:
     provenance: dict | None
 
 
+def _blob(registry: Registry, reference: Reference, layer: dict) -> bytes:
+    """A signature's or attestation's layer blob; b"" when the registry cannot give it (a
+    layer that does not verify, like any other damage: the image is then not verified)."""
+    try:
+        return registry.blob(reference.repository, str(layer.get("digest")))
+    except RegistryError:
+        return b""
+
+
 def _layers(registry: Registry, reference: Reference, digest: str, suffix: str) -> list:
     found = registry.manifest(reference.repository, digest.replace(":", "-") + "." + suffix)
     if found is None:
@@ -311,8 +319,7 @@ def verify(ref: str, public_key, want_provenance: bool = True) -> Verified:
     registry, reference, digest = resolve(ref)
     wanted = (SIGNATURE_TYPE, digest, reference.name)
     for layer in _layers(registry, reference, digest, "sig"):
-        payload = _signed_payload(layer, registry.blob(reference.repository, layer["digest"]),
-                                  public_key)
+        payload = _signed_payload(layer, _blob(registry, reference, layer), public_key)
         if payload and _claims(payload) == wanted:
             break
     else:
@@ -322,8 +329,7 @@ def verify(ref: str, public_key, want_provenance: bool = True) -> Verified:
     found = None
     algorithm, _, value = digest.partition(":")
     for layer in _layers(registry, reference, digest, "att") if want_provenance else []:
-        document = _signed_statement(layer, registry.blob(reference.repository, layer["digest"]),
-                                     public_key) or {}
+        document = _signed_statement(layer, _blob(registry, reference, layer), public_key) or {}
         if (document.get("predicateType") == SLSA_PROVENANCE and any(
                 subject.get("digest", {}).get(algorithm) == value
                 for subject in document.get("subject", []))):
