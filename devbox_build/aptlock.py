@@ -83,11 +83,15 @@ def resolve(engine, spec: ImageSpec, platform: str, environment: dict[str, str]
               f"apt-get install -s --no-install-recommends {shlex.join(os_names) or 'apt'}; "
               "echo ---; "
               f"apt-get install -s --no-install-recommends {shlex.join(wanted) or 'apt'}")
-    code, output = engine.run(base_of(spec), ["sh", "-c", script], user="0", entrypoint=[],
+    from .build import base_for
+
+    # The platform's own base: the spec's, or its twin for another platform than the engine's.
+    base, _ = base_for(engine, spec, next(iter(spec.variants)), platform)
+    code, output = engine.run(base, ["sh", "-c", script], user="0", entrypoint=[],
                               environment=environment)
     if code != 0:
         raise LockError(f"{spec.path}: apt could not resolve {' '.join(wanted)} on "
-                        f"{base_of(spec)}:\n  " + "\n  ".join(output.strip().splitlines()[-8:]))
+                        f"{base}:\n  " + "\n  ".join(output.strip().splitlines()[-8:]))
     first, _, both = output.partition("\n---\n")
     pins = [[f"{m['name']}={m['version']}" for m in map(INST.match, text.splitlines()) if m]
             for text in (first, both)]

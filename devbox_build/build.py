@@ -99,11 +99,15 @@ def resolve_variants(spec: ImageSpec, variant: str) -> list[str]:
     return [variant]
 
 
-def tags_for(spec: ImageSpec, variant: str, options: BuildOptions, digest: str) -> list[str]:
-    """The content tag first, then REPOSITORY:VARIANT and REPOSITORY:TAG-VARIANT."""
+def tags_for(spec: ImageSpec, variant: str, options: BuildOptions, digest: str,
+             foreign: str = "") -> list[str]:
+    """The content tag first, then REPOSITORY:VARIANT and REPOSITORY:TAG-VARIANT; for a
+    ``foreign`` platform (not the engine's own: "arm64"), those end in -ARCH, so the native
+    image keeps its names (`index` joins both platforms under one)."""
     repo = repository(spec, options.registry)
-    tags = [f"{repo}:{variant}-{digest[:12]}", f"{repo}:{variant}"]
-    tags += [f"{repo}:{tag}-{variant}" for tag in options.tags]
+    suffix = f"-{foreign}" if foreign else ""
+    tags = [f"{repo}:{variant}-{digest[:12]}", f"{repo}:{variant}{suffix}"]
+    tags += [f"{repo}:{tag}-{variant}{suffix}" for tag in options.tags]
     for ref in tags:
         refs.check_reference(ref, "image tag")
     return tags
@@ -132,9 +136,17 @@ def check_locks(spec: ImageSpec, platform: str, variants: list[str], allow_stale
 
 def base_image_id(engine: Engine, spec: ImageSpec, variant: str,
                   platform: str | None = None) -> str:
-    """The base's image id, pulled (for ``platform``) when missing. With a platform, a base of
-    another one is refused: wheels locked for one architecture would land in another's base.
-    Without one (reading a base's manifest), any platform will do."""
+    """The base's image id (see base_for)."""
+    return base_for(engine, spec, variant, platform)[1]
+
+
+def base_for(engine: Engine, spec: ImageSpec, variant: str,
+             platform: str | None = None) -> tuple[str, str]:
+    """The image a build for ``platform`` starts FROM, and its id: the spec's base, pulled (for
+    the platform) when missing; when the engine's is of another platform, its twin there
+    (refs.platform_twin: bootstrap-base --platform makes one). A base of the wrong platform is
+    refused: wheels locked for one architecture would land in another's base. Without a
+    platform (reading a base's manifest), any will do."""
     base = spec.variants[variant].base
     image_id = engine.image_id(base)
     if image_id is None:
@@ -143,11 +155,17 @@ def base_image_id(engine: Engine, spec: ImageSpec, variant: str,
         except DevboxError as exc:
             raise _missing_base(spec, variant, base, exc) from None
     found = engine.image_platform(base)
-    if platform and found != platform:
-        raise SpecError(f"{spec.path}: key 'variants.{variant}.base': {base} in this engine is "
-                        f"{found}, but this build is for {platform}",
-                        hint=f"pull it for that platform: docker pull --platform {platform} {base}")
-    return image_id
+    if not platform or found == platform:
+        return base, image_id
+    twin = refs.platform_twin(base, platform)
+    twin_id = engine.image_id(twin)
+    if twin_id and engine.image_platform(twin) == platform:
+        return twin, twin_id
+    raise SpecError(f"{spec.path}: key 'variants.{variant}.base': {base} in this engine is "
+                    f"{found}, but this build is for {platform}, and there is no {twin}",
+                    hint=f"without a registry: devbox-build bootstrap-base --tag {base} "
+                         f"--platform {platform}; with one: docker pull --platform {platform} "
+                         f"{base} && docker tag {base} {twin} (then pull {base} back)")
 
 
 def _missing_base(spec: ImageSpec, variant: str, base: str, exc: DevboxError) -> SpecError:
@@ -228,18 +246,21 @@ def build_contexts(
     nothing) → all tags → push."""
     platform = choose_platform(contexts, engine, options)
     results = []
+    foreign = "" if platform == engine.platform() else platform.split("/")[-1]
     for context in (c for c in contexts if c.platform == platform):
         spec, variant = context.spec, context.variant
-        digest = content_digest(context, base_image_id(engine, spec, variant, platform), options)
-        content_tag, *human_tags = tags_for(spec, variant, options, digest)
+        base, base_id = base_for(engine, spec, variant, platform)
+        digest = content_digest(context, base_id, options)
+        content_tag, *human_tags = tags_for(spec, variant, options, digest, foreign)
         started = time.monotonic()
         image_id = None if options.no_cache else engine.image_id(content_tag)
         if image_id:
             result = BuildResult(spec.name, variant, image_id, content_tag, built=False)
         else:
-            check_layer_count(context, len(engine.image(context.base)["RootFS"]["Layers"]))
-            with reporter.group(f"building {content_tag} (base {context.base})"):
-                result = _run_build(engine, context, digest, content_tag, options, reporter)
+            check_layer_count(context, len(engine.image(base)["RootFS"]["Layers"]))
+            with reporter.group(f"building {content_tag} (base {base})"):
+                result = _run_build(engine, context, digest, content_tag, options, reporter,
+                                    base)
         result.tags = [content_tag, *human_tags]
         if spec.budget is not None:
             check_budget(engine, spec, result.image_id, human_tags[0])
@@ -344,9 +365,11 @@ def _run_build(
     content_tag: str,
     options: BuildOptions,
     reporter: Reporter,
+    base: str,
 ) -> BuildResult:
     proxies = {name: os.environ[name] for name in PROXY_ARGS if name in os.environ}
-    buildargs = {**proxies,
+    head_args = {**proxies, "DEVBOX_BASE": base}  # the spec's base, or its twin (base_for)
+    buildargs = {**head_args,
                  "DEVBOX_BUILD_TIME": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "DEVBOX_CONTENT_HASH": digest}
     result = BuildResult(context.spec.name, context.variant, "", content_tag)
@@ -358,7 +381,7 @@ def _run_build(
         result.image_id = _engine_build(engine, context, "Dockerfile", buildargs, options,
                                         reporter, result)
     else:
-        head_id = _engine_build(engine, context, HEAD_DOCKERFILE, proxies, options, reporter,
+        head_id = _engine_build(engine, context, HEAD_DOCKERFILE, head_args, options, reporter,
                                 result)
         steps = context.assembled_steps
         reporter.step(steps[0].layer, 1, 1, f"assemble {len(steps)} pip groups: "
@@ -371,8 +394,9 @@ def _run_build(
                 reporter=reporter)
         except StepFailed as failure:
             raise _explain(context, [steps[0].layer], failure) from None
+        tail_args = {k: v for k, v in buildargs.items() if k != "DEVBOX_BASE"}
         result.image_id = _engine_build(engine, context, TAIL_DOCKERFILE,
-                                        {**buildargs, "DEVBOX_ASSEMBLED": assembled}, options,
+                                        {**tail_args, "DEVBOX_ASSEMBLED": assembled}, options,
                                         reporter, result)
     return result
 

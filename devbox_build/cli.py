@@ -267,7 +267,9 @@ def render_command(image, variant, ca_certs, no_host_ca, output, images_dir):
                    "host's loopback; env DEVBOX_NETWORK).")
 @click.option("--no-cache", is_flag=True, help="Rebuild every layer, ignoring the engine's cache.")
 @click.option("--platform", help="linux/amd64 or linux/arm64 (default: the engine's own; the "
-              "spec must lock it). Another platform needs emulation registered in the engine.")
+              "spec must lock it). Another platform needs emulation registered in the engine, "
+              "builds FROM the base's twin (bootstrap-base --platform) and is tagged "
+              "REPOSITORY:VARIANT-ARCH; `index` joins the platforms.")
 @click.option("--mechanism", type=click.Choice(MECHANISMS),
               default=settings.default("DEVBOX_MECHANISM"),
               show_default="assembled, or DEVBOX_MECHANISM",
@@ -563,6 +565,35 @@ def _labelled(engine: Engine, ref: str, version: str) -> str:
     buffer.seek(0)
     built = [event for event in engine.build(buffer) if isinstance(event, Built)]
     return built[-1].image_id
+
+
+# -- index ---------------------------------------------------------------------------------------
+
+
+@cli.command("index")
+@click.argument("target")
+@click.argument("images", nargs=-1, required=True)
+@json_option
+def index_command(target, images, as_json):
+    """Write TARGET as a multi-platform index of IMAGES (pushed images of one repository, one
+    per platform), by digest: `docker pull TARGET` on an Apple-silicon Mac or a Graviton box
+    then gets its arm64 image, on an x86 box its amd64 one. A build for another platform than
+    the engine's tags REPOSITORY:VARIANT-ARCH, so the two sit side by side until joined.
+
+    \b
+      devbox-build build datascience --variant cpu --registry 127.0.0.1:5000/team --push
+      devbox-build build datascience --variant cpu --platform linux/arm64 --registry 127.0.0.1:5000/team --push
+      devbox-build index 127.0.0.1:5000/team/devbox/datascience:cpu 127.0.0.1:5000/team/devbox/datascience:cpu 127.0.0.1:5000/team/devbox/datascience:cpu-arm64
+    """
+    from .registry import join
+
+    digest, entries = join(target, list(images))
+    if as_json:
+        out.print_json(data={"ref": target, "digest": digest, "manifests": entries})
+        return
+    err.print(f"[green]✓[/] {target} ({digest}): " + ", ".join(
+        f"{e['platform']['os']}/{e['platform']['architecture']} {e['digest'][:19]}"
+        for e in entries))
 
 
 # -- signing ------------------------------------------------------------------------------------
@@ -1464,18 +1495,30 @@ def hub_k8s_command(images, output, idle_timeout, cull_minutes, gpu_nodes, cpu, 
 @click.option("--suite", default="bookworm", show_default=True, help="Debian suite.")
 @click.option("--mirror", help="Debian mirror URL. Default: the first one in this machine's apt sources.")
 @click.option("--if-missing", is_flag=True, help="Do nothing when TAG already exists.")
-def bootstrap_base_command(tag, suite, mirror, if_missing):
+@click.option("--platform", type=click.Choice(["linux/amd64", "linux/arm64"]),
+              help="Another platform than the engine's (under emulation): the image is named "
+                   "TAG-ARCH (debian:bookworm-slim-arm64), which builds for that platform use.")
+def bootstrap_base_command(tag, suite, mirror, if_missing, platform):
     """Build a Debian base image from a mirror (debootstrap + import), for machines that
-    cannot pull from a registry. Needs root and debootstrap; takes about a minute."""
+    cannot pull from a registry. Needs root and debootstrap; takes about a minute (arm64
+    under emulation: about as long).
+
+    \b
+      devbox-build bootstrap-base
+      devbox-build bootstrap-base --platform linux/arm64
+    """
     from .bootstrap import bootstrap_base
 
     engine = Engine.connect()
-    if if_missing and (existing := engine.image_id(tag)):
-        err.print(f"[green]✓[/] {tag} exists ({existing[:19]})")
+    name = tag if platform in (None, engine.platform()) else refs.platform_twin(tag, platform)
+    if if_missing and (existing := engine.image_id(name)):
+        err.print(f"[green]✓[/] {name} exists ({existing[:19]})")
         return
     started = time.monotonic()
-    image_id = bootstrap_base(engine, tag, suite=suite, mirror=mirror, reporter=reporter)
-    err.print(f"[green]✓[/] {tag} ({image_id[:19]}) in {time.monotonic() - started:.0f} s")
+    image_id = bootstrap_base(engine, tag, suite=suite, mirror=mirror, platform=platform,
+                              reporter=reporter)
+    err.print(f"[green]✓[/] {name} ({image_id[:19]}, {platform or engine.platform()}) in "
+              f"{time.monotonic() - started:.0f} s")
 
 
 # Tags the builds of this run applied, for a true message when the run is interrupted.

@@ -64,3 +64,15 @@ def check_registry(value: str, what: str = "--registry") -> str:
         raise InputError(f"{what}: {value!r} is not a registry (HOST[:PORT][/namespace], "
                          "lower-case namespace)")
     return stripped
+
+
+def platform_twin(ref: str, platform: str) -> str:
+    """The name a base image of another ``platform`` than the engine's own goes by in that
+    engine (``debian:bookworm-slim`` → ``debian:bookworm-slim-arm64``): a classic engine holds
+    one image per tag, so the native image and its twin need two."""
+    name, _, digest = ref.partition("@")
+    if digest:
+        return ref  # a digest names one platform's image already
+    tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else None
+    repository = name[: -len(tag) - 1] if tag else name
+    return f"{repository}:{tag or 'latest'}-{platform.split('/')[-1]}"

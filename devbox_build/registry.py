@@ -254,3 +254,38 @@ def resolve(ref: str, what: str = "image") -> tuple[Registry, Reference, str]:
         raise InputError(f"{what}: {ref} is not in its registry", hint="push it first")
     return registry, reference, found[0]
 
+
+
+def join(target: str, images: list[str]) -> tuple[str, list[dict]]:
+    """Writes ``target`` as a multi-platform index of ``images`` (pushed images of one
+    repository, each of another platform), so a pull gets the puller's own platform; the
+    index's digest and its entries."""
+    reference = Reference.parse(target, "TARGET")
+    registry = Registry(reference.host)
+    entries, seen = [], {}
+    for ref in images:
+        image = Reference.parse(ref, "IMAGES")
+        if image.name != reference.name:
+            raise InputError(f"IMAGES: {ref} is not in {reference.name}: an index names "
+                             "manifests of its own repository")
+        found = registry.manifest(image.repository, image.digest or image.tag or "latest")
+        if found is None:
+            raise InputError(f"IMAGES: {ref} is not in its registry", hint="push it first")
+        digest, data, media_type = found
+        if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
+            raise InputError(f"IMAGES: {ref} is an index already: name each platform's image "
+                             "(its content tag, or REPOSITORY@DIGEST)")
+        config = json.loads(registry.blob(image.repository, json.loads(data)["config"]["digest"]))
+        platform = {"architecture": config["architecture"], "os": config["os"],
+                    **({"variant": config["variant"]} if config.get("variant") else {})}
+        key = "/".join(filter(None, (config["os"], config["architecture"], config.get("variant"))))
+        if key in seen:
+            raise InputError(f"IMAGES: {ref} and {seen[key]} are both {key}: one image per "
+                             "platform")
+        seen[key] = ref
+        entries.append({"mediaType": media_type, "digest": digest, "size": len(data),
+                        "platform": platform})
+    docker = all(entry["mediaType"] == DOCKER_MANIFEST for entry in entries)
+    index = {"schemaVersion": 2, "mediaType": DOCKER_LIST if docker else OCI_INDEX,
+             "manifests": entries}
+    return registry.put_manifest(reference.repository, reference.tag or "latest", index), entries

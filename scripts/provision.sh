@@ -3,6 +3,9 @@
 #   - .venv with devbox-build and its test tools
 #   - a Docker engine (installs docker.io and starts dockerd when none answers, Linux + root)
 #   - the base image the default specs name (pulled, or bootstrapped from a Debian mirror)
+#   - arm64 under emulation (an x86-64 Linux machine, as root): Debian's qemu-user-static, its
+#     aarch64 handler registered with this machine's kernel (binfmt_misc; said when done), and
+#     the base's arm64 twin (bootstrap-base --platform linux/arm64)
 #   - (the host's extra CA certificates: devbox-build finds them itself)
 #   - the Dev Container CLI (npm @devcontainers/cli, in .devbox/node) and docker-compose, which
 #     the template tests use in place of VS Code, and Debian's docker-registry for a loopback
@@ -64,6 +67,35 @@ provision_base_image() {
   devbox-build bootstrap-base --tag "$BASE_IMAGE"
 }
 
+# Flags OCPF: open the binary (O), run setuid programs such as sudo as their owner (C: Debian's
+# own registration lacks it, and sudo then fails under emulation), keep argv[0] (P), load the
+# interpreter now, so containers use it without having it (F).
+ARM64_HANDLER=/proc/sys/fs/binfmt_misc/qemu-aarch64
+
+provision_emulation() {
+  [ "$(uname -m)" = x86_64 ] && [ "$(uname -s)" = Linux ] || return 0
+  if [ -e "$ARM64_HANDLER" ]; then
+    grep -q '^flags:.*C' "$ARM64_HANDLER" \
+      || log "emulation: the registered qemu-aarch64 handler lacks flag C: sudo fails in arm64 containers"
+    return 0
+  fi
+  if [ "$(id -u)" != 0 ]; then
+    log "emulation: not root, so no arm64 handler is registered; arm64 builds are refused"; return 0
+  fi
+  [ -x /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] || {
+    log "emulation: installing qemu-user-static"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static >/dev/null; }
+  mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  sed 's/:[A-Z]*$/:OCPF/' /usr/lib/binfmt.d/qemu-aarch64.conf > /proc/sys/fs/binfmt_misc/register
+  log "emulation: registered Debian's qemu-aarch64 handler with this machine's kernel (binfmt_misc, flags OCPF): arm64 programs and containers now run here under QEMU. It stays until reboot; remove it with: echo -1 > $ARM64_HANDLER"
+}
+
+provision_arm64_base() {
+  # Says whether it exists or was made (from the Debian mirror, under emulation: about a minute).
+  [ -e "$ARM64_HANDLER" ] || return 0
+  devbox-build bootstrap-base --tag "$BASE_IMAGE" --platform linux/arm64 --if-missing
+}
+
 provision_ca_certificates() {
   # Nothing to export: devbox-build itself trusts this host's extra CAs (the same files a plain
   # shell's build finds), so the scripts and the README's commands agree on every content hash.
@@ -116,7 +148,8 @@ provision_cloud_init() {
 }
 
 provision() {
-  provision_python && provision_engine && provision_base_image && provision_ca_certificates \
+  provision_python && provision_engine && provision_base_image && provision_emulation \
+    && provision_arm64_base && provision_ca_certificates \
     && provision_devcontainer_cli && provision_hub_proxy && provision_registry \
     && provision_cloud_init
 }

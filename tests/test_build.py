@@ -474,26 +474,6 @@ def _image_archive(ref: str, architecture: str) -> bytes:
     return out.getvalue()
 
 
-def test_a_platform_the_engine_cannot_run_is_refused_or_built(engine, stack):
-    """A spec that locks amd64 and arm64, built for the platform that is not this engine's:
-    refused (exit 4, before any step) without emulation; built, for that platform, with it."""
-    spec_file = stack / "image.toml"
-    spec_file.write_text(spec_file.read_text().replace(
-        'python = "3.11"', 'python = "3.11"\nplatforms = ["linux/amd64", "linux/arm64"]'))
-    assert cli("lock", str(stack)).returncode == 0
-    native = engine.platform()
-    foreign = "linux/arm64" if native == "linux/amd64" else "linux/amd64"
-    result = cli("build", str(stack), "--variant", "cpu", "--platform", foreign, env=CA)
-    if engine.can_emulate(foreign):
-        assert result.returncode == 0, result.stderr[-3000:]
-        built = load(stack).repository + ":cpu"
-        assert engine.image_platform(built) == foreign
-    else:
-        assert_clean_error(result, f"this engine runs {native} and cannot run {foreign}",
-                           "binfmt")
-        assert result.returncode == 4
-
-
 def test_no_engine_reachable(stack):
     result = cli("build", str(stack), env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     assert_clean_error(result, "no Docker engine reachable", "DOCKER_HOST")

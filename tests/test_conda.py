@@ -406,7 +406,7 @@ def test_render_sends_a_private_channels_packages_not_its_credentials(private_st
         "greeting-data-1.0-0.tar.bz2"]
     assert [Path(p).name for p in variant] == ["farewell-0.3-0.tar.bz2"]  # only what it adds
     dockerfile = context.dockerfile
-    assert "FROM debian:bookworm-slim AS image" in dockerfile
+    assert "ARG DEVBOX_BASE=debian:bookworm-slim\nFROM ${DEVBOX_BASE} AS image" in dockerfile
     assert "FROM image AS conda-lock-install" in dockerfile
     assert "FROM conda-lock-installed AS conda-lock-gpu-install" in dockerfile
     assert ('COPY --from=conda-lock-gpu-install --chown=0:100 ["/tmp/devbox-conda-delta/", '

@@ -17,6 +17,22 @@ def test_committed_locks_are_fresh():
     assert locking.check(load_spec(DEFAULT_SPEC)) == []
 
 
+def test_the_default_stack_has_one_set_of_pins_on_amd64_and_arm64():
+    """Both platforms locked, every pip and apt version the same on both (lock --check's
+    divergence check names any that is not)."""
+    spec = load_spec(DEFAULT_SPEC)
+    assert spec.platforms == ["linux/amd64", "linux/arm64"]
+    assert locking.divergences(spec) == []
+    locks = DEFAULT_SPEC / "locks"
+    for name in ("pip.txt", "dev.txt", "pip-gpu.txt", "dev-gpu.txt"):
+        amd64, arm64 = ({n: p.version for n, p in locking.read_pins(
+            locks / platform / name).items()} for platform in ("linux-amd64", "linux-arm64"))
+        assert amd64 == arm64, name
+    apt = [[line for line in (locks / platform / "apt.txt").read_text().splitlines()
+            if not line.startswith("#")] for platform in ("linux-amd64", "linux-arm64")]
+    assert apt[0] == apt[1] and len(apt[0]) > 50
+
+
 def test_the_sagemaker_sdk_and_widgets_follow_the_sagemaker_distribution_release():
     """requirements.in asks for the SageMaker SDK and ipywidgets in the ranges of the SageMaker
     Distribution release the stack follows (its env.in, stored beside the spec), and the CPU

@@ -145,3 +145,62 @@ def test_the_guides_table_is_the_default_images_comparison_with_smd(default_imag
     assert table == result.stdout
     assert_clean_error(cli("inspect", default_images["cpu"].content_tag, "--markdown"),
                        "--markdown is for --like")
+
+
+TRAIN = """
+import base64, pickle
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+X, y = load_iris(return_X_y=True)
+model = LogisticRegression(max_iter=500).fit(X, y)
+print("MODEL:" + base64.b64encode(pickle.dumps(model)).decode())
+print("PREDICTED:" + ",".join(map(str, model.predict(X[::10]))))
+"""
+LOAD = """
+import base64, pickle, sys, warnings
+from sklearn.exceptions import InconsistentVersionWarning
+warnings.simplefilter("error", InconsistentVersionWarning)  # as a careful serving job does
+from sklearn.datasets import load_iris
+X, _ = load_iris(return_X_y=True)
+model = pickle.loads(base64.b64decode(sys.argv[1]))
+print("PREDICTED:" + ",".join(map(str, model.predict(X[::10]))))
+"""
+
+
+def marked(output: str, marker: str) -> str:
+    return next(line[len(marker):] for line in output.splitlines() if line.startswith(marker))
+
+
+@pytest.mark.engine
+def test_a_model_pickled_like_smd_loads_where_smds_versions_are(engine, default_images):
+    """A stack locked like SageMaker Distribution 4.4.1 (tests/stacks/like-smd: scikit-learn and
+    pandas, no versions asked) gets the release's versions; a model it pickles loads in a
+    container of the release's exact versions (tests/stacks/smd-pins, locked from its pins by
+    the same path) and predicts the same. One pickled in the default image (numpy 2, the
+    newest scikit-learn) is refused there, scikit-learn's InconsistentVersionWarning made an
+    error as a careful serving job makes it: what `like` is for."""
+    from devbox_build.build import BuildOptions, build
+
+    from .conftest import HOST_CA_CERTS
+
+    built = {}
+    for name in ("like-smd", "smd-pins"):
+        spec = load_spec(ROOT / "tests" / "stacks" / name)
+        assert locking.check(spec) == [], name  # the committed locks are its inputs'
+        pins = {n: p.version for n, p in locking.read_pins(
+            spec.folder / "locks" / "linux-amd64" / "pip.txt").items()}
+        assert off_release(load(spec, "smd:4.4.1", "cpu"), pins) == [], name
+        (result,) = build(spec, ["cpu"], engine, BuildOptions(ca_certificates=HOST_CA_CERTS))
+        built[name] = result.content_tag
+
+    code, trained = engine.run(built["like-smd"], ["python", "-c", TRAIN])
+    assert code == 0, trained
+    code, loaded = engine.run(built["smd-pins"], ["python", "-c", LOAD, marked(trained, "MODEL:")])
+    assert code == 0, loaded
+    assert marked(loaded, "PREDICTED:") == marked(trained, "PREDICTED:")
+
+    code, newest = engine.run(default_images["cpu"].content_tag, ["python", "-c", TRAIN])
+    assert code == 0, newest
+    code, refused = engine.run(built["smd-pins"], ["python", "-c", LOAD, marked(newest, "MODEL:")])
+    assert code != 0 and "InconsistentVersionWarning" in refused, refused
+    assert "from version 1.9" in refused and "when using version 1.7.2" in refused

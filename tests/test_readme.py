@@ -70,9 +70,11 @@ def printed_commands() -> list[str]:
 
 
 # The walk-throughs' blocks, each run by its own test: EC2's by tests/test_ec2.py (against moto
-# and the stand-in box), signing's by tests/test_signing.py (against a loopback registry).
+# and the stand-in box), signing's by tests/test_signing.py (against a loopback registry),
+# arm64's by tests/test_arm64.py (on the tiny stack, under emulation).
 WALK_THROUGH = "<!-- ec2 walk-through"
 SIGNING_WALK_THROUGH = "<!-- signing walk-through"
+ARM64_WALK_THROUGH = "<!-- arm64 walk-through"
 
 
 def walk_through_commands(marker: str = WALK_THROUGH) -> list[str]:
@@ -130,7 +132,8 @@ def test_every_printed_command_runs(engine, default_images, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                     str(tmp_path / "id_ed25519")], check=True)
     PLACEHOLDERS["~/.ssh/id_ed25519.pub"] = str(tmp_path / "id_ed25519.pub")
-    walk_through = walk_through_commands() + walk_through_commands(SIGNING_WALK_THROUGH)
+    walk_through = [command for marker in (WALK_THROUGH, SIGNING_WALK_THROUGH, ARM64_WALK_THROUGH)
+                    for command in walk_through_commands(marker)]
     tags_before = set(sum((i["RepoTags"] or [] for i in engine.api.images()), []))
     ran = []
     try:
