@@ -43,7 +43,7 @@ from _handwritten import DOCKERFILES, build_handwritten, copy_spec, timed  # noq
 from devbox_build import locking  # noqa: E402
 from devbox_build.build import BuildOptions, build  # noqa: E402
 from devbox_build.engine import Engine  # noqa: E402
-from devbox_build.render import host_ca_certificates  # noqa: E402
+from devbox_build.hostca import host_ca_certificates  # noqa: E402
 from devbox_build.spec import load_spec  # noqa: E402
 
 CA_CERTS = host_ca_certificates()

@@ -20,21 +20,40 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache, settings
+from . import cache, hostca, settings
 from .engine import Engine, Step, StepFailed
-from .errors import DevboxError, InputError
-from .render import LAYER_MTIME, PIP_INSTALL, VENV, BuildContext, InstallStep, template_file
+from .errors import BuildFailed, DevboxError, InputError
+from .render import LAYER_MTIME, VENV, BuildContext, InstallStep, template_file
 from .report import SILENT, Reporter
 
 SCRIPT = "assemble-groups.sh"
 WORK = "/tmp/devbox-assemble"
+# The builder installs each group with uv (the default CPU stack: 10 s, where pip took 59 s), a
+# static build pinned by version and wheel hash: a group's bytes depend on its installer, so
+# every host runs this one. It is fetched once per host (by the uv devbox-build itself runs,
+# through this host's CAs) into the cache, and copied into the builder, never into a layer.
+UV_VERSION = "0.13.9"
+UV_WHEELS = {  # platform → (uv's name for it, the sha256 of its wheel)
+    "linux/amd64": ("x86_64-unknown-linux-musl",
+                    "2c45530751517d6c3bbc69a19473f6effe47cce047bede01ffd8af7ea7b36b25"),
+    "linux/arm64": ("aarch64-unknown-linux-musl",
+                    "5435c5ce14a56431208ca0996416d310f1598e8c2c8ba707688985a16bb82dbe"),
+}
+# How the builder runs it for a group (the script adds --python, --prefix and -r): no solve, only
+# the hashed files, no cache or config of its own, bytecode compiled afterwards by the script.
+UV_INSTALL = ("pip install --no-deps --require-hashes --no-cache --no-config --link-mode=hardlink "
+              "--quiet")
 # A cached layer unused this long is removed at the next assembly; so are the least recently
 # used ones while the cache holds more than DEVBOX_LAYER_CACHE_MB (settings.py; a GPU stack's
 # groups are ~6.5 GB; a new base or tool version makes a new set).
@@ -60,7 +79,7 @@ class GroupLayer:
     @property
     def created_by(self) -> str:
         """Its line in `docker history`: what made it, in the words of a Dockerfile step."""
-        return (f"devbox-build assemble: pip install --no-deps --require-hashes -r "
+        return (f"devbox-build assemble: uv {UV_INSTALL} -r "
                 f"/opt/devbox/requirements/{self.step.name}.txt  # {self.step.count} packages, "
                 f"from {self.step.lock}, installed on their own")
 
@@ -187,8 +206,9 @@ def cache_budget() -> int:
 @functools.cache
 def recipe() -> str:
     """What, beyond the rendered context, decides an assembled image's layers: the installer
-    script (in the content tag, so changing it builds again)."""
-    return hashlib.sha256(template_file(SCRIPT)).hexdigest()
+    script and the installer (in the content tag, so changing either builds again)."""
+    return hashlib.sha256(template_file(SCRIPT) + json.dumps(
+        [UV_VERSION, UV_WHEELS, UV_INSTALL]).encode()).hexdigest()
 
 
 def group_key(context: BuildContext, head: dict, step: InstallStep) -> str:
@@ -198,10 +218,68 @@ def group_key(context: BuildContext, head: dict, step: InstallStep) -> str:
     go."""
     below = {"layers": head["RootFS"]["Layers"], "env": sorted(head["Config"].get("Env") or [])}
     inputs = {"head": below, "platform": context.platform, "name": step.name,
-              "requirements": list(step.requirements), "pip": PIP_INSTALL, "venv": VENV,
-              "gid": context.spec.user.gid, "mtime": LAYER_MTIME,
-              "script": recipe()}
+              "requirements": list(step.requirements), "venv": VENV,
+              "gid": context.spec.user.gid, "mtime": LAYER_MTIME, "recipe": recipe()}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def builder_uv(platform: str, reporter: Reporter = SILENT) -> bytes:
+    """The uv binary the builder of ``platform`` runs (UV_VERSION), from this host's cache;
+    fetched there first when missing."""
+    triple, sha256 = UV_WHEELS[platform]
+    folder = cache.folder("tools") / f"uv-{UV_VERSION}-{triple}"
+    binary = folder / "bin" / "uv"
+    if binary.is_file():
+        return binary.read_bytes()
+    reporter.note(f"fetching uv {UV_VERSION} for {platform}, the installer of the pip groups "
+                  f"(once per host: {folder})")
+    try:
+        _fetch_uv(folder, triple, sha256)
+        return binary.read_bytes()
+    except LayerCacheError as unwritable:
+        # A full or read-only cache: this build fetches it for itself (the layer cache's own
+        # error, if it has one, comes when a layer is written).
+        reporter.note(f"{unwritable.message}; fetched for this build only")
+        with tempfile.TemporaryDirectory(prefix="devbox-uv-") as scratch:
+            _fetch_uv(Path(scratch) / "uv", triple, sha256)
+            return (Path(scratch) / "uv" / "bin" / "uv").read_bytes()
+
+
+def _fetch_uv(folder: Path, triple: str, sha256: str) -> None:
+    """Install uv's wheel for ``triple``, checked against its hash, into ``folder`` (atomic)."""
+    from uv import find_uv_bin
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".uv-", dir=folder.parent))
+    except OSError as exc:
+        raise LayerCacheError(f"the cache {folder.parent} cannot be written: {exc.strerror}",
+                              hint="free space there, make it writable, or set XDG_CACHE_HOME "
+                                   "to another folder") from None
+    try:
+        requirement = scratch / "uv.txt"
+        requirement.write_text(f"uv=={UV_VERSION} --hash=sha256:{sha256}\n")
+        process = subprocess.run(
+            [find_uv_bin(), "pip", "install", "--quiet", "--no-config", "--no-cache", "--no-deps",
+             "--require-hashes", "--only-binary", ":all:", "--python", sys.executable,
+             "--python-platform", triple, "--target", str(scratch / "uv"), "-r",
+             str(requirement)],
+            capture_output=True, text=True, check=False,
+            env=hostca.resolver_environment(scratch))
+        if process.returncode != 0 or not (scratch / "uv" / "bin" / "uv").is_file():
+            detail = "\n".join(f"  {line}" for line in process.stderr.strip().splitlines())
+            raise BuildFailed(f"could not fetch uv {UV_VERSION} ({triple}), the installer of the "
+                              f"pip groups:\n{detail}",
+                              hint="the package index must be reachable from this host, as it "
+                                   "is for `lock`")
+        (scratch / "uv").replace(folder)
+    except OSError as exc:
+        if not (folder / "bin" / "uv").is_file():  # else another build fetched it meanwhile
+            raise LayerCacheError(f"the cache {folder.parent} cannot take uv: {exc.strerror}",
+                                  hint="free space there, or set XDG_CACHE_HOME to another "
+                                       "folder") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -229,77 +307,143 @@ def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment
     if cached := [step.name for step, key in zip(steps, keys) if found[key] is not None]:
         reporter.note(f"{len(cached)} of the pip groups' layers from this host's cache: "
                       f"{', '.join(cached)}")
-    install = functools.partial(_install, engine, context, head_id, environment=environment,
-                                network_mode=network_mode, layer_cache=layer_cache,
-                                reporter=reporter)
-    if missing:
-        found.update({layer.key: layer for layer in install(missing)})
-    groups = [found[key] for key in keys]
-    layer_cache.prune(set(keys))
     held = {chain for layers in engine.layer_lists("devbox.spec") for chain in chain_ids(layers)}
     held.update(chain_ids(head["RootFS"]["Layers"]))
     history = engine.history(head_id)
+    ahead = _LoadAhead(engine, head, history, held, reporter)
+
+    def arrived(layer: GroupLayer) -> None:
+        found[layer.key] = layer
+        ahead.load([found[key] for key in keys])
+
+    install = functools.partial(_install, engine, context, head_id, environment=environment,
+                                network_mode=network_mode, layer_cache=layer_cache,
+                                reporter=reporter)
+    image_id = ""
     try:
-        return _load(engine, head, history, groups, held, reporter)
-    except DevboxError as refused:
-        # A cached tar whose bytes changed (the engine computes another digest): evict it,
-        # install its group again. Else a layer this build counted on went away meanwhile (an
-        # image removed): send them all.
-        damaged = [(g.step, g.key) for g in groups if layer_cache.damaged(g)]
-        if damaged:
-            found.update({layer.key: layer for layer in install(damaged)})
-            groups = [found[key] for key in keys]
+        if missing:
+            install(missing, arrived)
+        groups = [found[key] for key in keys]
+        layer_cache.prune(set(keys))
         try:
-            return _load(engine, head, history, groups, set(), reporter)
-        except DevboxError as again:
-            raise type(again)(f"{again.message} (the first try: {refused.message}); the layers "
-                              f"sent were {', '.join(str(g.tar) for g in groups)}") from None
+            image_id = _load(engine, head, history, groups, held, reporter)
+        except DevboxError as refused:
+            # A cached tar whose bytes changed (the engine computes another digest): evict it,
+            # install its group again. Else a layer this build counted on went away meanwhile
+            # (an image removed): send them all.
+            damaged = [(g.step, g.key) for g in groups if layer_cache.damaged(g)]
+            if damaged:
+                install(damaged, lambda layer: found.update({layer.key: layer}))
+                groups = [found[key] for key in keys]
+            try:
+                image_id = _load(engine, head, history, groups, set(), reporter)
+            except DevboxError as again:
+                raise type(again)(f"{again.message} (the first try: {refused.message}); the "
+                                  f"layers sent were {', '.join(str(g.tar) for g in groups)}"
+                                  ) from None
+        return image_id
+    finally:
+        ahead.remove_partial_images(keep=image_id)
+
+
+class _LoadAhead:
+    """Loads the groups below the first one still installing while the builder works on (the
+    engine unpacks one group while the next installs): each load is an image of the head and
+    the groups so far, whose chains the final load then need not send. A partial image is
+    removed once the whole one is loaded; a load that fails only ends loading ahead."""
+
+    def __init__(self, engine: Engine, head: dict, history: list[dict], held: set[str],
+                 reporter: Reporter) -> None:
+        self.engine, self.head, self.history, self.held = engine, head, history, held
+        self.reporter, self.partial_images, self.failed = reporter, [], False
+
+    def load(self, groups: list[GroupLayer | None]) -> None:
+        ready = []
+        for group in groups:
+            if group is None:
+                break
+            ready.append(group)
+        chains = chain_ids(self.head["RootFS"]["Layers"] + [group.diff_id for group in ready])
+        if self.failed or not ready or chains[-1] in self.held:
+            return
+        below = len(self.head["RootFS"]["Layers"])
+        sent = [group.step.name for group, chain in zip(ready, chains[below:])
+                if chain not in self.held]
+        try:
+            self.partial_images.append(
+                _load(self.engine, self.head, self.history, ready, self.held, SILENT))
+        except DevboxError:
+            self.failed = True  # the final load sends what is not held, as it would have
+            return
+        self.held.update(chains)
+        self.reporter.note(f"loaded {', '.join(sent)} into the engine while the builder goes on")
+
+    def remove_partial_images(self, keep: str) -> None:
+        for image_id in self.partial_images:
+            if image_id != keep:
+                self.engine.remove_image(image_id)
+
+
+WRITTEN = "devbox-build: layer written: "  # the builder's line when a group's tar is complete
 
 
 def _install(engine: Engine, context: BuildContext, head_id: str,
-             missing: list[tuple[InstallStep, str]], *, environment: dict[str, str],
-             network_mode: str | None, layer_cache: LayerCache, reporter: Reporter) -> list[GroupLayer]:
-    """Install the missing groups in one builder container of the head image; their layers."""
+             missing: list[tuple[InstallStep, str]], arrived, *, environment: dict[str, str],
+             network_mode: str | None, layer_cache: LayerCache,
+             reporter: Reporter) -> None:
+    """Install the missing groups in one builder container of the head image; each group's
+    layer is put in the cache and handed to ``arrived`` as soon as its tar is written."""
     layer_cache.writable()
     names = [step.name for step, _ in missing]
     reporter.note(f"installing {len(missing)} of the pip groups on their own: {', '.join(names)}")
+    uv = builder_uv(context.platform, reporter)
     container = engine.create(
         head_id, ["/bin/sh", f"{WORK}/{SCRIPT}", WORK, VENV, str(context.spec.user.gid),
                   str(LAYER_MTIME), *names],
-        user="root", entrypoint=[], environment={**environment, "PIP_INSTALL": PIP_INSTALL},
+        user="root", entrypoint=[], environment={**environment, "UV_INSTALL": UV_INSTALL},
         network_mode=network_mode, labels={BUILDER_LABEL: _builder_owner()})
     try:
         files = {f"{step.name}.txt": "".join(f"{line}\n" for line in step.requirements).encode()
                  for step, _ in missing}
         engine.copy_into(container, "/", {f"{WORK[1:]}/{name}": data for name, data in
-                                          {SCRIPT: template_file(SCRIPT), **files}.items()})
+                                          {SCRIPT: template_file(SCRIPT), "uv": uv,
+                                           **files}.items()})
         engine.start_created(container)
+        waiting = {step.name: (step, key) for step, key in missing}
+        for line in engine.follow(container):
+            reporter.output(line)
+            if line.startswith(WRITTEN) and line[len(WRITTEN):] in waiting:
+                step, key = waiting.pop(line[len(WRITTEN):])
+                arrived(_take(engine, container, step, key, layer_cache, reporter))
         code = engine.wait(container, timeout=3600)
-        if code != 0:
+        if code != 0 or waiting:
             raise StepFailed(f"the builder container exited with {code}",
                              Step(1, 1, f"install {', '.join(names)} on their own"),
                              engine.logs(container).splitlines())
-        layer_cache.folder.mkdir(parents=True, exist_ok=True)
-        layers = []
-        for step, key in missing:
-            partial = layer_cache.folder / f"{key}.{os.getpid()}.partial"  # builds may race
-            try:
-                sha256 = engine.copy_file_out(container, f"{WORK}/{step.name}.tar", partial)
-            except OSError as exc:
-                partial.unlink(missing_ok=True)
-                raise LayerCacheError(f"the layer cache {layer_cache.folder} cannot take "
-                                      f"{step.name}'s layer: {exc.strerror}",
-                                      hint="free space there, or set XDG_CACHE_HOME to another "
-                                           "folder") from None
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            layers.append(layer_cache.put(step, key, partial, sha256))
-            reporter.note(f"{step.name}: {step.count} packages, layer "
-                   f"{layers[-1].tar.stat().st_size / 1e6:.1f} MB")
-        return layers
     finally:
         engine.remove(container)
+
+
+def _take(engine: Engine, container: str, step: InstallStep, key: str, layer_cache: LayerCache,
+          reporter: Reporter) -> GroupLayer:
+    """Copy a group's layer tar out of the builder into the cache."""
+    layer_cache.folder.mkdir(parents=True, exist_ok=True)
+    partial = layer_cache.folder / f"{key}.{os.getpid()}.partial"  # builds may race
+    try:
+        sha256 = engine.copy_file_out(container, f"{WORK}/{step.name}.tar", partial)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise LayerCacheError(f"the layer cache {layer_cache.folder} cannot take "
+                              f"{step.name}'s layer: {exc.strerror}",
+                              hint="free space there, or set XDG_CACHE_HOME to another "
+                                   "folder") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    layer = layer_cache.put(step, key, partial, sha256)
+    reporter.note(f"{step.name}: {step.count} packages, layer "
+                  f"{layer.tar.stat().st_size / 1e6:.1f} MB")
+    return layer
 
 
 def _builder_owner() -> str:

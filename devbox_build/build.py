@@ -34,7 +34,8 @@ MECHANISMS = ("assembled", "chain")
 # What a failed download says when a TLS-intercepting network's CA is not trusted.
 CERTIFICATE_ERRORS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
                       "SSL certificate problem", "self-signed certificate in certificate chain",
-                      "unable to get local issuer certificate", "Certificate verification failed")
+                      "unable to get local issuer certificate", "Certificate verification failed",
+                      "invalid peer certificate")  # the last: uv's (the assembled builder's)
 
 
 @dataclass

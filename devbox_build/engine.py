@@ -420,6 +420,17 @@ class Engine:
     def logs(self, container_id: str) -> str:
         return self.api.logs(container_id, stdout=True, stderr=True).decode(errors="replace")
 
+    def follow(self, container_id: str) -> Iterator[str]:
+        """A running container's output, line by line as it comes, until it exits."""
+        pending = b""
+        for chunk in self.api.logs(container_id, stdout=True, stderr=True, stream=True,
+                                   follow=True):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            yield from (line.decode(errors="replace") for line in lines)
+        if pending:
+            yield pending.decode(errors="replace")
+
     def published_port(self, container_id: str, port: int) -> int:
         bindings = self.api.inspect_container(container_id)["NetworkSettings"]["Ports"]
         return int(bindings[f"{port}/tcp"][0]["HostPort"])

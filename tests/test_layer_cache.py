@@ -83,6 +83,40 @@ def test_a_damaged_cached_layer_is_evicted_and_installed_again(engine, stack, tm
     remove_images(engine, stack)
 
 
+def test_groups_are_installed_by_the_pinned_uv_and_loaded_while_the_next_installs(
+        engine, stack, tmp_path, monkeypatch):
+    """Each group's layer goes into the engine as soon as its tar is written (the final load
+    sends nothing), the partial images that took them are removed, and the packages were
+    installed by the uv devbox-build pins (fetched once into this host's cache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    unique_stack(stack, "1.11.0")
+    remove_images(engine, stack)
+    progress = RecordingProgress()
+    [result] = build(load(stack), ["cpu"], engine, options(), progress)
+    notes = "\n".join(progress.lines)
+    assert f"fetching uv {assemble.UV_VERSION} for linux/amd64" in notes, notes
+    assert "loaded pip-01 into the engine while the builder goes on" in notes, notes
+    assert "loading 0 of 2 group layers into the engine" in notes, notes
+    layers = engine.image(result.content_tag)["RootFS"]["Layers"]
+    loaded = []
+    for image in engine.api.images(all=True):
+        own = engine.image(image["Id"])["RootFS"]["Layers"]
+        if own == layers[:len(own)] and engine.history(image["Id"])[-1]["CreatedBy"].startswith(
+                "devbox-build assemble: uv "):
+            loaded.append(image["Id"])
+    assert len(loaded) == 1, f"partial images left behind: {loaded}"
+    installer_file = "/opt/venv/lib/python3.*/site-packages/six-*.dist-info/INSTALLER"
+    status, installer = engine.run(result.content_tag, ["sh", "-c", f"cat {installer_file}"],
+                                   entrypoint=[])
+    assert (status, installer.strip()) == (0, "uv")
+    # The second build of another pin reads uv from the cache.
+    unique_stack(stack, "1.10.0")
+    progress = RecordingProgress()
+    build(load(stack), ["cpu"], engine, options(), progress)
+    assert not [line for line in progress.lines if "fetching uv" in line], progress.lines
+    remove_images(engine, stack)
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     mounts = []

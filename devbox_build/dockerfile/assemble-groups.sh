@@ -5,36 +5,19 @@
 #
 #   assemble-groups.sh WORK VENV GID MTIME NAME...
 #
-# WORK/NAME.txt holds each group's hash-pinned requirements; WORK/NAME.tar is written. Values
-# arrive as arguments, never inside this script's text.
+# WORK/NAME.txt holds each group's hash-pinned requirements; WORK/NAME.tar is written; WORK/uv
+# is the installer (its arguments in UV_INSTALL). Values arrive as arguments, never inside this
+# script's text.
 set -eu
 umask 0002
 work=$1 venv=$2 gid=$3 mtime=$4
 shift 4
-for name in "$@"; do
-    tree="$work/$name"
-    echo "devbox-build: installing $name on its own"
-    find "$venv" -mindepth 1 | sort > "$work/$name.before"
-    # shellcheck disable=SC2086  # PIP_INSTALL is the install command's words
-    env $PIP_INSTALL --root "$tree" -r "$work/$name.txt"
-    # A package the image below already has (the venv's own setuptools, say) is uninstalled
-    # from it first: the layer whites out what went, as a Dockerfile step's layer would. Only
-    # the top-most path gone is written: a folder the new version has again becomes opaque, a
-    # path it replaces needs nothing, any other gets a .wh. entry.
-    find "$venv" -mindepth 1 | sort > "$work/$name.after"
-    comm -23 "$work/$name.before" "$work/$name.after" > "$work/$name.gone"
-    awk 'NR == FNR { gone[$0] = 1; next }
-         { parent = $0; sub(/\/[^\/]*$/, "", parent); if (!(parent in gone)) print }' \
-        "$work/$name.gone" "$work/$name.gone" | while IFS= read -r path; do
-        if [ -d "$tree$path" ] && [ ! -L "$tree$path" ]; then
-            : > "$tree$path/.wh..wh..opq"
-        elif [ ! -e "$tree$path" ] && [ ! -L "$tree$path" ]; then
-            mkdir -p "$tree${path%/*}"
-            : > "$tree${path%/*}/.wh.${path##*/}"
-        fi
-    done
-    mkdir -p "$tree/opt/devbox/requirements"
-    cp "$work/$name.txt" "$tree/opt/devbox/requirements/$name.txt"
+uv="$work/uv"
+chmod 0755 "$uv"
+# Settles one installed tree into its layer tar: owners, modes, mtimes, bytecode. Runs while the
+# next group installs (CPU here, mostly the network and the disk there).
+settle() {
+    name=$1 tree="$work/$1"
     # What a Dockerfile step's install gets from the venv's setgid, group-writable folders: the
     # user's group owns everything it adds, and every folder hands the group on.
     # (A group whose every pin the image below already has installs nothing: no venv tree.)
@@ -50,16 +33,55 @@ for name in "$@"; do
             chmod --reference="/$folder" "$tree/$folder"
         fi
     done
-    # Fixed mtimes, then bytecode compiled against them (pip's own would embed the install time
-    # and the tree's path), then the bytecode's mtimes fixed too.
+    # Fixed mtimes, then bytecode compiled against them (an installer's own would embed the
+    # install time and the tree's path); tar gives the bytecode the fixed mtime too.
     find "$tree" -exec touch -h -d "@$mtime" {} +
     if [ -d "$tree$venv" ]; then
         "$venv/bin/python" -m compileall -q -j 0 -s "$tree" -p / "$tree$venv" > /dev/null || :
     fi
-    find "$tree" -exec touch -h -d "@$mtime" {} +
-    # Sorted entries and numeric owners: the same tree gives the same tar.
+    # Sorted entries, numeric owners, every mtime the fixed one: the same tree gives the same tar.
     (cd "$tree" && ls -A) > "$work/$name.top"
-    tar --sort=name --numeric-owner --format=gnu -C "$tree" -cf "$work/$name.tar" \
-        --files-from "$work/$name.top"
+    tar --sort=name --numeric-owner --format=gnu --mtime="@$mtime" -C "$tree" \
+        -cf "$work/$name.tar.partial" --files-from "$work/$name.top"
+    mv "$work/$name.tar.partial" "$work/$name.tar"
+    echo "devbox-build: layer written: $name"
     rm -rf "$tree"
+}
+
+settling=""
+for name in "$@"; do
+    tree="$work/$name"
+    echo "devbox-build: installing $name on its own"
+    # A package the image below already has (the venv's own setuptools, say) is uninstalled
+    # from it first: the layer whites out what went, as a Dockerfile step's layer would. Only
+    # the top-most path gone is written: a folder the new version has again becomes opaque, a
+    # path it replaces needs nothing, any other gets a .wh. entry.
+    find "$venv" -mindepth 1 | sort > "$work/$name.before"
+    sed -E -n 's/^([A-Za-z0-9][A-Za-z0-9._-]*).*/\1/p' "$work/$name.txt" > "$work/$name.names"
+    # shellcheck disable=SC2046  # one word per package name
+    "$uv" pip uninstall --quiet --no-config --python "$venv/bin/python" \
+        $(cat "$work/$name.names")
+    # The group goes into its own tree, its scripts run by the venv's Python.
+    # shellcheck disable=SC2086  # UV_INSTALL is the install command's words
+    "$uv" $UV_INSTALL --python "$venv/bin/python" --prefix "$tree$venv" -r "$work/$name.txt"
+    rm -f "$tree$venv/.lock"
+    find "$venv" -mindepth 1 | sort > "$work/$name.after"
+    comm -23 "$work/$name.before" "$work/$name.after" > "$work/$name.gone"
+    awk 'NR == FNR { gone[$0] = 1; next }
+         { parent = $0; sub(/\/[^\/]*$/, "", parent); if (!(parent in gone)) print }' \
+        "$work/$name.gone" "$work/$name.gone" | while IFS= read -r path; do
+        if [ -d "$tree$path" ] && [ ! -L "$tree$path" ]; then
+            : > "$tree$path/.wh..wh..opq"
+        elif [ ! -e "$tree$path" ] && [ ! -L "$tree$path" ]; then
+            mkdir -p "$tree${path%/*}"
+            : > "$tree${path%/*}/.wh.${path##*/}"
+        fi
+    done
+    mkdir -p "$tree/opt/devbox/requirements"
+    cp "$work/$name.txt" "$tree/opt/devbox/requirements/$name.txt"
+    # One tree settles at a time (compiling takes every core); its failure fails the script.
+    if [ -n "$settling" ]; then wait "$settling"; fi
+    settle "$name" &
+    settling=$!
 done
+if [ -n "$settling" ]; then wait "$settling"; fi
