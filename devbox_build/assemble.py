@@ -85,7 +85,10 @@ class GroupLayer:
 
 
 class LayerCacheError(InputError):
-    """The layer cache folder cannot be written (read-only, full, not a folder)."""
+    """The cache folder (layers, tools) cannot be written (read-only, full, not a folder)."""
+
+
+CACHE_HINT = "free space there, make it writable, or set XDG_CACHE_HOME to another folder"
 
 
 class LayerCache:
@@ -150,8 +153,7 @@ class LayerCache:
         except OSError as exc:
             raise LayerCacheError(
                 f"the layer cache {self.folder} cannot be written: {exc.strerror}",
-                hint="free space there, make it writable, or set XDG_CACHE_HOME to another "
-                     "folder") from None
+                hint=CACHE_HINT) from None
 
     def put(self, step: InstallStep, key: str, tar: Path, sha256: str) -> GroupLayer:
         target = self.folder / f"{key}.tar"
@@ -169,8 +171,7 @@ class LayerCache:
                 leftover.unlink(missing_ok=True)
             raise LayerCacheError(f"the layer cache {self.folder} cannot take {step.name}'s "
                                   f"layer: {exc.strerror}",
-                                  hint="free space there, or set XDG_CACHE_HOME to another "
-                                       "folder") from None
+                                  hint=CACHE_HINT) from None
         return GroupLayer(step, key, target, f"sha256:{sha256}")
 
     def prune(self, keep: set[str]) -> None:
@@ -254,8 +255,7 @@ def _fetch_uv(folder: Path, triple: str, sha256: str) -> None:
         scratch = Path(tempfile.mkdtemp(prefix=".uv-", dir=folder.parent))
     except OSError as exc:
         raise LayerCacheError(f"the cache {folder.parent} cannot be written: {exc.strerror}",
-                              hint="free space there, make it writable, or set XDG_CACHE_HOME "
-                                   "to another folder") from None
+                              hint=CACHE_HINT) from None
     try:
         requirement = scratch / "uv.txt"
         requirement.write_text(f"uv=={UV_VERSION} --hash=sha256:{sha256}\n")
@@ -276,8 +276,7 @@ def _fetch_uv(folder: Path, triple: str, sha256: str) -> None:
     except OSError as exc:
         if not (folder / "bin" / "uv").is_file():  # else another build fetched it meanwhile
             raise LayerCacheError(f"the cache {folder.parent} cannot take uv: {exc.strerror}",
-                                  hint="free space there, or set XDG_CACHE_HOME to another "
-                                       "folder") from None
+                                  hint=CACHE_HINT) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -435,8 +434,7 @@ def _take(engine: Engine, container: str, step: InstallStep, key: str, layer_cac
         partial.unlink(missing_ok=True)
         raise LayerCacheError(f"the layer cache {layer_cache.folder} cannot take "
                               f"{step.name}'s layer: {exc.strerror}",
-                              hint="free space there, or set XDG_CACHE_HOME to another "
-                                   "folder") from None
+                              hint=CACHE_HINT) from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
