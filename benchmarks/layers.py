@@ -20,7 +20,12 @@ stage runs every contender before the next stage, in an order that rotates per r
 The versions are drawn at random per run, so no run can hit a cache an earlier one left. Also
 reported for devbox-build: its layer count, how many layers below the changed one kept their
 ids, and the bytes a loopback registry (Debian's docker-registry) received when the image was
-pushed again after the leaf change, against the compressed size of the changed layer.
+pushed again after the leaf change, against the compressed size of every layer that changed (the
+moved pin's group and the final layers, from the pushed manifests).
+
+devbox-build's copies get a user id of their own per run: its layers are reproducible, so an
+image another run left in the engine would otherwise hold its chains, and a "cold" build would
+skip loading them.
 
 Needs a running engine and the base image (scripts/provision.sh).
 """
@@ -28,8 +33,10 @@ Needs a running engine and the base image (scripts/provision.sh).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -83,6 +90,9 @@ class Stack:
         if contender == CHAIN:  # its own uid for the same reason
             with (self.folder / "image.toml").open("a") as spec_file:
                 spec_file.write("\n[user]\nuid = 1002\n")
+        if contender == OURS:  # a cold build loads every layer (see the module's docstring)
+            with (self.folder / "image.toml").open("a") as spec_file:
+                spec_file.write(f"\n[user]\nuid = {random.randrange(2000, 60000)}\n")
         self.spec_inputs = self.folder / "requirements.in"
         if small:
             self.spec_inputs.write_text("")
@@ -142,12 +152,13 @@ def blobs(registry: Path) -> dict[str, int]:
 
 
 def push_after_leaf(engine: Engine, scratch: Path, tqdm: list[str]) -> dict:
-    """Push the cold image, move the leaf, rebuild, push again: what the registry received."""
+    """Push the cold image, move the leaf, rebuild, push again: what the registry received, and
+    the compressed size of every layer the second image has and the first has not."""
     from tests.support.registry import LoopbackRegistry
 
     (scratch / "registry").mkdir()
     stack = Stack(scratch, "push", OURS)
-    figures = {}
+    figures, layers = {}, {}
     with LoopbackRegistry(scratch / "registry") as registry:
         for step, version in (("cold", tqdm[0]), ("leaf", tqdm[1])):
             stack.pin(version)
@@ -155,16 +166,26 @@ def push_after_leaf(engine: Engine, scratch: Path, tqdm: list[str]) -> dict:
             ref = f"{registry.host}/bench/push:{step}"
             engine.tag(engine.image_id(stack.image), ref)
             before = blobs(scratch / "registry")
-            for _ in engine.push(ref):
-                pass
+            lines = list(engine.push(ref))
             added = {path: size for path, size in blobs(scratch / "registry").items()
                      if path not in before}
             figures[step] = sum(added.values())
-            # The biggest new blob of the second push: the rebuilt group with the moved pin.
-            figures["changed layer"] = max(added.values())
+            layers[step] = manifest_layers(scratch / "registry", lines)
             engine.untag(ref)
+    changed = {digest: size for digest, size in layers["leaf"].items()
+               if digest not in layers["cold"]}
+    figures["changed layers"] = sum(changed.values())
+    figures["changed count"] = len(changed)
     stack.remove(engine)
     return figures
+
+
+def manifest_layers(registry: Path, push_lines: list[str]) -> dict[str, int]:
+    """The pushed manifest's layers (digest → compressed bytes), from the registry's own copy."""
+    digest = next(match[1] for line in push_lines
+                  if (match := re.search(r"digest: sha256:([0-9a-f]{64})", line)))
+    manifest = next((registry / "data").rglob(f"sha256/{digest[:2]}/{digest}/data"))
+    return {layer["digest"]: layer["size"] for layer in json.loads(manifest.read_text())["layers"]}
 
 
 def rounds(engine: Engine, count: int, scratch: Path, contenders: tuple[str, ...]) -> dict:
@@ -287,9 +308,9 @@ def main() -> None:
 
 def print_push(pushed: dict) -> None:
     print(f"push after the leaf change: {pushed['leaf'] / 1e6:.2f} MB received "
-          f"(first push {pushed['cold'] / 1e6:.0f} MB); the changed layer compressed: "
-          f"{pushed['changed layer'] / 1e6:.2f} MB; ratio "
-          f"{pushed['leaf'] / pushed['changed layer']:.2f}")
+          f"(first push {pushed['cold'] / 1e6:.0f} MB); the {pushed['changed count']} changed "
+          f"layers compressed: {pushed['changed layers'] / 1e6:.2f} MB; ratio "
+          f"{pushed['leaf'] / pushed['changed layers']:.2f}")
 
 
 if __name__ == "__main__":

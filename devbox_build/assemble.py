@@ -8,8 +8,10 @@ in the host's cache, keyed by everything that goes into it. The image is put tog
 therefore installs one group; the groups above it are not installed again, only streamed in again
 (same bytes, so a registry that has them is not sent them again).
 
-    head build (classic builder)  →  groups (cache, or one builder container)  →  docker load
-    →  tail build FROM the loaded image (classic builder)
+    head build (classic builder)  →  docker load of the groups onto it  →  tail build FROM the
+      │ os layer done                          ↑                         loaded image (classic)
+      └→ groups (cache, or one builder container of the os layer's image, while the head's
+         system layer builds; each group loaded ahead once the head is built)
 
 Everything here goes through engine.py.
 """
@@ -20,12 +22,14 @@ import functools
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,8 +37,8 @@ from pathlib import Path
 
 from . import cache, hostca, settings
 from .engine import Engine, Step, StepFailed
-from .errors import BuildFailed, DevboxError, InputError
-from .render import LAYER_MTIME, VENV, BuildContext, InstallStep, template_file
+from .errors import BuildFailed, DevboxError, EngineError, InputError
+from .render import HEAD_DOCKERFILE, LAYER_MTIME, VENV, BuildContext, InstallStep, template_file
 from .report import SILENT, Reporter
 
 SCRIPT = "assemble-groups.sh"
@@ -122,14 +126,11 @@ class LayerCache:
 
     def damaged(self, layer: GroupLayer) -> bool:
         """Whether the cached tar's bytes no longer give its diff id (evicted when so)."""
-        digest = hashlib.sha256()
         try:
-            with layer.tar.open("rb") as data:
-                for block in iter(lambda: data.read(1 << 20), b""):
-                    digest.update(block)
+            sha256 = _sha256(layer.tar)
         except OSError:
             return True
-        if f"sha256:{digest.hexdigest()}" == layer.diff_id:
+        if f"sha256:{sha256}" == layer.diff_id:
             return False
         self.evict(layer.key, f"{layer.tar} ({layer.step.name}) does not have the digest it was "
                               "written with (changed on disk)")
@@ -179,10 +180,14 @@ class LayerCache:
         is over its budget (never one of ``keep``: the build's own)."""
         budget = cache_budget()
         cutoff = time.time() - UNUSED_DAYS * 86400
-        for partial in [*self.folder.glob("*.partial"), *self.folder.glob("*.json-partial")]:
+        for partial in [*self.folder.glob("*.partial"), *self.folder.glob("*.json-partial"),
+                        *self.folder.glob(f"{OUTBOX_PREFIX}*")]:
             try:
                 if partial.stat().st_mtime < time.time() - PARTIAL_SECONDS:
-                    partial.unlink()
+                    if partial.is_dir():
+                        shutil.rmtree(partial)
+                    else:
+                        partial.unlink()
             except OSError:
                 continue
         entries = []  # (last used, key, bytes), oldest first
@@ -213,10 +218,10 @@ def recipe() -> str:
 
 
 def group_key(context: BuildContext, head: dict, step: InstallStep) -> str:
-    """Everything a group's layer bytes depend on: the image below by content (its layers'
+    """Everything a group's layer bytes depend on: the builder's image by content (its layers'
     digests and its environment, not the engine's id for it: a base rebuilt with the same bytes
     keeps every group), the requirements, the installer script and command, and where things
-    go."""
+    go. ``head``: the builder image's inspect data."""
     below = {"layers": head["RootFS"]["Layers"], "env": sorted(head["Config"].get("Env") or [])}
     inputs = {"head": below, "platform": context.platform, "name": step.name,
               "requirements": list(step.requirements), "venv": VENV,
@@ -291,58 +296,136 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return chain
 
 
-def assemble(engine: Engine, context: BuildContext, head_id: str, *, environment: dict[str, str],
-             network_mode: str | None, fresh: bool, reporter: Reporter,
-             layer_cache: LayerCache | None = None) -> str:
-    """The image of ``head_id`` with the context's pip groups on top; its id. ``fresh``:
-    install every group again, whatever the cache holds (--no-cache)."""
-    layer_cache = layer_cache or LayerCache(reporter=reporter)
-    remove_orphaned_builders(engine, reporter)
-    steps = context.assembled_steps
-    head = engine.image(head_id)
-    keys = [group_key(context, head, step) for step in steps]
-    found = {key: None if fresh else layer_cache.get(step, key) for step, key in zip(steps, keys)}
-    missing = [(step, key) for step, key in zip(steps, keys) if found[key] is None]
-    if cached := [step.name for step, key in zip(steps, keys) if found[key] is not None]:
-        reporter.note(f"{len(cached)} of the pip groups' layers from this host's cache: "
-                      f"{', '.join(cached)}")
-    held = {chain for layers in engine.layer_lists("devbox.spec") for chain in chain_ids(layers)}
-    held.update(chain_ids(head["RootFS"]["Layers"]))
-    history = engine.history(head_id)
-    ahead = _LoadAhead(engine, head, history, held, reporter)
+def builder_step(context: BuildContext) -> int:
+    """The head step whose image the builder installs the groups on while the head's other steps
+    build: the os layer's last step, when all the head has after it is the system layer (apt
+    packages outside the venv: nothing a group's layer depends on) and every group installs
+    wheels (an sdist's build may need a system package). 0: the whole head's image, once built."""
+    layers = context.step_layers(HEAD_DOCKERFILE)
+    if set(layers) != {"os", "system"} or any(step.from_source
+                                              for step in context.assembled_steps):
+        return 0
+    return max(number for number, layer in enumerate(layers, start=1) if layer == "os")
 
-    def arrived(layer: GroupLayer) -> None:
-        found[layer.key] = layer
-        ahead.load([found[key] for key in keys])
 
-    install = functools.partial(_install, engine, context, head_id, environment=environment,
-                                network_mode=network_mode, layer_cache=layer_cache,
-                                reporter=reporter)
-    image_id = ""
-    try:
+class Assembly:
+    """A context's pip groups: looked up in the cache and the missing ones installed in a builder
+    container of the builder image (:meth:`start`, in a thread of its own, so the head's
+    remaining steps build meanwhile), then put onto the head's image (:meth:`onto`).
+    :meth:`close` stops a builder still running when the build fails elsewhere."""
+
+    def __init__(self, engine: Engine, context: BuildContext, *, environment: dict[str, str],
+                 network_mode: str | None, fresh: bool, reporter: Reporter,
+                 layer_cache: LayerCache | None = None) -> None:
+        self.engine, self.context, self.reporter = engine, context, reporter
+        self.fresh = fresh  # --no-cache: install every group again, whatever the cache holds
+        self.layer_cache = layer_cache or LayerCache(reporter=reporter)
+        self.steps = context.assembled_steps
+        self.builder_id = ""
+        self.keys: list[str] = []
+        self.found: dict[str, GroupLayer | None] = {}
+        self._install = functools.partial(_install, engine, context, environment=environment,
+                                          network_mode=network_mode,
+                                          layer_cache=self.layer_cache, reporter=reporter,
+                                          track=self._track)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._container = ""
+        self._closed = False
+        self._ahead: _LoadAhead | None = None
+
+    @property
+    def started(self) -> bool:
+        return bool(self.builder_id)
+
+    def start(self, builder_id: str) -> None:
+        """Key the groups by the builder image's content and install the missing ones on it."""
+        remove_orphaned_builders(self.engine, self.reporter)
+        self.builder_id = builder_id
+        builder = self.engine.image(builder_id)
+        self.keys = [group_key(self.context, builder, step) for step in self.steps]
+        self.found = {key: None if self.fresh else self.layer_cache.get(step, key)
+                      for step, key in zip(self.steps, self.keys)}
+        missing = [(step, key) for step, key in zip(self.steps, self.keys)
+                   if self.found[key] is None]
+        if cached := [step.name for step, key in zip(self.steps, self.keys)
+                      if self.found[key] is not None]:
+            self.reporter.note(f"{len(cached)} of the pip groups' layers from this host's cache: "
+                               f"{', '.join(cached)}")
         if missing:
-            install(missing, arrived)
-        groups = [found[key] for key in keys]
-        layer_cache.prune(set(keys))
+            self._thread = threading.Thread(target=self._run, args=(missing,),
+                                            name="devbox-assemble", daemon=True)
+            self._thread.start()
+
+    def _run(self, missing: list[tuple[InstallStep, str]]) -> None:
         try:
-            image_id = _load(engine, head, history, groups, held, reporter)
-        except DevboxError as refused:
-            # A cached tar whose bytes changed (the engine computes another digest): evict it,
-            # install its group again. Else a layer this build counted on went away meanwhile
-            # (an image removed): send them all.
-            damaged = [(g.step, g.key) for g in groups if layer_cache.damaged(g)]
-            if damaged:
-                install(damaged, lambda layer: found.update({layer.key: layer}))
-                groups = [found[key] for key in keys]
+            self._install(self.builder_id, missing, self._arrived)
+        except BaseException as exc:  # noqa: BLE001  (raised in the build's thread by onto())
+            self._error = exc
+
+    def _track(self, container: str) -> None:
+        """The builder container now running; stopped by close()."""
+        with self._lock:
+            self._container = container
+            if self._closed:
+                raise BuildFailed("the build stopped before the pip groups were installed")
+
+    def _arrived(self, layer: GroupLayer) -> None:
+        with self._lock:
+            self.found[layer.key] = layer
+            if self._ahead:
+                self._ahead.load([self.found[key] for key in self.keys])
+
+    def onto(self, head_id: str) -> str:
+        """The head's image with the groups on top (waiting for the builder); its id."""
+        engine, layer_cache = self.engine, self.layer_cache
+        head = engine.image(head_id)
+        history = engine.history(head_id)
+        held = {chain for layers in engine.layer_lists("devbox.spec")
+                for chain in chain_ids(layers)}
+        held.update(chain_ids(head["RootFS"]["Layers"]))
+        with self._lock:
+            self._ahead = _LoadAhead(engine, head, history, held, self.reporter)
+            self._ahead.load([self.found[key] for key in self.keys])
+        image_id = ""
+        try:
+            if self._thread:
+                self._thread.join()
+            if self._error:
+                raise self._error
+            groups = [self.found[key] for key in self.keys]
+            layer_cache.prune(set(self.keys))
             try:
-                image_id = _load(engine, head, history, groups, set(), reporter)
-            except DevboxError as again:
-                raise type(again)(f"{again.message} (the first try: {refused.message}); the "
-                                  f"layers sent were {', '.join(str(g.tar) for g in groups)}"
-                                  ) from None
-        return image_id
-    finally:
-        ahead.remove_partial_images(keep=image_id)
+                image_id = _load(engine, head, history, groups, held, self.reporter)
+            except DevboxError as refused:
+                # A cached tar whose bytes changed (the engine computes another digest): evict
+                # it, install its group again. Else a layer this build counted on went away
+                # meanwhile (an image removed): send them all.
+                damaged = [(g.step, g.key) for g in groups if layer_cache.damaged(g)]
+                if damaged:
+                    self._install(self.builder_id, damaged,
+                                  lambda layer: self.found.update({layer.key: layer}))
+                    groups = [self.found[key] for key in self.keys]
+                try:
+                    image_id = _load(engine, head, history, groups, set(), self.reporter)
+                except DevboxError as again:
+                    raise type(again)(f"{again.message} (the first try: {refused.message}); "
+                                      "the layers sent were "
+                                      f"{', '.join(str(g.tar) for g in groups)}") from None
+            return image_id
+        finally:
+            self._ahead.remove_partial_images(keep=image_id)
+
+    def close(self) -> None:
+        """Stop the builder if it still runs (removed, by id) and wait for its thread."""
+        with self._lock:
+            self._closed = True
+            container = self._container
+        if self._thread and self._thread.is_alive():
+            if container:
+                self.engine.remove(container)
+            self._thread.join()
 
 
 class _LoadAhead:
@@ -384,24 +467,48 @@ class _LoadAhead:
 
 
 WRITTEN = "devbox-build: layer written: "  # the builder's line when a group's tar is complete
+# The builder's bind mount of a folder of the host's cache, when the engine can see it.
+OUTBOX = f"{WORK}/out"
+OUTBOX_PREFIX = ".assemble-"
 
 
-def _install(engine: Engine, context: BuildContext, head_id: str,
+def _install(engine: Engine, context: BuildContext, builder_id: str,
              missing: list[tuple[InstallStep, str]], arrived, *, environment: dict[str, str],
-             network_mode: str | None, layer_cache: LayerCache,
-             reporter: Reporter) -> None:
-    """Install the missing groups in one builder container of the head image; each group's
-    layer is put in the cache and handed to ``arrived`` as soon as its tar is written."""
+             network_mode: str | None, layer_cache: LayerCache, reporter: Reporter,
+             track) -> None:
+    """Install the missing groups in one builder container of ``builder_id``; each group's
+    layer is put in the cache and handed to ``arrived`` as soon as its tar is written.
+    ``track`` is told the container's id once it exists."""
     layer_cache.writable()
     names = [step.name for step, _ in missing]
     reporter.note(f"installing {len(missing)} of the pip groups on their own: {', '.join(names)}")
     uv = builder_uv(context.platform, reporter)
-    container = engine.create(
-        head_id, ["/bin/sh", f"{WORK}/{SCRIPT}", WORK, VENV, str(context.spec.user.gid),
-                  str(LAYER_MTIME), *names],
-        user="root", entrypoint=[], environment={**environment, "UV_INSTALL": UV_INSTALL},
-        network_mode=network_mode, labels={BUILDER_LABEL: _builder_owner()})
+    # Where the engine runs on this host (it sees this folder: the builder finds the token in
+    # it), the builder writes each tar straight into the cache; else the tars are copied out.
+    token = secrets.token_hex(16)
     try:
+        outbox = Path(tempfile.mkdtemp(prefix=OUTBOX_PREFIX, dir=layer_cache.folder))
+        (outbox / ".probe").write_text(token)
+    except OSError as exc:
+        raise LayerCacheError(f"the layer cache {layer_cache.folder} cannot be written: "
+                              f"{exc.strerror}", hint=CACHE_HINT) from None
+    container = ""
+    try:
+        for folders in ({str(outbox): OUTBOX}, None):
+            try:
+                container = engine.create(
+                    builder_id, ["/bin/sh", f"{WORK}/{SCRIPT}", WORK, VENV,
+                                 str(context.spec.user.gid), str(LAYER_MTIME), OUTBOX,
+                                 token if folders else "", *names],
+                    user="root", entrypoint=[],
+                    environment={**environment, "UV_INSTALL": UV_INSTALL},
+                    network_mode=network_mode, labels={BUILDER_LABEL: _builder_owner()},
+                    host_folders=folders)
+                break
+            except EngineError:
+                if not folders:
+                    raise
+        track(container)
         files = {f"{step.name}.txt": "".join(f"{line}\n" for line in step.requirements).encode()
                  for step, _ in missing}
         engine.copy_into(container, "/", {f"{WORK[1:]}/{name}": data for name, data in
@@ -413,23 +520,30 @@ def _install(engine: Engine, context: BuildContext, head_id: str,
             reporter.output(line)
             if line.startswith(WRITTEN) and line[len(WRITTEN):] in waiting:
                 step, key = waiting.pop(line[len(WRITTEN):])
-                arrived(_take(engine, container, step, key, layer_cache, reporter))
+                arrived(_take(engine, container, outbox, step, key, layer_cache, reporter))
         code = engine.wait(container, timeout=3600)
         if code != 0 or waiting:
             raise StepFailed(f"the builder container exited with {code}",
                              Step(1, 1, f"install {', '.join(names)} on their own"),
                              engine.logs(container).splitlines())
     finally:
-        engine.remove(container)
+        if container:
+            engine.remove(container)
+        shutil.rmtree(outbox, ignore_errors=True)
 
 
-def _take(engine: Engine, container: str, step: InstallStep, key: str, layer_cache: LayerCache,
-          reporter: Reporter) -> GroupLayer:
-    """Copy a group's layer tar out of the builder into the cache."""
-    layer_cache.folder.mkdir(parents=True, exist_ok=True)
+def _take(engine: Engine, container: str, outbox: Path, step: InstallStep, key: str,
+          layer_cache: LayerCache, reporter: Reporter) -> GroupLayer:
+    """Put a group's layer tar into the cache: from the outbox the builder wrote it into, or
+    copied out of the builder."""
+    written = outbox / f"{step.name}.tar"
     partial = layer_cache.folder / f"{key}.{os.getpid()}.partial"  # builds may race
     try:
-        sha256 = engine.copy_file_out(container, f"{WORK}/{step.name}.tar", partial)
+        if written.is_file():
+            written.replace(partial)
+            sha256 = _sha256(partial)
+        else:
+            sha256 = engine.copy_file_out(container, f"{WORK}/{step.name}.tar", partial)
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise LayerCacheError(f"the layer cache {layer_cache.folder} cannot take "
@@ -442,6 +556,14 @@ def _take(engine: Engine, container: str, step: InstallStep, key: str, layer_cac
     reporter.note(f"{step.name}: {step.count} packages, layer "
                   f"{layer.tar.stat().st_size / 1e6:.1f} MB")
     return layer
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _builder_owner() -> str:

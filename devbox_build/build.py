@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from . import assemble, locking, refs
-from .engine import Built, Engine, Output, Step, StepFailed
+from .engine import Built, Committed, Engine, Output, Step, StepFailed
 from .errors import BuildFailed, DevboxError, EngineError, InputError, LockError, SpecError
 from .render import HEAD_DOCKERFILE, PYTHON_MISMATCH_MARKER, TAIL_DOCKERFILE, BuildContext, render
 from .report import SILENT, Reporter
@@ -382,19 +382,34 @@ def _run_build(
         result.image_id = _engine_build(engine, context, "Dockerfile", buildargs, options,
                                         reporter, result)
     else:
-        head_id = _engine_build(engine, context, HEAD_DOCKERFILE, head_args, options, reporter,
-                                result)
         steps = context.assembled_steps
-        reporter.step(steps[0].layer, 1, 1, f"assemble {len(steps)} pip groups: "
-                      f"{steps[0].name} .. {steps[-1].name}")
-        result.steps += 1
+        assembly = assemble.Assembly(engine, context, environment=proxies,
+                                     network_mode=options.network_mode, fresh=options.no_cache,
+                                     reporter=reporter)
+        early = assemble.builder_step(context)
+
+        def committed(event: Committed) -> None:
+            # The os layer is done: its venv is all the groups install against, so they
+            # install while the system layer's apt packages do.
+            if event.step.number == early and not assembly.started:
+                reporter.note(f"the pip groups install on the os layer ({event.image_id[:12]}) "
+                              "while the system layer builds")
+                assembly.start(event.image_id)
+
         try:
-            assembled = assemble.assemble(
-                engine, context, head_id, environment=proxies,
-                network_mode=options.network_mode, fresh=options.no_cache,
-                reporter=reporter)
-        except StepFailed as failure:
-            raise _explain(context, [steps[0].layer], failure) from None
+            head_id = _engine_build(engine, context, HEAD_DOCKERFILE, head_args, options,
+                                    reporter, result, committed=committed)
+            if not assembly.started:
+                assembly.start(head_id)
+            reporter.step(steps[0].layer, 1, 1, f"assemble {len(steps)} pip groups: "
+                          f"{steps[0].name} .. {steps[-1].name}")
+            result.steps += 1
+            try:
+                assembled = assembly.onto(head_id)
+            except StepFailed as failure:
+                raise _explain(context, [steps[0].layer], failure) from None
+        finally:
+            assembly.close()
         tail_args = {k: v for k, v in buildargs.items() if k != "DEVBOX_BASE"}
         result.image_id = _engine_build(engine, context, TAIL_DOCKERFILE,
                                         {**tail_args, "DEVBOX_ASSEMBLED": assembled}, options,
@@ -404,8 +419,9 @@ def _run_build(
 
 def _engine_build(engine: Engine, context: BuildContext, dockerfile: str,
                   buildargs: dict[str, str], options: BuildOptions, reporter: Reporter,
-                  result: BuildResult) -> str:
-    """One classic-builder build of the context's ``dockerfile``; the image id."""
+                  result: BuildResult, committed=None) -> str:
+    """One classic-builder build of the context's ``dockerfile``; the image id. ``committed``
+    is handed each step's image as it is committed."""
     layers = context.step_layers(dockerfile)
     image_id = ""
     try:
@@ -425,6 +441,9 @@ def _engine_build(engine: Engine, context: BuildContext, dockerfile: str,
                 if event.text.strip() == "---> Using cache":
                     result.cached_steps += 1
                 reporter.output(event.text)
+            elif isinstance(event, Committed):
+                if committed:
+                    committed(event)
             elif isinstance(event, Built):
                 image_id = event.image_id
     except StepFailed as failure:

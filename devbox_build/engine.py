@@ -27,6 +27,8 @@ _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Builder chatter that says nothing about the step itself.
 _NOISE = ("---> Running in ", "Removing intermediate container ")
+# The builder's line once a step's image is committed (the short id; "---> Using cache" is not).
+_COMMITTED = re.compile(r"^\s*---> ([0-9a-f]{12,64})$")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,14 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Committed:
+    """Step ``step``'s image is committed (built or from the cache): what the next step runs on."""
+
+    step: Step
+    image_id: str
+
+
+@dataclass(frozen=True)
 class Built:
     image_id: str
 
@@ -59,7 +69,7 @@ class StepFailed(DevboxError):
         self.output = output
 
 
-BuildEvent = Step | Output | Built
+BuildEvent = Step | Output | Committed | Built
 
 
 class Engine:
@@ -265,6 +275,8 @@ class Engine:
                     elif line.strip():
                         output.append(line)
                         yield Output(line)
+                        if step and (match := _COMMITTED.match(line)):
+                            yield Committed(step, match[1])
         except docker.errors.APIError as exc:
             raise StepFailed(_reason(exc), step, output) from None
         finally:
@@ -313,8 +325,12 @@ class Engine:
             self.api.remove_container(container["Id"], force=True)
 
     def _host_config(self, *, publish=(), tmpfs=None, volumes=None, network_mode=None,
-                     gpus=False, extra_hosts=None) -> dict:
+                     gpus=False, extra_hosts=None, host_folders=None) -> dict:
         return self.api.create_host_config(
+            # A bind mount of a folder that must exist where the engine runs (else create fails;
+            # never made there, as `volumes` would for a path).
+            mounts=[docker.types.Mount(target, source, type="bind")
+                    for source, target in (host_folders or {}).items()] or None,
             network_mode=network_mode,
             extra_hosts=extra_hosts or None,
             port_bindings={port: ("127.0.0.1", None) for port in publish},
@@ -376,13 +392,23 @@ class Engine:
     def create(self, ref: str, command: list[str], *, user: str | None = None,
                environment: dict[str, str] | None = None,
                volumes: dict[str, str] | None = None, entrypoint: list[str] | None = None,
-               network_mode: str | None = None, labels: dict[str, str] | None = None) -> str:
-        """Create (not start) a container, e.g. to copy files in first; see :meth:`start_created`."""
-        return self.api.create_container(
-            ref, command=command, user=user or "", environment=environment,
-            entrypoint=entrypoint, labels=labels,
-            host_config=self._host_config(volumes=volumes, network_mode=network_mode),
-        )["Id"]
+               network_mode: str | None = None, labels: dict[str, str] | None = None,
+               host_folders: dict[str, str] | None = None) -> str:
+        """Create (not start) a container, e.g. to copy files in first; see :meth:`start_created`.
+        ``host_folders``: this host's folder → its path in the container, when the engine can
+        see it (an engine elsewhere cannot: EngineError)."""
+        try:
+            return self.api.create_container(
+                ref, command=command, user=user or "", environment=environment,
+                entrypoint=entrypoint, labels=labels,
+                host_config=self._host_config(volumes=volumes, network_mode=network_mode,
+                                              host_folders=host_folders),
+            )["Id"]
+        except docker.errors.APIError as exc:
+            if not host_folders:
+                raise
+            raise EngineError(f"cannot create a container of {ref} with "
+                              f"{', '.join(host_folders)}: {_reason(exc)}") from None
 
     def labelled_containers(self, label: str) -> dict[str, str]:
         """Every container (running or not) carrying ``label``: id → the label's value."""

@@ -170,6 +170,9 @@ class InstallStep:
     opens_variant: bool = False
     # pip: installed on its own and assembled (the first run of pip groups; see assemble.py)
     assembled: bool = False
+    # pip: the packages that install from an sdist here (no wheel fits, or none recorded): their
+    # build may need the spec's system packages
+    from_source: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -377,7 +380,9 @@ def render(
                        f"{group.reason()}"),
                 notes=tuple(layers.why(pin) for pin in group.packages),
                 requirements=tuple(locking.install_line(pin) for pin in
-                                   sorted(group.packages, key=lambda pin: pin.name))))
+                                   sorted(group.packages, key=lambda pin: pin.name)),
+                from_source=tuple(sorted(pin.name for pin in group.packages
+                                         if not (pin.wheel or "").endswith(".whl")))))
     _check_own_layers(spec, variant, platform)
 
     installed = dict(locked_closure)

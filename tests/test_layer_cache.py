@@ -257,3 +257,70 @@ def test_the_engine_dropping_the_connection_during_load(engine, stack, tmp_path,
     finally:
         proxy.close()
         remove_images(engine, stack)
+
+
+def test_groups_install_while_the_system_layer_builds_and_outlive_its_change(engine, stack,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    """The groups install on the os layer's image while the system layer's apt packages do
+    (nothing they install depends on those), so they are keyed by the os layer: changing the
+    system packages costs the system layer, and the groups come from the cache unchanged."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    unique_stack(stack, "1.15.0")
+    spec_file = stack / "image.toml"
+    spec_file.write_text(spec_file.read_text() + '\n[system]\npackages = ["tree"]\n')
+    remove_images(engine, stack)
+    progress = RecordingProgress()
+    [first] = build(load(stack), ["cpu"], engine, options(), progress)
+    notes = "\n".join(progress.lines)
+    assert "the pip groups install on the os layer (" in notes, notes
+    assert "while the system layer builds" in notes, notes
+    assert "installing 2 of the pip groups on their own" in notes, notes
+    spec_file.write_text(spec_file.read_text().replace('["tree"]', '["tree", "less"]'))
+    progress = RecordingProgress()
+    [second] = build(load(stack), ["cpu"], engine, options(), progress)
+    assert not [line for line in progress.lines if "installing" in line], progress.lines
+    assert "2 of the pip groups' layers from this host's cache" in "\n".join(progress.lines)
+    groups = [layers for layers in (engine.image(result.content_tag)["RootFS"]["Layers"]
+                                    for result in (first, second))]
+    # The base, the CA files, os, system, the two groups: the system layer changed, the groups'
+    # bytes did not.
+    assert groups[0][:3] == groups[1][:3] and groups[0][3] != groups[1][3]
+    assert groups[0][4:6] == groups[1][4:6]
+    command = "command -v tree less && python -c 'import six, markupsafe'"
+    status, output = engine.run(second.content_tag, ["sh", "-c", command], entrypoint=[])
+    assert status == 0, output
+    remove_images(engine, stack)
+
+
+def test_layer_tars_go_straight_into_the_cache_or_are_copied_out_when_the_engine_cannot_see_it(
+        engine, stack, tmp_path):
+    """An engine on this host sees the cache folder: the builder writes each tar there. One
+    that does not (remote, or here a cache on a tmpfs in a mount namespace of the build's own)
+    gets the tars copied out of its builder. The layers are the same bytes either way."""
+    unique_stack(stack, "1.16.0")
+    remove_images(engine, stack)
+    cache = tmp_path / "cache"
+    local = cli("build", str(stack), "--variant", "cpu", "-v", env={"XDG_CACHE_HOME": str(cache)})
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert f"layer tars go to {assemble.OUTBOX}\n" in local.stderr, local.stderr[-3000:]
+    assert not list((cache / "devbox-build" / "layers").glob(f"{assemble.OUTBOX_PREFIX}*"))
+    spec = load(stack)
+    layers = engine.image(f"{spec.repository}:cpu")["RootFS"]["Layers"]
+    remove_images(engine, stack)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    elsewhere = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs devbox-test "$0" && exec "$@"', str(hidden),
+         sys.executable, "-m", "devbox_build.cli", "build", str(stack), "--variant", "cpu", "-v"],
+        env={**os.environ, "XDG_CACHE_HOME": str(hidden)}, capture_output=True, text=True,
+        check=False, timeout=900)
+    if elsewhere.returncode != 0 and "mount" in elsewhere.stderr.splitlines()[0]:
+        pytest.fail(f"a mount namespace needs root (CI runs as root): {elsewhere.stderr}")
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert "installing 2 of the pip groups on their own" in elsewhere.stderr
+    assert f"layer tars go to {assemble.WORK}\n" in elsewhere.stderr, elsewhere.stderr[-3000:]
+    assert engine.image(f"{spec.repository}:cpu")["RootFS"]["Layers"] == layers
+    assert not list(hidden.iterdir())  # the engine saw nothing of it
+    remove_images(engine, stack)

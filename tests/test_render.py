@@ -396,3 +396,33 @@ def test_every_devbox_setting_is_read_in_one_place(tmp_path):
     # An option's default comes from its setting; the flag still wins.
     result = cli("render", str(TINY), "--variant", "cpu", env={"DEVBOX_CA_CERTS": "/nowhere.crt"})
     assert_clean_error(result, "/nowhere.crt")
+
+
+def test_the_groups_install_on_the_os_layer_only_when_nothing_they_build_needs_the_rest(stack):
+    """builder_step: the os layer's last head step when the head's other steps are the system
+    layer alone and every group installs wheels; else 0 (the whole head's image)."""
+    from dataclasses import replace
+
+    from devbox_build.assemble import builder_step
+    from devbox_build.render import HEAD_DOCKERFILE
+
+    assert builder_step(render(load(stack), "cpu")) == 0  # no system layer: nothing to overlap
+    spec_file = stack / "image.toml"
+    spec_file.write_text(spec_file.read_text() + '\n[system]\npackages = ["tree"]\n')
+    context = render(load(stack), "cpu")
+    layers = context.step_layers(HEAD_DOCKERFILE)
+    assert builder_step(context) == layers.index("system")  # the os layer's last step, 1-based
+    assert all(not step.from_source for step in context.assembled_steps)
+    # A group with a package built from its sdist may need a system package (a compiler).
+    first = context.assembled_steps[0]
+    context.install_steps = [replace(step, from_source=("markupsafe",)) if step is first else step
+                             for step in context.install_steps]
+    assert builder_step(context) == 0
+    # What the lock records for this platform decides it: an sdist where no wheel fits.
+    lock = stack / "locks" / "linux-amd64" / "pip.txt"
+    lock.write_text(re.sub(r"(# wheel: \d+ markupsafe-3\.0\.4)-\S+\.whl", r"\1.tar.gz",
+                           lock.read_text()))
+    context = render(load(stack), "cpu")
+    assert [step.from_source for step in context.assembled_steps
+            if step.from_source] == [("markupsafe",)]
+    assert builder_step(context) == 0

@@ -3,17 +3,30 @@
 # installs each pip group on its own into an empty tree and writes the tree as a layer tar whose
 # bytes depend on the group's requirements alone.
 #
-#   assemble-groups.sh WORK VENV GID MTIME NAME...
+#   assemble-groups.sh WORK VENV GID MTIME OUT TOKEN NAME...
 #
-# WORK/NAME.txt holds each group's hash-pinned requirements; WORK/NAME.tar is written; WORK/uv
-# is the installer (its arguments in UV_INSTALL). Values arrive as arguments, never inside this
-# script's text.
+# WORK/NAME.txt holds each group's hash-pinned requirements; WORK/uv is the installer (its
+# arguments in UV_INSTALL). NAME.tar is written into OUT when OUT is the host's folder (its .probe
+# holds TOKEN, and this container can write there): the host takes it from there, with no copy.
+# Else it is written into WORK, for the host to copy out. Values arrive as arguments, never
+# inside this script's text.
 set -eu
 umask 0002
-work=$1 venv=$2 gid=$3 mtime=$4
-shift 4
+work=$1 venv=$2 gid=$3 mtime=$4 out=$5 token=$6
+shift 6
 uv="$work/uv"
 chmod 0755 "$uv"
+dest="$work"
+if [ -n "$token" ] && [ "$(cat "$out/.probe" 2>/dev/null)" = "$token" ] \
+    && (: > "$out/.writable") 2>/dev/null; then
+    dest="$out"
+fi
+echo "devbox-build: layer tars go to $dest"
+# Writes the tree of group $name as FOLDER/$name.tar.partial.
+layer_tar() {
+    tar --sort=name --numeric-owner --format=gnu --mtime="@$mtime" -C "$tree" \
+        -cf "$1/$name.tar.partial" --files-from "$work/$name.top"
+}
 # Settles one installed tree into its layer tar: owners, modes, mtimes, bytecode. Runs while the
 # next group installs (CPU here, mostly the network and the disk there).
 settle() {
@@ -41,9 +54,15 @@ settle() {
     fi
     # Sorted entries, numeric owners, every mtime the fixed one: the same tree gives the same tar.
     (cd "$tree" && ls -A) > "$work/$name.top"
-    tar --sort=name --numeric-owner --format=gnu --mtime="@$mtime" -C "$tree" \
-        -cf "$work/$name.tar.partial" --files-from "$work/$name.top"
-    mv "$work/$name.tar.partial" "$work/$name.tar"
+    # A host folder that cannot take it (full) leaves it here, for the host to copy out and
+    # say why.
+    if ! layer_tar "$dest"; then
+        rm -f "$dest/$name.tar.partial"
+        [ "$dest" != "$work" ] || exit 1
+        dest="$work"
+        layer_tar "$dest"
+    fi
+    mv "$dest/$name.tar.partial" "$dest/$name.tar"
     echo "devbox-build: layer written: $name"
     rm -rf "$tree"
 }
