@@ -300,6 +300,11 @@ def main() -> None:
                   for c in contenders}
         print(f"| {stage} ÷ cold | " + " | ".join(
             f"{min(r):.2f} / {statistics.median(r):.2f}" for r in ratios.values()) + " |")
+    if "uv pip install" in contenders:  # the cold build against uv's, within each round
+        print("| cold ÷ uv pip install, per round | " + " | ".join(
+            ", ".join(f"{a / b:.2f}" for a, b in zip(times[(c, "cold")],
+                                                     times[("uv pip install", "cold")]))
+            for c in contenders) + " |")
     print(f"\ndevbox-build: {result['layers'][0]} filesystem layers; "
           + "; ".join(result["kept"][:2]))
     if pushed is not None:

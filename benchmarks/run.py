@@ -4,9 +4,12 @@
     python benchmarks/run.py --quick    # skip the pip-compile lock timing
     python benchmarks/run.py --checks   # only the contract-check figures (~1 min)
     python benchmarks/run.py --conda    # only the conda lock figures (seconds; no engine)
+    python benchmarks/run.py --noop     # only the no-op rebuild figures (one cold build first)
 
 Figures (goals from the build-spine issue):
-  no-op rebuild              `devbox-build build` with nothing changed           goal ≤ 1 s
+  no-op rebuild              `devbox-build build` with nothing changed: the first after an
+                             in-process build (the full path, which leaves a stamp), then
+                             the median of 7 (answered from the stamp, noop.py)  goal ≤ 0.3 s
   size overhead              (image − base) ÷ installed payload                  goal ≤ 1.05
   lock                       uv vs pip-compile on the default stack's pip inputs
   conda lock                 the conda tests' environment, linux-64 + linux-aarch64: py-rattler,
@@ -147,6 +150,22 @@ def check_rows(engine: Engine, spec) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def no_op_rebuild(spec_folder: Path) -> tuple[float, float]:
+    """The command line as a user runs it (``python -m devbox_build``, what ``devbox-build``
+    runs), in a cache of its own: the first no-op (the full path), then the median of 7."""
+    with tempfile.TemporaryDirectory(prefix="devbox-bench-noop-") as cache:
+        environment = {**os.environ, "XDG_CACHE_HOME": cache}
+
+        def once() -> float:
+            seconds, _ = timed(lambda: subprocess.run(
+                [sys.executable, "-m", "devbox_build", "build", str(spec_folder),
+                 "--variant", "cpu"], env=environment, check=True, capture_output=True))
+            return seconds
+
+        full = once()
+        return full, sorted(once() for _ in range(7))[3]
+
+
 def print_rows(rows) -> None:
     print("\n| figure | devbox-build | hand-written Dockerfile | goal |\n|---|---|---|---|")
     for row in rows:
@@ -158,6 +177,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the pip-compile lock timing")
     parser.add_argument("--checks", action="store_true", help="only the contract-check figures")
     parser.add_argument("--conda", action="store_true", help="only the conda lock figures")
+    parser.add_argument("--noop", action="store_true", help="only the no-op rebuild figures")
     args = parser.parse_args()
     if args.conda:
         print_rows(conda_lock_rows())
@@ -173,10 +193,13 @@ def main() -> None:
         scratch = Path(scratch)
         ours = copy_spec(scratch, "ours")
         cold, ref = timed(lambda: build_ours(engine, ours, no_cache=True))
-        noop, _ = timed(lambda: subprocess.run(
-            [sys.executable, "-m", "devbox_build.cli", "build", str(ours), "--variant", "cpu"],
-            env=os.environ, check=True,
-            capture_output=True))
+        full, noop = no_op_rebuild(ours)
+        if args.noop:
+            print_rows([("no-op rebuild, full path (CLI, wall)", f"{full:.2f} s", "-", ""),
+                        ("no-op rebuild, from its stamp (CLI, wall, median of 7)",
+                         f"{noop:.2f} s", "-", "≤ 0.3 s")])
+            engine.remove_image(ref)
+            return
         size = engine.size(ref) - engine.size(base)
         payload = payload_bytes(engine, ref, base)
 
@@ -188,7 +211,9 @@ def main() -> None:
         engine.remove_image(hand_id)
 
     rows += [
-        ("no-op rebuild (CLI, wall)", f"{noop:.2f} s", "-", "≤ 1 s"),
+        ("no-op rebuild, full path (CLI, wall)", f"{full:.2f} s", "-", ""),
+        ("no-op rebuild, from its stamp (CLI, wall, median of 7)", f"{noop:.2f} s", "-",
+         "≤ 0.3 s"),
         ("cold build", f"{cold:.0f} s", f"{hand_cold:.0f} s", ""),
         ("image size − base", f"{size / 1e6:.0f} MB", f"{hand_size / 1e6:.0f} MB", ""),
         ("(image − base) ÷ installed payload", f"{size / payload:.3f}", "-", "≤ 1.05"),

@@ -50,6 +50,8 @@ class BuildResult:
     steps: int = 0
     cached_steps: int = 0
     pushed: bool = False
+    base: str = ""  # the base image it was built FROM (the spec's, or its twin), and its id
+    base_id: str = ""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -263,6 +265,7 @@ def build_contexts(
                 result = _run_build(engine, context, digest, content_tag, options, reporter,
                                     base)
         result.tags = [content_tag, *human_tags]
+        result.base, result.base_id = base, base_id
         if spec.budget is not None:
             check_budget(engine, spec, result.image_id, human_tags[0])
         apply_tags(engine, result.image_id, result.tags)
