@@ -55,6 +55,24 @@ def copy_spec(scratch: Path, name: str, source: Path = ROOT / "images" / "datasc
     return folder
 
 
+def own_base(engine: Engine, base: str, name: str) -> str:
+    """``base`` under a label of its own: another image id (no new layer), tagged
+    devbox-bench/base:NAME. The classic builder continues a cached step from the newest matching
+    child of an image, so contenders built FROM one shared image could continue each other's
+    steps (and another run's)."""
+    dockerfile = f"FROM {base}\nLABEL devbox.benchmark-base={name}\n".encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        archive.addfile(info, io.BytesIO(dockerfile))
+    buffer.seek(0)
+    built = [event for event in engine.build(buffer) if isinstance(event, Built)]
+    tag = f"devbox-bench/base:{name}"
+    engine.tag(built[-1].image_id, tag)
+    return tag
+
+
 def uv_version() -> str:
     import subprocess
 

@@ -23,9 +23,11 @@ ids, and the bytes a loopback registry (Debian's docker-registry) received when 
 pushed again after the leaf change, against the compressed size of every layer that changed (the
 moved pin's group and the final layers, from the pushed manifests).
 
-devbox-build's copies get a user id of their own per run: its layers are reproducible, so an
-image another run left in the engine would otherwise hold its chains, and a "cold" build would
-skip loading them.
+Each contender builds FROM a base of its own (the base under a label of its own: another image
+id, no new layer; the classic builder continues a cached step from the newest matching child of
+an image), and devbox-build's copies get a user id of their own per run: its layers are
+reproducible, so an image another run left in the engine would otherwise hold its chains, and
+a "cold" build would skip loading them.
 
 Needs a running engine and the base image (scripts/provision.sh).
 """
@@ -45,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _handwritten import DOCKERFILES, build_handwritten, copy_spec, timed  # noqa: E402
+from _handwritten import DOCKERFILES, build_handwritten, copy_spec, own_base, timed  # noqa: E402
 
 from devbox_build import locking  # noqa: E402
 from devbox_build.build import BuildOptions, build  # noqa: E402
@@ -78,9 +80,18 @@ class Stack:
     """One contender's copy of the spec, and how its pins are moved."""
 
     def __init__(self, scratch: Path, name: str, contender: str, extra: list[str] | None = None,
-                 small: bool = False) -> None:
+                 small: bool = False, base: str | None = None) -> None:
         self.contender = contender
         self.folder = copy_spec(scratch, name)
+        self.base = base  # a base of its own (own_base), removed with the stack
+        if base:
+            spec_file = self.folder / "image.toml"
+            spec_file.write_text(re.sub(r'(?m)^base = "[^"]*"$', f'base = "{base}"',
+                                        spec_file.read_text()))
+            # The apt lock names the base it was resolved on: without it, apt installs the
+            # mirror's versions of the day, as the hand-written Dockerfiles do.
+            for apt_lock in self.folder.glob("locks/*/apt.txt"):
+                apt_lock.unlink()
         if contender == BEFORE:
             # Another uid too: its os step differs, so the two never share a cache chain (two
             # cold builds of one os step leave two candidates, and the classic builder may
@@ -97,8 +108,8 @@ class Stack:
         if small:
             self.spec_inputs.write_text("")
             (self.folder / "dev.in").write_text("")
-        base = self.spec_inputs.read_text()
-        self.base_inputs = base + "".join(f"{line}\n" for line in extra or [])
+        inputs = self.spec_inputs.read_text()
+        self.base_inputs = inputs + "".join(f"{line}\n" for line in extra or [])
         self.image = ""
         self.built: list[str] = []  # every image id this stack made, removed at the end
 
@@ -117,7 +128,8 @@ class Stack:
         else:
             top = locking.stack(spec, "cpu", "linux/amd64")[-1].path(spec)
             self.image = build_handwritten(
-                engine, self.contender, top.read_bytes(), base=spec.variants["cpu"].base,
+                engine, self.contender, top.read_bytes(),
+                base=self.base or spec.variants["cpu"].base,
                 apt=spec.system.packages, ca_certs=CA_CERTS, no_cache=no_cache)
         self.built.append(engine.image_id(self.image))
         return self.image
@@ -125,6 +137,8 @@ class Stack:
     def remove(self, engine: Engine) -> None:
         for image_id in reversed(self.built):
             engine.remove_image(image_id)
+        if self.base:
+            engine.remove_image(self.base)
 
 
 def layer_ids(engine: Engine, ref: str) -> list[str]:
@@ -198,7 +212,10 @@ def rounds(engine: Engine, count: int, scratch: Path, contenders: tuple[str, ...
         notes["pins"].append(f"tqdm {tqdm[0]} → {tqdm[1]}, numpy → {numpy}")
         shift = number % len(contenders)
         order = contenders[shift:] + contenders[:shift]
-        stacks = {c: Stack(scratch, f"r{number}-{i}", c) for i, c in enumerate(contenders)}
+        base = load_spec(ROOT / "images" / "datascience").variants["cpu"].base
+        stacks = {c: Stack(scratch, f"r{number}-{i}", c,
+                           base=own_base(engine, base, f"r{number}-{i}"))
+                  for i, c in enumerate(contenders)}
         # With --before both contenders are devbox-build, whose first steps are the same: the
         # classic builder continues a cached chain from the newest matching step, so a cold
         # (no-cache) build of one would send the other's next build down its chain. There each

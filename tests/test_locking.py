@@ -272,3 +272,14 @@ def test_lock_warns_when_an_input_moves_a_major_or_a_gpu_framework_lands_in_cpu(
     assert result.returncode == 0, result.stderr
     assert "alpha 1.4 → 2.0: an input's major version moved" in result.stderr
     assert "nvidia-cudnn-cu12, torch in a lock the CPU image installs" in result.stderr
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (Path(__file__).parent.parent / "images")
+                                        .iterdir() if (p / "image.toml").is_file()))
+def test_every_committed_lock_matches_its_inputs(spec):
+    """Offline: a commit that changes an input (devbox-dev's is this repository's
+    pyproject.toml) without locking again fails here, not when someone opens the dev container."""
+    from .conftest import ROOT
+
+    result = cli("lock", spec, "--check", "--images-dir", str(ROOT / "images"))
+    assert result.returncode == 0, result.stderr
