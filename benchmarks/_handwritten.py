@@ -60,16 +60,9 @@ def own_base(engine: Engine, base: str, name: str) -> str:
     devbox-bench/base:NAME. The classic builder continues a cached step from the newest matching
     child of an image, so contenders built FROM one shared image could continue each other's
     steps (and another run's)."""
-    dockerfile = f"FROM {base}\nLABEL devbox.benchmark-base={name}\n".encode()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        archive.addfile(info, io.BytesIO(dockerfile))
-    buffer.seek(0)
-    built = [event for event in engine.build(buffer) if isinstance(event, Built)]
     tag = f"devbox-bench/base:{name}"
-    engine.tag(built[-1].image_id, tag)
+    engine.tag(build_files(engine, {
+        "Dockerfile": f"FROM {base}\nLABEL devbox.benchmark-base={name}\n".encode()}), tag)
     return tag
 
 
@@ -92,6 +85,14 @@ def build_handwritten(engine: Engine, kind: str, requirements: bytes, *, base: s
         "requirements.txt": requirements,
         **{f"certs/{Path(c).name}": Path(c).read_bytes() for c in ca_certs},
     }
+    image_id = build_files(engine, files, no_cache=no_cache)
+    if tag:
+        engine.tag(image_id, tag)
+    return image_id
+
+
+def build_files(engine: Engine, files: dict[str, bytes], no_cache: bool = False) -> str:
+    """Build a context of ``files`` (its Dockerfile among them); the image id."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         for path, data in sorted(files.items()):
@@ -101,7 +102,4 @@ def build_handwritten(engine: Engine, kind: str, requirements: bytes, *, base: s
     buffer.seek(0)
     # engine.build raises with the failing step's output; only the final image id matters here.
     built = [event for event in engine.build(buffer, nocache=no_cache) if isinstance(event, Built)]
-    image_id = built[-1].image_id
-    if tag:
-        engine.tag(image_id, tag)
-    return image_id
+    return built[-1].image_id
