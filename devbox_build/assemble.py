@@ -42,6 +42,7 @@ from .render import HEAD_DOCKERFILE, LAYER_MTIME, VENV, BuildContext, InstallSte
 from .report import SILENT, Reporter
 
 SCRIPT = "assemble-groups.sh"
+COMPILER = "bytecode.py"  # run by SCRIPT: the groups' bytecode
 WORK = "/tmp/devbox-assemble"
 # The builder installs each group with uv (the default CPU stack: 10 s, where pip took 59 s), a
 # static build pinned by version and wheel hash: a group's bytes depend on its installer, so
@@ -213,7 +214,7 @@ def cache_budget() -> int:
 def recipe() -> str:
     """What, beyond the rendered context, decides an assembled image's layers: the installer
     script and the installer (in the content tag, so changing either builds again)."""
-    return hashlib.sha256(template_file(SCRIPT) + json.dumps(
+    return hashlib.sha256(template_file(SCRIPT) + template_file(COMPILER) + json.dumps(
         [UV_VERSION, UV_WHEELS, UV_INSTALL]).encode()).hexdigest()
 
 
@@ -512,7 +513,8 @@ def _install(engine: Engine, context: BuildContext, builder_id: str,
         files = {f"{step.name}.txt": "".join(f"{line}\n" for line in step.requirements).encode()
                  for step, _ in missing}
         engine.copy_into(container, "/", {f"{WORK[1:]}/{name}": data for name, data in
-                                          {SCRIPT: template_file(SCRIPT), "uv": uv,
+                                          {SCRIPT: template_file(SCRIPT),
+                                           COMPILER: template_file(COMPILER), "uv": uv,
                                            **files}.items()})
         engine.start_created(container)
         waiting = {step.name: (step, key) for step, key in missing}

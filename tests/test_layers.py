@@ -174,3 +174,52 @@ def test_one_layer_per_lock_is_allowed():
     direct = [Pin("tqdm", "1", "tqdm==1\n", size=80_000, direct=True)]
     groups = layers.group(direct + pins(six=11_000, scipy=35_000_000), max_per_lock=1)
     assert [sorted(g) for g in names(groups)] == [["scipy", "six", "tqdm"]]
+
+
+def test_group_bytecode_is_what_compileall_writes_byte_for_byte(tmp_path, monkeypatch):
+    """The builder compiles each group's tree with dockerfile/bytecode.py (one process per core,
+    its share up front): the same files and bytes as `compileall -s TREE -p /`, each recording
+    the path the image sees; a source that does not compile is skipped, not fatal."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    path = ROOT / "devbox_build" / "dockerfile" / "bytecode.py"
+    module_spec = importlib.util.spec_from_file_location("bytecode", path)
+    bytecode = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bytecode)
+    monkeypatch.setitem(sys.modules, "bytecode", bytecode)  # its workers find it by name
+
+    def tree(name: str) -> Path:
+        root = tmp_path / name
+        site = root / "opt" / "venv" / "lib" / "site-packages"
+        for index in range(7):
+            package = site / f"pkg{index}" / "sub"
+            package.mkdir(parents=True)
+            (package.parent / "__init__.py").write_text(f"VALUE = {index}\n")
+            (package / "mod.py").write_text(f"def f():\n    return {index} * 2\n")
+        (site / "py2_fixture.py").write_text("print 'python 2'\n")
+        (site / "pkg0" / "data.txt").write_text("not python\n")
+        (site / "linked").symlink_to(site / "pkg1", target_is_directory=True)
+        for file in root.rglob("*"):
+            os.utime(file, (1_000_000, 1_000_000), follow_symlinks=False)
+        return root
+
+    def pycs(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.pyc"))}
+
+    ours, theirs = tree("ours"), tree("theirs")
+    assert bytecode.compile_tree(str(ours), str(ours / "opt" / "venv"), workers=3) == 1
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(theirs),
+                    "-p", "/", str(theirs / "opt" / "venv")], capture_output=True, check=False)
+    assert len(pycs(ours)) == 14 and pycs(ours) == pycs(theirs)
+    # Each records the image's path, not the builder's tree.
+    assert b"/opt/venv/lib/site-packages/pkg3/sub/mod.py" in pycs(ours)[
+        f"opt/venv/lib/site-packages/pkg3/sub/__pycache__/mod.{sys.implementation.cache_tag}.pyc"]
+    assert str(tmp_path).encode() not in b"".join(pycs(ours).values())
+    # The command the script runs, one process per core.
+    again = tree("again")
+    subprocess.run([sys.executable, str(path), str(again), str(again / "opt" / "venv")],
+                   check=True)
+    assert pycs(again) == pycs(ours)

@@ -6,7 +6,7 @@
 #   assemble-groups.sh WORK VENV GID MTIME OUT TOKEN NAME...
 #
 # WORK/NAME.txt holds each group's hash-pinned requirements; WORK/uv is the installer (its
-# arguments in UV_INSTALL). NAME.tar is written into OUT when OUT is the host's folder (its .probe
+# arguments in UV_INSTALL), WORK/bytecode.py the compiler. NAME.tar is written into OUT when OUT is the host's folder (its .probe
 # holds TOKEN, and this container can write there): the host takes it from there, with no copy.
 # Else it is written into WORK, for the host to copy out. Values arrive as arguments, never
 # inside this script's text.
@@ -50,7 +50,7 @@ settle() {
     # install time and the tree's path); tar gives the bytecode the fixed mtime too.
     find "$tree" -exec touch -h -d "@$mtime" {} +
     if [ -d "$tree$venv" ]; then
-        "$venv/bin/python" -m compileall -q -j 0 -s "$tree" -p / "$tree$venv" > /dev/null || :
+        "$venv/bin/python" "$work/bytecode.py" "$tree" "$tree$venv"
     fi
     # Sorted entries, numeric owners, every mtime the fixed one: the same tree gives the same tar.
     (cd "$tree" && ls -A) > "$work/$name.top"
