@@ -194,15 +194,24 @@ def lock_command(image, check, platforms, resolver, upgrade, apt, images_dir, as
         results = locking.lock(spec, platforms=selected, resolver=resolver, upgrade=upgrade,
                                reporter=shown, base_manifests=base_manifests)
     if spec.like:
-        from .like import off_release
+        from .like import off_release, off_release_conda
 
         for unit in locking.units(spec, selected):
-            release = unit.like(spec) if isinstance(unit, locking.PipLock) else None
+            release = (unit.like(spec) if isinstance(unit, locking.PipLock)
+                       else unit.release(spec))
             if release is None or not unit.path(spec).is_file():
                 continue
-            locked = {n: p.version for n, p in locking.read_pins(unit.path(spec)).items()}
-            shared = [name for name in locked if name in release.pins]
-            off = off_release(release, locked)
+            if isinstance(unit, locking.PipLock):
+                locked = {n: p.version for n, p in locking.read_pins(unit.path(spec)).items()}
+                shared = [name for name in locked if name in release.pins]
+                off = off_release(release, locked)
+            else:  # a conda lock, by conda names, for its first subdir
+                from . import conda
+
+                locked = {p.name: p.version for p in conda.locked_packages(
+                    spec, unit, spec.conda.platforms[0])}
+                shared = [name for name in locked if name in release.conda_pins]
+                off = off_release_conda(release, locked)
             shown.item("note", f"{unit.path(spec)}: {len(shared) - len(off)} of {len(shared)} "
                        f"packages it shares with {spec.like} at its version",
                        detail="\n".join(f"off: {line}" for line in off))

@@ -57,6 +57,16 @@ class CondaLock(LockUnit):
     """One conda lock file of the spec, for every conda subdir it targets."""
 
     cuda: str | None = field(default=None, kw_only=True)  # the __cuda its solve assumes
+    # A variant's conda_like: the release files (like.py) it also solves, "cpu" or "gpu".
+    like: str | None = field(default=None, kw_only=True)
+
+    def release(self, spec: ImageSpec):
+        """The release this lock also solves (like.Release), or None."""
+        if self.like is None:
+            return None
+        from . import like
+
+        return like.load(spec, spec.like, self.like)
 
     def path(self, spec: ImageSpec) -> Path:
         return spec.folder / "locks" / f"{self.name}.yml"
@@ -129,15 +139,16 @@ def stack(spec: ImageSpec, variant: str) -> list[CondaLock]:
         return []
     variant_spec = spec.variants[variant]
     shared = CondaLock("conda-lock", "conda", (Input(spec.conda.environment),))
-    if not variant_spec.conda:
+    if not variant_spec.conda and not variant_spec.conda_like:
         return [shared]
     cuda = variant_spec.cuda.version if variant_spec.cuda else None
-    if variant_spec.cuda and variant_spec.conda and cuda is None:
+    if variant_spec.cuda and cuda is None:
         raise SpecError(f"{spec.path}: key 'variants.{variant}.cuda.version': a conda solve for "
                         "a CUDA variant needs the CUDA version it assumes (__cuda)")
+    like = ("gpu" if variant_spec.cuda else "cpu") if variant_spec.conda_like else None
     return [shared, CondaLock(f"conda-lock-{variant}", "variant",
                               shared.inputs + tuple(Input(path) for path in variant_spec.conda),
-                              shared, cuda=cuda)]
+                              shared, cuda=cuda, like=like)]
 
 
 def virtual_packages(spec: ImageSpec, item: CondaLock, subdir: str) -> dict[str, str]:
@@ -159,6 +170,10 @@ def content_hash(spec: ImageSpec, item: CondaLock, subdir: str) -> str:
     if item.below is not None:
         below = item.below.path(spec)
         digest.update(b"below\n" + (below.read_bytes() if below.is_file() else b"<missing>"))
+    if (release := item.release(spec)) is not None:
+        digest.update(f"like {release.like} {release.flavour}\n".encode())
+        for path in release.files:
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -181,6 +196,9 @@ async def _solve(spec: ImageSpec, item: CondaLock):
     environments = [read_environment(spec, item_input.path) for item_input in item.inputs]
     channels = list(dict.fromkeys(c for env in environments for c in env.channels))
     specs = [s for env in environments for s in env.specs]
+    # conda_like: the release's own match specs too, its packages preferred where they fit.
+    release = item.release(spec)
+    specs += release.conda_specs if release else []
     pinned = {}
     if item.below is not None:
         below = read_lock(item.below.path(spec))
@@ -201,10 +219,12 @@ async def _solve(spec: ImageSpec, item: CondaLock):
             constraints = [f"{name} =={p.version} {p.build}"
                            for (platform, name), p in pinned.items() if platform == subdir]
             try:
+                preferred = (await _release_records(gateway, channels, subdir, release)
+                             if release else [])
                 records = await rattler.solve(
                     [rattler.Channel(c) for c in channels], specs, gateway=gateway,
                     platforms=[subdir, "noarch"], virtual_packages=virtual,
-                    constraints=constraints or None,
+                    constraints=constraints or None, locked_packages=preferred or None,
                 )
             except Exception as exc:  # rattler's errors: GatewayError, SolverError, ...
                 raise LockError(
@@ -237,6 +257,26 @@ async def _solve(spec: ImageSpec, item: CondaLock):
             custom_metadata={PACKAGES_DIGEST: packages_digest(packages)},
         ),
     )
+
+
+async def _release_records(gateway, channels: list[str], subdir: str, release) -> list:
+    """The channels' records of the release's env.out packages (by name, version and build;
+    another build of the version where the channels lack that one): the solve's preferences."""
+    import rattler
+
+    result = await gateway.query([rattler.Channel(c) for c in channels], [subdir, "noarch"],
+                                 list(release.conda_pins), recursive=False)
+    best: dict[str, tuple[int, object]] = {}
+    for records in result:
+        for record in records:
+            name = record.name.normalized
+            version, build = release.conda_pins.get(name, ("", ""))
+            if str(record.version) != version:
+                continue
+            rank = 0 if str(record.build) == build else 1
+            if name not in best or rank < best[name][0]:
+                best[name] = (rank, record)
+    return [record for _, record in best.values()]
 
 
 def packages_digest(packages) -> str:

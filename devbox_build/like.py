@@ -58,6 +58,10 @@ class Release:
     skipped: dict[str, str] = field(default_factory=dict)  # conda name → why
     python: str = ""  # the release's Python (from env.out)
     top_level: tuple[str, ...] = ()  # what env.in asks for (PyPI names), in its order
+    # The same files as conda reads them (a variant's conda_like): env.in's match specs without
+    # their channel (the spec's channels serve them), env.out's packages by conda name.
+    conda_specs: list[str] = field(default_factory=list)
+    conda_pins: dict[str, tuple[str, str]] = field(default_factory=dict)  # → (version, build)
 
     @property
     def files(self) -> list[Path]:
@@ -97,6 +101,7 @@ def load(spec, like: str, flavour: str) -> Release:
         if not found:
             raise SpecError(f"{release.files[0]}, line {number}: cannot read {line.strip()!r}")
         name = found["name"]
+        release.conda_specs.append(f"{name} {found['spec']}" if found["spec"] else name)
         if name in NOT_ON_PYPI:
             release.skipped[name] = "not a PyPI package"
             continue
@@ -115,7 +120,8 @@ def load(spec, like: str, flavour: str) -> Release:
         parts = stem.rsplit("-", 2)
         if len(parts) != 3:
             continue
-        name, package_version, _build = parts
+        name, package_version, build = parts
+        release.conda_pins[name] = (package_version, build)
         if name == "python":
             object.__setattr__(release, "python", package_version)
         if name in NOT_ON_PYPI or name.startswith(("lib", "_")):
@@ -148,6 +154,14 @@ def off_release(release: Release, locked: dict[str, str]) -> list[str]:
                    "the index has no wheel of it for this Python and platform")
         lines.append(f"{name} {version} ({release.like}: {wanted}): {why}")
     return lines
+
+
+def off_release_conda(release: Release, locked: dict[str, str]) -> list[str]:
+    """Each package of a conda lock (conda names) the release has at another version."""
+    return [f"{name} {version} ({release.like}: {release.conda_pins[name][0]}): the spec's "
+            "environments (or what they need) or the channels rule the release's version out"
+            for name, version in sorted(locked.items())
+            if name in release.conda_pins and release.conda_pins[name][0] != version]
 
 
 def compare_image(release: Release, manifest: dict) -> dict:

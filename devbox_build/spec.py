@@ -165,6 +165,10 @@ class Variant(_Model):
     # __cuda virtual package of that version, so a CPU-only machine can lock the GPU environment.
     conda: list[str] = []
     cuda: Cuda | None = None
+    # Lock the release the spec is `like` through this variant's conda layer, as the release
+    # itself is built: its {cpu,gpu}.env.in match specs solved from the spec's conda channels,
+    # its env.out packages preferred (conda.py). Needs `like` and a [conda] section.
+    conda_like: bool = False
 
 
 # A duration the image's idle watcher reads: '0' or 'off' (never), seconds, or 90s / 30m / 2h.
@@ -357,6 +361,15 @@ class ImageSpec(_Model):
                     "by anyone who pulls it. Pass secrets at run time (docker run -e, a "
                     "mounted file) instead"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _conda_like_needs_a_release_and_conda(self) -> ImageSpec:
+        for name, variant in self.variants.items():
+            if variant.conda_like and (self.like is None or self.conda is None):
+                raise ValueError(f"variants.{name}.conda_like: locks the release named by "
+                                 "`like` through the conda layer; the spec needs `like` and a "
+                                 "[conda] section")
         return self
 
     @model_validator(mode="after")

@@ -28,6 +28,9 @@ PACKAGES = {
     "ca-certificates": ("2026.1", [], {"ssl/cacert.pem": b"# the channel's own CA bundle\n"}),
     "farewell": ("0.3", [], {"bin/farewell": b"#!/bin/sh\necho goodbye from conda\n"}),
 }
+# Older versions the channel serves too (a solve picks the newest unless told otherwise).
+OLDER = [("greeter", "2.0", ["greeting-data >=1.0"], {"bin/greet": GREETER_SCRIPT}),
+         ("farewell", "0.2", [], {"bin/farewell": b"#!/bin/sh\necho bye from conda\n"})]
 
 
 def make_package(channel: Path, name: str, version: str, depends: list[str],
@@ -59,6 +62,8 @@ def build_channel(channel: Path) -> Path:
     import rattler
 
     for name, (version, depends, files) in PACKAGES.items():
+        make_package(channel, name, version, depends, files)
+    for name, version, depends, files in OLDER:
         make_package(channel, name, version, depends, files)
     for subdir in ("linux-64", "linux-aarch64"):
         (channel / subdir).mkdir(parents=True, exist_ok=True)
