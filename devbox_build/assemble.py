@@ -468,6 +468,34 @@ class _LoadAhead:
 
 
 WRITTEN = "devbox-build: layer written: "  # the builder's line when a group's tar is complete
+# Where the builder installs each group's tree (a tmpfs, see trees_in_memory).
+TREES = f"{WORK}/trees"
+# A group's installed tree with its bytecode, at most this many times its wheels (the default
+# CPU stack's groups: 2.6 to 8.5 times, the most for many small pure-Python packages).
+TREE_PER_WHEEL_BYTE = 10
+
+
+def trees_in_memory(steps: list[InstallStep], memory: int, setting: str) -> int:
+    """The size of the tmpfs the builder installs the groups' trees in, 0 for its disk.
+
+    Each tree is written, compiled, read into its tar and removed: on the container's disk
+    (overlay over ext4: journal, writeback) that costs CPU time a tmpfs does not (the default CPU stack's cold build on 2 cores: 72 CPU-seconds and 45 s in memory, 85-98
+    and 52-59 s on disk; the same layer bytes). At most two trees exist at a time (one
+    settling, the next installing), so ``auto`` takes memory when the largest two neighbours, at
+    TREE_PER_WHEEL_BYTE, fit in a quarter of the engine's memory (a laptop's 8 GB VM holds the
+    CPU stack's, not a GPU stack's CUDA wheels), and never for a group built from an sdist (its
+    size is unknown). ``on`` takes half the engine's memory regardless."""
+    if setting == "off" or not memory:
+        return 0
+    if setting == "on":
+        return memory // 2
+    if any(step.from_source for step in steps):
+        return 0
+    sizes = [step.wheel_bytes * TREE_PER_WHEEL_BYTE for step in steps]
+    peak = max((a + b for a, b in zip(sizes, sizes[1:] + [0])), default=0)
+    return memory // 2 if peak <= memory // 4 else 0
+
+
 # The builder's bind mount of a folder of the host's cache, when the engine can see it.
 OUTBOX = f"{WORK}/out"
 OUTBOX_PREFIX = ".assemble-"
@@ -484,6 +512,11 @@ def _install(engine: Engine, context: BuildContext, builder_id: str,
     names = [step.name for step, _ in missing]
     reporter.note(f"installing {len(missing)} of the pip groups on their own: {', '.join(names)}")
     uv = builder_uv(context.platform, reporter)
+    in_memory = trees_in_memory([step for step, _ in missing], engine.memory(),
+                                settings.value("DEVBOX_BUILDER_TMPFS"))
+    if in_memory:
+        reporter.note(f"the builder keeps its install trees in memory (a tmpfs of at most "
+                      f"{in_memory / 1e9:.1f} GB)")
     # Where the engine runs on this host (it sees this folder: the builder finds the token in
     # it), the builder writes each tar straight into the cache; else the tars are copied out.
     token = secrets.token_hex(16)
@@ -504,7 +537,8 @@ def _install(engine: Engine, context: BuildContext, builder_id: str,
                     user="root", entrypoint=[],
                     environment={**environment, "UV_INSTALL": UV_INSTALL},
                     network_mode=network_mode, labels={BUILDER_LABEL: _builder_owner()},
-                    host_folders=folders)
+                    host_folders=folders,
+                    tmpfs={TREES: f"size={in_memory},exec"} if in_memory else None)
                 break
             except EngineError:
                 if not folders:

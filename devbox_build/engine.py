@@ -393,7 +393,8 @@ class Engine:
                environment: dict[str, str] | None = None,
                volumes: dict[str, str] | None = None, entrypoint: list[str] | None = None,
                network_mode: str | None = None, labels: dict[str, str] | None = None,
-               host_folders: dict[str, str] | None = None) -> str:
+               host_folders: dict[str, str] | None = None,
+               tmpfs: dict[str, str] | None = None) -> str:
         """Create (not start) a container, e.g. to copy files in first; see :meth:`start_created`.
         ``host_folders``: this host's folder → its path in the container, when the engine can
         see it (an engine elsewhere cannot: EngineError)."""
@@ -402,7 +403,7 @@ class Engine:
                 ref, command=command, user=user or "", environment=environment,
                 entrypoint=entrypoint, labels=labels,
                 host_config=self._host_config(volumes=volumes, network_mode=network_mode,
-                                              host_folders=host_folders),
+                                              host_folders=host_folders, tmpfs=tmpfs),
             )["Id"]
         except docker.errors.APIError as exc:
             if not host_folders:
@@ -508,6 +509,11 @@ class Engine:
             self.api.remove_volume(name, force=True)
         except docker.errors.NotFound:
             pass
+
+    def memory(self) -> int:
+        """The memory of the machine the engine runs on (a laptop's VM, not the laptop), in
+        bytes; 0 when it does not say."""
+        return int(self.api.info().get("MemTotal") or 0)
 
     def has_gpu(self) -> bool:
         """Whether containers here can be given GPUs (the NVIDIA runtime is configured)."""

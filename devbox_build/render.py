@@ -173,6 +173,7 @@ class InstallStep:
     # pip: the packages that install from an sdist here (no wheel fits, or none recorded): their
     # build may need the spec's system packages
     from_source: tuple[str, ...] = ()
+    wheel_bytes: int = 0  # pip: the size of the group's wheels, as the lock records them
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,8 @@ def render(
                 requirements=tuple(locking.install_line(pin) for pin in
                                    sorted(group.packages, key=lambda pin: pin.name)),
                 from_source=tuple(sorted(pin.name for pin in group.packages
-                                         if not (pin.wheel or "").endswith(".whl")))))
+                                         if not (pin.wheel or "").endswith(".whl"))),
+                wheel_bytes=group.size))
     _check_own_layers(spec, variant, platform)
 
     installed = dict(locked_closure)

@@ -45,6 +45,12 @@ def _words(value: str) -> tuple[str, ...]:
     return tuple(value.split())
 
 
+def _auto_on_off(value: str) -> str:
+    if value.strip().lower() not in ("auto", "on", "off"):
+        raise ValueError(f"{value!r} is not auto, on or off")
+    return value.strip().lower()
+
+
 def _mechanism(value: str) -> str:
     if value not in ("assembled", "chain"):
         raise ValueError(f"{value!r} is not assembled or chain")
@@ -70,6 +76,9 @@ HOST = {setting.name: setting for setting in (
             "assembled"),
     Setting("DEVBOX_LAYER_CACHE_MB", "the layer cache's size budget in MB", _whole,
             16_384),
+    Setting("DEVBOX_BUILDER_TMPFS", "auto, on or off: the pip groups' builder keeps its install "
+            "trees in memory (auto: when the engine's memory holds them with room to spare)",
+            _auto_on_off, "auto"),
     Setting("DEVBOX_IMAGE", "the image the check plugin checks (pytest --devbox-image)"),
     Setting("DEVBOX_SIGNING_PASSPHRASE", "the signing key's passphrase (generate-key-pair, "
             "sign, release --sign-key; asked for on a terminal when unset)"),

@@ -293,17 +293,21 @@ def test_groups_install_while_the_system_layer_builds_and_outlive_its_change(eng
     remove_images(engine, stack)
 
 
-def test_layer_tars_go_straight_into_the_cache_or_are_copied_out_when_the_engine_cannot_see_it(
+def test_layer_tars_are_the_same_bytes_wherever_the_builder_keeps_its_trees_and_tars(
         engine, stack, tmp_path):
     """An engine on this host sees the cache folder: the builder writes each tar there. One
     that does not (remote, or here a cache on a tmpfs in a mount namespace of the build's own)
-    gets the tars copied out of its builder. The layers are the same bytes either way."""
+    gets the tars copied out of its builder. The builder installs its trees in memory (a tmpfs,
+    DEVBOX_BUILDER_TMPFS=on) or on its disk (off). The layers are the same bytes every way."""
     unique_stack(stack, "1.16.0")
     remove_images(engine, stack)
     cache = tmp_path / "cache"
-    local = cli("build", str(stack), "--variant", "cpu", "-v", env={"XDG_CACHE_HOME": str(cache)})
+    local = cli("build", str(stack), "--variant", "cpu", "-v",
+                env={"XDG_CACHE_HOME": str(cache), "DEVBOX_BUILDER_TMPFS": "on"})
     assert local.returncode == 0, local.stderr[-3000:]
     assert f"layer tars go to {assemble.OUTBOX}\n" in local.stderr, local.stderr[-3000:]
+    assert "the builder keeps its install trees in memory" in local.stderr
+    assert "devbox-build: install trees in memory\n" in local.stderr  # the builder saw a tmpfs
     assert not list((cache / "devbox-build" / "layers").glob(f"{assemble.OUTBOX_PREFIX}*"))
     spec = load(stack)
     layers = engine.image(f"{spec.repository}:cpu")["RootFS"]["Layers"]
@@ -314,13 +318,15 @@ def test_layer_tars_go_straight_into_the_cache_or_are_copied_out_when_the_engine
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
          'mount -t tmpfs devbox-test "$0" && exec "$@"', str(hidden),
          sys.executable, "-m", "devbox_build.cli", "build", str(stack), "--variant", "cpu", "-v"],
-        env={**os.environ, "XDG_CACHE_HOME": str(hidden)}, capture_output=True, text=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(hidden), "DEVBOX_BUILDER_TMPFS": "off"},
+        capture_output=True, text=True,
         check=False, timeout=900)
     if elsewhere.returncode != 0 and "mount" in elsewhere.stderr.splitlines()[0]:
         pytest.fail(f"a mount namespace needs root (CI runs as root): {elsewhere.stderr}")
     assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
     assert "installing 2 of the pip groups on their own" in elsewhere.stderr
     assert f"layer tars go to {assemble.WORK}\n" in elsewhere.stderr, elsewhere.stderr[-3000:]
+    assert "devbox-build: install trees on disk\n" in elsewhere.stderr
     assert engine.image(f"{spec.repository}:cpu")["RootFS"]["Layers"] == layers
     assert not list(hidden.iterdir())  # the engine saw nothing of it
     remove_images(engine, stack)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from devbox_build import locking
+from devbox_build import locking, settings
 from devbox_build.errors import DevboxError, InputError, SpecError
 from devbox_build.render import render
 
@@ -334,6 +334,37 @@ def test_a_layer_cache_budget_that_is_not_a_number_is_refused(monkeypatch):
         monkeypatch.setenv("DEVBOX_LAYER_CACHE_MB", text)
         with pytest.raises(InputError, match=f"DEVBOX_LAYER_CACHE_MB: '{text}' is not a whole"):
             cache_budget()
+
+
+def test_the_builder_keeps_its_trees_in_memory_only_when_the_engine_has_room(monkeypatch):
+    """At most two trees exist at a time: `auto` takes a tmpfs (half the engine's memory, a
+    limit, not an allocation) when the largest two neighbours, at TREE_PER_WHEEL_BYTE, fit in a
+    quarter of it; never for a group built from an sdist; `on` and `off` decide alone."""
+    from devbox_build.assemble import TREE_PER_WHEEL_BYTE, trees_in_memory
+    from devbox_build.render import InstallStep
+
+    def steps(*megabytes: int, sdist: bool = False) -> list[InstallStep]:
+        return [InstallStep(kind="pip", layer="pip", name=f"pip-{i:02d}", lock="locks/pip.txt",
+                            count=1, title="", wheel_bytes=size * 10**6,
+                            from_source=("pkg",) if sdist and i == 0 else ())
+                for i, size in enumerate(megabytes)]
+
+    gib = 2**30
+    cpu = steps(50, 35, 50, 59, 51, 23, 12, 6, 1)  # the default CPU stack's groups, MB of wheels
+    gpu = steps(900, 700, 600, 50, 35)  # torch and the CUDA wheels first
+    peak = (59 + 51) * 10**6 * TREE_PER_WHEEL_BYTE
+    assert trees_in_memory(cpu, 8 * gib, "auto") == 4 * gib  # a laptop's 8 GB VM
+    assert trees_in_memory(cpu, 4 * peak - 1, "auto") == 0
+    assert trees_in_memory(cpu, 4 * peak, "auto") == 2 * peak
+    assert trees_in_memory(gpu, 8 * gib, "auto") == 0
+    assert trees_in_memory(gpu, 64 * gib, "auto") == 32 * gib
+    assert trees_in_memory(steps(1, 1, sdist=True), 64 * gib, "auto") == 0
+    assert trees_in_memory(gpu, 8 * gib, "on") == 4 * gib
+    assert trees_in_memory(cpu, 64 * gib, "off") == 0
+    assert trees_in_memory(cpu, 0, "auto") == 0  # an engine that does not say
+    monkeypatch.setenv("DEVBOX_BUILDER_TMPFS", "maybe")
+    with pytest.raises(InputError, match="DEVBOX_BUILDER_TMPFS: 'maybe' is not auto, on or off"):
+        settings.value("DEVBOX_BUILDER_TMPFS")
 
 
 def test_a_cached_layer_cut_short_or_changed_is_evicted_and_old_partials_pruned(tmp_path):

@@ -16,6 +16,16 @@ work=$1 venv=$2 gid=$3 mtime=$4 out=$5 token=$6
 shift 6
 uv="$work/uv"
 chmod 0755 "$uv"
+# The trees (and uv's unpacked wheels, hard-linked into them) in WORK/trees: memory, when the
+# host mounted a tmpfs there (assemble.trees_in_memory).
+trees="$work/trees"
+mkdir -p "$trees"
+export TMPDIR="$trees"
+if grep -q " $trees tmpfs " /proc/mounts; then
+    echo "devbox-build: install trees in memory"
+else
+    echo "devbox-build: install trees on disk"
+fi
 dest="$work"
 if [ -n "$token" ] && [ "$(cat "$out/.probe" 2>/dev/null)" = "$token" ] \
     && (: > "$out/.writable") 2>/dev/null; then
@@ -30,7 +40,7 @@ layer_tar() {
 # Settles one installed tree into its layer tar: owners, modes, mtimes, bytecode. Runs while the
 # next group installs (CPU here, mostly the network and the disk there).
 settle() {
-    name=$1 tree="$work/$1"
+    name=$1 tree="$trees/$1"
     # What a Dockerfile step's install gets from the venv's setgid, group-writable folders: the
     # user's group owns everything it adds, and every folder hands the group on.
     # (A group whose every pin the image below already has installs nothing: no venv tree.)
@@ -69,7 +79,7 @@ settle() {
 
 settling=""
 for name in "$@"; do
-    tree="$work/$name"
+    tree="$trees/$name"
     echo "devbox-build: installing $name on its own"
     # A package the image below already has (the venv's own setuptools, say) is uninstalled
     # from it first: the layer whites out what went, as a Dockerfile step's layer would. Only
