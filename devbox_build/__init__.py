@@ -2,4 +2,4 @@
 
 # The one place the version is written (pyproject reads it). A release is a CHANGELOG.md entry
 # with this version and a git tag of the same name, which generated projects record and pin.
-__version__ = "0.3.2"
+__version__ = "0.3.3"

@@ -94,26 +94,38 @@ def test_changed_environment_makes_the_lock_stale(conda_stack, channel):
     assert result.returncode == 3 and "conda-lock.yml: stale" in result.stderr, result.stderr
 
 
+RELEASE_URL = "https://conda.anaconda.org/conda-forge/noarch"
+
+
+def like_a_release(conda_stack: Path) -> Path:
+    """A release `smd:9.9.9` beside the conda stack, which its GPU variant locks through the
+    conda layer (`conda_like`): farewell at 0.2 where the channel's newest is 0.3, greeter at
+    2.0 where the shared layer takes 2.1. The release's folder."""
+    release = conda_stack / "like" / "smd-9.9.9"
+    release.mkdir(parents=True)
+    (release / "gpu.env.in").write_text("conda-forge::farewell[version='>=0.2,<1']\n"
+                                        "conda-forge::greeter\n")
+    (release / "gpu.env.out").write_text("@EXPLICIT\n" + "".join(
+        f"{RELEASE_URL}/{name}-0.tar.bz2#00\n"
+        for name in ("farewell-0.2", "greeter-2.0", "greeting-data-1.0")))
+    (release / "cpu.env.in").write_text("")
+    (release / "cpu.env.out").write_text("@EXPLICIT\n")
+    spec = conda_stack / "image.toml"
+    spec.write_text(spec.read_text()
+                    .replace('python = "3.11"\n', 'python = "3.11"\nlike = "smd:9.9.9"\n')
+                    .replace('conda = ["environment-gpu.yml"]',
+                             'conda = ["environment-gpu.yml"]\nconda_like = true'))
+    return release
+
+
 def test_a_variant_locks_the_release_it_is_like_through_its_conda_layer(conda_stack):
     """`conda_like`: the GPU variant's conda lock solves the release's gpu.env.in (its
     `conda-forge::` dropped: the spec's channels serve it, as a mirror would) with the release's
     env.out packages preferred: farewell at the release's 0.2, not the channel's newest 0.3. The
     shared lock keeps its pins (greeter 2.1, where the release has 2.0), and `lock` says so. The
     release's files are inputs: editing one makes the lock stale."""
-    release = conda_stack / "like" / "smd-9.9.9"
-    release.mkdir(parents=True)
-    channel_url = "https://conda.anaconda.org/conda-forge/noarch"
-    (release / "gpu.env.in").write_text("conda-forge::farewell[version='>=0.2,<1']\n"
-                                        "conda-forge::greeter\n")
-    (release / "gpu.env.out").write_text("@EXPLICIT\n" + "".join(
-        f"{channel_url}/{name}-0.tar.bz2#00\n"
-        for name in ("farewell-0.2", "greeter-2.0", "greeting-data-1.0")))
-    (release / "cpu.env.in").write_text("")
-    (release / "cpu.env.out").write_text("@EXPLICIT\n")
+    release = like_a_release(conda_stack)
     spec = conda_stack / "image.toml"
-    text = spec.read_text().replace('python = "3.11"\n', 'python = "3.11"\nlike = "smd:9.9.9"\n')
-    spec.write_text(text.replace('conda = ["environment-gpu.yml"]',
-                                 'conda = ["environment-gpu.yml"]\nconda_like = true'))
     result = cli("lock", str(conda_stack))
     assert result.returncode == 0, result.stderr
 
@@ -128,13 +140,25 @@ def test_a_variant_locks_the_release_it_is_like_through_its_conda_layer(conda_st
     assert "off: greeter 2.1 (smd:9.9.9: 2.0)" in result.stdout + result.stderr
     assert cli("lock", str(conda_stack), "--check").returncode == 0
     with (release / "gpu.env.out").open("a") as out:
-        out.write(f"{channel_url}/ca-certificates-2026.1-0.tar.bz2#00\n")
+        out.write(f"{RELEASE_URL}/ca-certificates-2026.1-0.tar.bz2#00\n")
     stale = cli("lock", str(conda_stack), "--check")
     assert stale.returncode == 3 and "conda-lock-gpu.yml: stale" in stale.stderr, stale.stderr
     # Without conda_like, the same environments take the channel's newest.
-    spec.write_text(text)
+    spec.write_text(spec.read_text().replace("conda_like = true", ""))
     assert cli("lock", str(conda_stack)).returncode == 0
     assert versions("conda-lock-gpu")["farewell"] == "0.3"
+
+
+@pytest.mark.engine
+def test_a_variant_locked_like_the_release_installs_the_releases_versions(engine, conda_stack):
+    like_a_release(conda_stack)
+    lock(conda_stack)
+    gpu = conda_build(engine, conda_stack, ["gpu"])["gpu"].content_tag
+    code, out = engine.run(gpu, ["bash", "-lc", "farewell && greet"])
+    assert code == 0 and "bye from conda" in out and "goodbye" not in out, out  # farewell 0.2
+    manifest = json.loads(engine.read_file(gpu, "/opt/devbox/manifest.json"))
+    installed = {p["name"]: p["version"] for p in manifest["packages"]["conda"]}
+    assert (installed["farewell"], installed["greeter"]) == ("0.2", "2.1")
 
 
 def test_conda_like_without_a_release_or_conda_is_one_clear_error(stack):
