@@ -473,6 +473,7 @@ TREES = f"{WORK}/trees"
 # A group's installed tree with its bytecode, at most this many times its wheels (the default
 # CPU stack's groups: 2.6 to 8.5 times, the most for many small pure-Python packages).
 TREE_PER_WHEEL_BYTE = 10
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), in the installer's or tar's output
 
 
 def trees_in_memory(steps: list[InstallStep], memory: int, setting: str) -> int:
@@ -559,9 +560,14 @@ def _install(engine: Engine, context: BuildContext, builder_id: str,
                 arrived(_take(engine, container, outbox, step, key, layer_cache, reporter))
         code = engine.wait(container, timeout=3600)
         if code != 0 or waiting:
-            raise StepFailed(f"the builder container exited with {code}",
-                             Step(1, 1, f"install {', '.join(names)} on their own"),
-                             engine.logs(container).splitlines())
+            output = engine.logs(container).splitlines()
+            failure = StepFailed(f"the builder container exited with {code}",
+                                 Step(1, 1, f"install {', '.join(names)} on their own"), output)
+            if in_memory and (code == 137 or any(NO_SPACE in line for line in output)):
+                failure.hint = (f"the builder kept its install trees in memory (a tmpfs of at "
+                                f"most {in_memory / 1e9:.1f} GB) and ran out: build with "
+                                "DEVBOX_BUILDER_TMPFS=off to keep them on its disk")
+            raise failure
     finally:
         if container:
             engine.remove(container)

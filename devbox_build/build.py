@@ -489,5 +489,5 @@ def _explain(context: BuildContext, layers: list[str], failure: StepFailed) -> D
         hint="a download failed TLS verification: this network probably intercepts TLS. Trust "
              "its CA with --ca-cert PATH or DEVBOX_CA_CERTS (build finds this host's extra CAs "
              "in /usr/local/share/ca-certificates by itself unless --no-host-ca)"
-        if certificate else None,
+        if certificate else failure.hint,
     )

@@ -19,6 +19,7 @@ import pytest
 
 from devbox_build import assemble, locking
 from devbox_build.build import build
+from devbox_build.errors import DevboxError
 
 from .conftest import assert_clean_error, cli, load
 from .test_build import RecordingProgress, options, remove_repository
@@ -145,6 +146,19 @@ def test_a_full_layer_cache_is_one_error_naming_it_and_leaves_nothing(engine, st
     assert result.returncode == 2
     left = [p.name for p in (full / "devbox-build" / "layers").iterdir()]
     assert not [name for name in left if "partial" in name], left
+    assert not engine.labelled_containers(assemble.BUILDER_LABEL)
+
+
+def test_a_builder_out_of_memory_for_its_trees_says_how_to_keep_them_on_disk(
+        engine, stack, tmp_path, monkeypatch):
+    """A tmpfs too small for a group's tree (an engine whose memory limit is below what it
+    reports): one error whose hint names DEVBOX_BUILDER_TMPFS=off, no builder left behind."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(assemble, "trees_in_memory", lambda steps, memory, setting: 64_000)
+    with pytest.raises(DevboxError) as failed:
+        build(load(stack), ["cpu"], engine, options())
+    assert assemble.NO_SPACE in failed.value.message, failed.value.message
+    assert "DEVBOX_BUILDER_TMPFS=off" in (failed.value.hint or ""), failed.value
     assert not engine.labelled_containers(assemble.BUILDER_LABEL)
 
 
