@@ -480,8 +480,9 @@ def trees_in_memory(steps: list[InstallStep], memory: int, setting: str) -> int:
     """The size of the tmpfs the builder installs the groups' trees in, 0 for its disk.
 
     Each tree is written, compiled, read into its tar and removed: on the container's disk
-    (overlay over ext4: journal, writeback) that costs CPU time a tmpfs does not (the default CPU stack's cold build on 2 cores: 72 CPU-seconds and 45 s in memory, 85-98
-    and 52-59 s on disk; the same layer bytes). At most two trees exist at a time (one
+    (overlay over ext4: journal, writeback) that costs CPU time a tmpfs does not (the default
+    CPU stack's cold build on 2 cores: 72 CPU-seconds and 45 s in memory, 85-98 and 52-59 s on
+    disk; the same layer bytes). At most two trees exist at a time (one
     settling, the next installing), so ``auto`` takes memory when the largest two neighbours, at
     TREE_PER_WHEEL_BYTE, fit in a quarter of the engine's memory (a laptop's 8 GB VM holds the
     CPU stack's, not a GPU stack's CUDA wheels), and never for a group built from an sdist (its
@@ -515,9 +516,9 @@ def _install(engine: Engine, context: BuildContext, builder_id: str,
     uv = builder_uv(context.platform, reporter)
     in_memory = trees_in_memory([step for step, _ in missing], engine.memory(),
                                 settings.value("DEVBOX_BUILDER_TMPFS"))
+    tmpfs = f"a tmpfs of at most {in_memory / 1e9:.1f} GB"
     if in_memory:
-        reporter.note(f"the builder keeps its install trees in memory (a tmpfs of at most "
-                      f"{in_memory / 1e9:.1f} GB)")
+        reporter.note(f"the builder keeps its install trees in memory ({tmpfs})")
     # Where the engine runs on this host (it sees this folder: the builder finds the token in
     # it), the builder writes each tar straight into the cache; else the tars are copied out.
     token = secrets.token_hex(16)
@@ -564,9 +565,9 @@ def _install(engine: Engine, context: BuildContext, builder_id: str,
             failure = StepFailed(f"the builder container exited with {code}",
                                  Step(1, 1, f"install {', '.join(names)} on their own"), output)
             if in_memory and (code == 137 or any(NO_SPACE in line for line in output)):
-                failure.hint = (f"the builder kept its install trees in memory (a tmpfs of at "
-                                f"most {in_memory / 1e9:.1f} GB) and ran out: build with "
-                                "DEVBOX_BUILDER_TMPFS=off to keep them on its disk")
+                failure.hint = (f"the builder kept its install trees in memory ({tmpfs}) and "
+                                "ran out: build with DEVBOX_BUILDER_TMPFS=off to keep them on "
+                                "its disk")
             raise failure
     finally:
         if container:

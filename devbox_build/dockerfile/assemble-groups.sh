@@ -6,8 +6,9 @@
 #   assemble-groups.sh WORK VENV GID MTIME OUT TOKEN NAME...
 #
 # WORK/NAME.txt holds each group's hash-pinned requirements; WORK/uv is the installer (its
-# arguments in UV_INSTALL), WORK/bytecode.py the compiler. NAME.tar is written into OUT when OUT is the host's folder (its .probe
-# holds TOKEN, and this container can write there): the host takes it from there, with no copy.
+# arguments in UV_INSTALL), WORK/bytecode.py the compiler. NAME.tar is written into OUT when
+# OUT is the host's folder (its .probe holds TOKEN, and this container can write there): the
+# host takes it from there, with no copy.
 # Else it is written into WORK, for the host to copy out. Values arrive as arguments, never
 # inside this script's text.
 set -eu

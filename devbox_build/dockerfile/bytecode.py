@@ -9,8 +9,9 @@ compiles every ``.py`` under FOLDER (inside TREE) to its ``__pycache__`` entry, 
 file's path as the image sees it (TREE's part cut off: ``/opt/venv/...``), which is what
 ``python -m compileall -s TREE -p / FOLDER`` writes, byte for byte, in less time: the sources are
 split among one process per core up front, where compileall sends every file to its process pool
-on its own (the default CPU stack's 12,403 sources on 2 cores: 12.9 s, compileall 18.3 s). A source that does not compile (a test fixture written for Python 2,
-say) is left without bytecode, as compileall leaves it.
+on its own (the default CPU stack's 12,403 sources on 2 cores: 12.9 s, compileall 18.3 s). A
+source that does not compile (a test fixture written for Python 2, say) is left without
+bytecode, as compileall leaves it.
 """
 
 from __future__ import annotations
